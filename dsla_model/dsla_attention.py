@@ -1,0 +1,135 @@
+"""The DSLA attention layer, built on a teacher softmax-attention layer.
+
+q/k/v/o are the teacher's own projections (shared, not copied), optionally
+corrected by low-rank deltas; what the layer adds is two low-rank gate
+projections (history and recency decays, one per key dim of each kv head),
+the per-layer state mixing `alpha`, and a per-head output scale. Only those
+are parameters of this module, so `parameters()` is exactly what distillation
+trains and what a layer checkpoint holds.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from kernels import dsla_prefill
+
+GATE_NORMALIZER = 16.0  # as in GLA: keeps decays close to 1 at initialisation
+GATE_FLOOR = -50.0
+
+
+@dataclass(frozen=True)
+class DSLAConfig:
+    gate_rank: int = 16
+    delta_rank: int = 0  # low-rank corrections on q/k/v/o; 0 = use the teacher's as they are
+    history_bias: tuple = (3.0, 7.0)  # per-dim bias range: half-lives of ~200 to ~10k tokens
+    recency_bias: tuple = (-4.0, 0.0)  # half-lives of ~3 to ~16 tokens
+    chunk_size: int = 32
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        d = dict(d)
+        for key in ("history_bias", "recency_bias"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+def apply_rope(x, cos, sin):
+    """x [B,T,H,D]; cos/sin [B,T,D] in HF's rotate-half convention."""
+    cos, sin = cos[:, :, None, :].to(x.dtype), sin[:, :, None, :].to(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class _LowRank(nn.Module):
+    def __init__(self, d_in, d_out, rank, bias=False):
+        super().__init__()
+        self.down = nn.Linear(d_in, rank, bias=False)
+        self.up = nn.Linear(rank, d_out, bias=bias)
+        nn.init.normal_(self.down.weight, std=d_in ** -0.5)
+        nn.init.zeros_(self.up.weight)  # starts as an exact no-op / constant gate
+
+    def forward(self, x):
+        return self.up(self.down(x))
+
+
+class DSLAAttention(nn.Module):
+    def __init__(self, teacher: nn.Module, num_heads: int, num_kv_heads: int, head_dim: int,
+                 hidden_size: int, cfg: DSLAConfig = DSLAConfig()):
+        super().__init__()
+        self.cfg = cfg
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        # Kept outside the module tree: the teacher's weights are not ours to train or save.
+        self._teacher = (teacher,)
+        kd = num_kv_heads * head_dim
+        self.gate1 = _LowRank(hidden_size, kd, cfg.gate_rank, bias=True)
+        self.gate2 = _LowRank(hidden_size, kd, cfg.gate_rank, bias=True)
+        with torch.no_grad():
+            self.gate1.up.bias.copy_(torch.linspace(*cfg.history_bias, head_dim).repeat(num_kv_heads))
+            self.gate2.up.bias.copy_(torch.linspace(*cfg.recency_bias, head_dim).repeat(num_kv_heads))
+        self.alpha = nn.Parameter(torch.zeros(2))
+        self.log_head_scale = nn.Parameter(torch.zeros(num_heads))
+        if cfg.delta_rank > 0:
+            qd = num_heads * head_dim
+            self.deltas = nn.ModuleDict({
+                "q": _LowRank(hidden_size, qd, cfg.delta_rank),
+                "k": _LowRank(hidden_size, kd, cfg.delta_rank),
+                "v": _LowRank(hidden_size, kd, cfg.delta_rank),
+                "o": _LowRank(qd, hidden_size, cfg.delta_rank),
+            })
+        else:
+            self.deltas = None
+
+    @property
+    def teacher(self):
+        return self._teacher[0]
+
+    def _proj(self, name, x):
+        y = getattr(self.teacher, f"{name}_proj")(x)
+        if self.deltas is not None:
+            y = y + self.deltas[name](x)
+        return y
+
+    def mix_weights(self):
+        return torch.softmax(self.alpha.float(), dim=0)
+
+    def gates(self, x):
+        """Log decays [B,T,Hkv,Dk], fp32, in [GATE_FLOOR, 0]."""
+        shape = (*x.shape[:-1], self.num_kv_heads, self.head_dim)
+        g1 = nn.functional.logsigmoid(self.gate1(x).float()) / GATE_NORMALIZER
+        g2 = nn.functional.logsigmoid(self.gate2(x).float()) / GATE_NORMALIZER
+        return g1.clamp_min(GATE_FLOOR).view(shape), g2.clamp_min(GATE_FLOOR).view(shape)
+
+    def project(self, x, cos, sin):
+        """x [B,T,hidden] -> q [B,T,Hq,D], k/v/g1/g2 [B,T,Hkv,D]; RoPE applied to q and k."""
+        B, T, _ = x.shape
+        q = self._proj("q", x).view(B, T, self.num_heads, self.head_dim)
+        k = self._proj("k", x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self._proj("v", x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        g1, g2 = self.gates(x)
+        return q, k, v, g1, g2
+
+    def finish(self, o):
+        """o [B,T,Hq,Dv] -> layer output [B,T,hidden]."""
+        o = o * self.log_head_scale.exp().to(o.dtype)[:, None]
+        o = o.reshape(*o.shape[:2], -1)
+        y = self.teacher.o_proj(o)
+        if self.deltas is not None:
+            y = y + self.deltas["o"](o)
+        return y
+
+    def forward(self, x, cos, sin, s1=None, s2=None):
+        """Process a sequence piece; returns (output, s1, s2)."""
+        q, k, v, g1, g2 = self.project(x, cos, sin)
+        o, s1, s2 = dsla_prefill(q, k, v, g1, g2, self.mix_weights(), s1, s2,
+                                 scale=1.0 / math.sqrt(self.head_dim), chunk_size=self.cfg.chunk_size)
+        return self.finish(o), s1, s2

@@ -1,0 +1,138 @@
+"""A decoder LLM whose attention layers can each run as softmax attention or DSLA.
+
+Every layer's `self_attn` becomes a `SwitchableAttention` holding the teacher
+module and (once converted) a DSLA module; both stay resident, so converting or
+reverting a layer is a flag flip and a revert restores the original outputs
+exactly. Works for Llama-shaped HF decoders (Llama, Qwen2, Mistral).
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from dsla_model.cache import HybridCache
+from dsla_model.dsla_attention import DSLAAttention, DSLAConfig
+from dsla_model.loading import model_fingerprint
+
+
+class SwitchableAttention(nn.Module):
+    def __init__(self, teacher: nn.Module, layer_idx: int):
+        super().__init__()
+        self.teacher = teacher
+        self.dsla: DSLAAttention | None = None
+        self.use_dsla = False
+        self.layer_idx = layer_idx
+        params = inspect.signature(teacher.forward).parameters
+        # transformers renamed past_key_values to cache in 5.x
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None,
+                cache=None, past_key_values=None, **kwargs):
+        cache = cache if cache is not None else past_key_values
+        if isinstance(cache, HybridCache):
+            dsla = cache.dsla_modules.get(self.layer_idx)
+        elif cache is not None and self.use_dsla:
+            raise TypeError("a model with DSLA layers needs a HybridCache (HybridModel.new_cache())")
+        else:
+            dsla = self.dsla if self.use_dsla else None
+        if dsla is None:
+            kwargs[self._cache_kw] = cache
+            return self.teacher(hidden_states, position_embeddings=position_embeddings,
+                                attention_mask=attention_mask, **kwargs)
+        cos, sin = position_embeddings
+        s1, s2 = cache.dsla_state(self.layer_idx) if cache is not None else (None, None)
+        out, s1, s2 = dsla(hidden_states, cos, sin, s1, s2)
+        if cache is not None:
+            cache.set_dsla_state(self.layer_idx, s1, s2, hidden_states.shape[1])
+        return out, None
+
+
+class HybridModel(nn.Module):
+    def __init__(self, model: nn.Module, dsla_config: DSLAConfig = DSLAConfig()):
+        super().__init__()
+        self.fingerprint = model_fingerprint(model)  # of the untouched teacher
+        self.model = model
+        self.dsla_config = dsla_config
+        c = model.config
+        self.num_layers = c.num_hidden_layers
+        self.num_heads = c.num_attention_heads
+        self.num_kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        for i, layer in enumerate(self.decoder_layers):
+            if not isinstance(layer.self_attn, SwitchableAttention):
+                layer.self_attn = SwitchableAttention(layer.self_attn, i)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def decoder_layers(self):
+        return self.model.model.layers
+
+    def attention(self, layer: int) -> SwitchableAttention:
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer} out of range 0..{self.num_layers - 1}")
+        return self.decoder_layers[layer].self_attn
+
+    @property
+    def dsla_layers(self) -> list[int]:
+        return [i for i in range(self.num_layers) if self.attention(i).use_dsla]
+
+    def dsla_modules(self) -> dict[int, DSLAAttention]:
+        return {i: self.attention(i).dsla for i in self.dsla_layers}
+
+    def new_dsla_module(self, layer: int, dsla_weights: dict | None = None,
+                        dsla_config: DSLAConfig | None = None) -> DSLAAttention:
+        """A fresh DSLA module for `layer`, not yet installed."""
+        sw = self.attention(layer)
+        w = sw.teacher.q_proj.weight
+        module = DSLAAttention(sw.teacher, self.num_heads, self.num_kv_heads, self.head_dim,
+                               self.config.hidden_size, dsla_config or self.dsla_config)
+        module.to(device=w.device, dtype=w.dtype)
+        if dsla_weights is not None:
+            missing, unexpected = module.load_state_dict(dsla_weights, strict=False)
+            if missing or unexpected:
+                raise ValueError(f"layer {layer}: DSLA weights do not fit (missing {missing}, unexpected {unexpected})")
+        return module
+
+    def install(self, layer: int, module: DSLAAttention):
+        """Make `module` the layer's DSLA form. A new object each time: caches pinned
+        to the old one keep computing with it."""
+        self.attention(layer).dsla = module
+
+    def convert(self, layer: int, dsla_weights: dict | None = None):
+        sw = self.attention(layer)
+        if dsla_weights is not None or sw.dsla is None:
+            self.install(layer, self.new_dsla_module(layer, dsla_weights))
+        sw.use_dsla = True
+
+    def revert(self, layer: int):
+        self.attention(layer).use_dsla = False
+
+    def set_dsla_layers(self, layers):
+        wanted = set(layers)
+        for i in range(self.num_layers):
+            self.convert(i) if i in wanted else self.revert(i)
+
+    def dsla_parameters(self, layers=None):
+        layers = self.dsla_layers if layers is None else layers
+        return [p for i in layers for p in self.attention(i).dsla.parameters()]
+
+    def new_cache(self) -> HybridCache:
+        return HybridCache(self.config, self.dsla_modules())
+
+    def forward(self, input_ids, cache: HybridCache | None = None, attention_mask=None, **kwargs):
+        """Logits [B,T,V]; with a cache, continues the sequence it holds."""
+        kw = {"cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values": cache}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=cache is not None,
+                         **kw, **kwargs)
+        return out.logits
+
+    @torch.no_grad()
+    def generate(self, input_ids, **kwargs):
+        """HF `generate` with a hybrid cache pinned to the current configuration."""
+        kwargs.setdefault("past_key_values", self.new_cache())
+        return self.model.generate(input_ids=input_ids, **kwargs)

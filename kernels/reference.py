@@ -1,0 +1,146 @@
+"""Torch reference forms of the dual-state linear attention (DSLA) recurrence.
+
+Per kv head and for each state i in {1 (history), 2 (recency)}:
+
+    S_i,t = diag(exp(g_i,t)) S_i,t-1 + k_t^T v_t
+    o_t   = scale * (w_1 q_t S_1,t + w_2 q_t S_2,t)
+
+Layout (the projections' natural layout, as in flash-linear-attention):
+    q        [B, T, Hq, Dk]      Hq = G * Hkv; query head h reads kv head h // G
+    k        [B, T, Hkv, Dk]
+    v        [B, T, Hkv, Dv]
+    g1, g2   [B, T, Hkv, Dk]     log decays (<= 0)
+    w        [2]                 mixing weights (softmax of the layer's alpha)
+    s1, s2   [B, Hkv, Dk, Dv]    fp32 states; None means zeros
+    returns  o [B, T, Hq, Dv] in q's dtype, and the two final fp32 states.
+
+Sharing one state between the query heads of a GQA group keeps the state as
+small as the model's KV heads allow.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _check(q, k, v, g1, g2):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k, v must be [B, T, H, D]")
+    B, T, Hq, Dk = q.shape
+    if k.shape[:2] != (B, T) or v.shape[:2] != (B, T) or k.shape[3] != Dk:
+        raise ValueError(f"shape mismatch q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
+    Hkv = k.shape[2]
+    if v.shape[2] != Hkv or Hq % Hkv:
+        raise ValueError(f"query heads {Hq} must be a multiple of kv heads {Hkv}")
+    if g1.shape != k.shape or g2.shape != k.shape:
+        raise ValueError("gates must have k's shape")
+    return B, T, Hq, Hkv, Dk, v.shape[3]
+
+
+def _zeros_state(k, v):
+    B, _, H, Dk = k.shape
+    return torch.zeros(B, H, Dk, v.shape[3], dtype=torch.float32, device=k.device)
+
+
+def _grouped(q, Hkv):
+    B, T, Hq, Dk = q.shape
+    return q.float().reshape(B, T, Hkv, Hq // Hkv, Dk)
+
+
+def dsla_recurrent(q, k, v, g1, g2, w, s1=None, s2=None, scale=None):
+    """Token-by-token form: the plainest statement of the math."""
+    B, T, Hq, Hkv, Dk, Dv = _check(q, k, v, g1, g2)
+    scale = Dk ** -0.5 if scale is None else scale
+    s1 = _zeros_state(k, v) if s1 is None else s1.float()
+    s2 = _zeros_state(k, v) if s2 is None else s2.float()
+    qg = _grouped(q, Hkv)
+    kf, vf = k.float(), v.float()
+    w = w.float()
+    outs = []
+    for t in range(T):
+        kv = kf[:, t, :, :, None] * vf[:, t, :, None, :]
+        s1 = torch.exp(g1[:, t].float())[..., None] * s1 + kv
+        s2 = torch.exp(g2[:, t].float())[..., None] * s2 + kv
+        o = w[0] * torch.einsum("bhgk,bhkv->bhgv", qg[:, t], s1)
+        o = o + w[1] * torch.einsum("bhgk,bhkv->bhgv", qg[:, t], s2)
+        outs.append(o.reshape(B, Hq, Dv) * scale)
+    o = torch.stack(outs, dim=1) if outs else q.new_zeros(B, 0, Hq, Dv, dtype=torch.float32)
+    return o.to(q.dtype), s1, s2
+
+
+def _chunk_one_state(qg, kc, vc, gc, s):
+    """One state over chunked inputs; returns (unscaled output, final state).
+
+    qg [B,N,C,H,G,Dk], kc [B,N,C,H,Dk], vc [B,N,C,H,Dv], gc [B,N,C,H,Dk] (fp32).
+    Every exponent below is a sum of log decays over a forward span, so it is
+    <= 0 and nothing overflows however strong the decay.
+    """
+    B, N, C = kc.shape[:3]
+    b = gc.cumsum(dim=2)  # inclusive cumulative log decay within the chunk
+    # intra-chunk scores A[t, s] = sum_d q_t,d k_s,d exp(b_t,d - b_s,d), s <= t
+    diff = b[:, :, :, None] - b[:, :, None, :]  # [B,N,C(t),C(s),H,Dk]
+    causal = torch.ones(C, C, dtype=torch.bool, device=kc.device).tril()
+    diff = diff.masked_fill(~causal[None, None, :, :, None, None], float("-inf"))
+    scores = torch.einsum("bntshk,bnthgk,bnshk->bnthgs", diff.exp(), qg, kc)
+    intra = torch.einsum("bnthgs,bnshv->bnthgv", scores, vc)
+    q_decayed = qg * b.exp()[:, :, :, :, None, :]
+    k_to_end = kc * (b[:, :, -1:] - b).exp()  # decay from s to the chunk's end
+    chunk_decay = b[:, :, -1].exp()  # [B,N,H,Dk]
+    outs = []
+    for n in range(N):
+        outs.append(torch.einsum("bthgk,bhkv->bthgv", q_decayed[:, n], s))
+        s = chunk_decay[:, n, :, :, None] * s + torch.einsum("bshk,bshv->bhkv", k_to_end[:, n], vc[:, n])
+    inter = torch.stack(outs, dim=1)
+    return intra + inter, s
+
+
+def dsla_chunk(q, k, v, g1, g2, w, s1=None, s2=None, scale=None, chunk_size=32):
+    """Chunked parallel form (prefill and training): matmuls inside chunks,
+    a recurrence across chunks. Differentiable through autograd."""
+    B, T, Hq, Hkv, Dk, Dv = _check(q, k, v, g1, g2)
+    if chunk_size < 1:
+        raise ValueError("chunk_size must be >= 1")
+    scale = Dk ** -0.5 if scale is None else scale
+    s1 = _zeros_state(k, v) if s1 is None else s1.float()
+    s2 = _zeros_state(k, v) if s2 is None else s2.float()
+    if T == 0:
+        return q.new_zeros(B, 0, Hq, Dv), s1, s2
+    C = min(chunk_size, T)
+    pad = (-T) % C
+    G = Hq // Hkv
+
+    def chunked(x, zero_pad=True):
+        x = x.float()
+        if pad:
+            x = torch.nn.functional.pad(x, (0,) * (2 * (x.dim() - 2)) + (0, pad))
+        return x.reshape(B, (T + pad) // C, C, *x.shape[2:])
+
+    # Padded steps carry k = v = 0 and g = 0: they change neither state.
+    qg = chunked(_grouped(q, Hkv).reshape(B, T, Hkv * G, Dk)).reshape(B, -1, C, Hkv, G, Dk)
+    kc, vc = chunked(k), chunked(v)
+    o1, s1 = _chunk_one_state(qg, kc, vc, chunked(g1), s1)
+    o2, s2 = _chunk_one_state(qg, kc, vc, chunked(g2), s2)
+    w = w.float()
+    o = (w[0] * o1 + w[1] * o2) * scale
+    o = o.reshape(B, T + pad, Hq, Dv)[:, :T]
+    return o.to(q.dtype), s1, s2
+
+
+def dsla_step(q, k, v, g1, g2, w, s1, s2, scale=None):
+    """One decode step (T == 1). Returns o [B,1,Hq,Dv] and the new states."""
+    if q.shape[1] != 1:
+        raise ValueError("dsla_step takes exactly one token per sequence")
+    return dsla_recurrent(q, k, v, g1, g2, w, s1, s2, scale)
+
+
+def dsla_step_slots(q, k, v, g1, g2, w, s1_pool, s2_pool, slots, scale=None):
+    """One decode step over a slot pool, updating the pools in place.
+
+    q [B,Hq,Dk], k/g [B,Hkv,Dk], v [B,Hkv,Dv]; pools [num_slots,Hkv,Dk,Dv] fp32;
+    slots [B] int64 distinct slot indices. Returns o [B,Hq,Dv].
+    """
+    s1 = s1_pool.index_select(0, slots)
+    s2 = s2_pool.index_select(0, slots)
+    o, s1, s2 = dsla_recurrent(q[:, None], k[:, None], v[:, None], g1[:, None], g2[:, None], w, s1, s2, scale)
+    s1_pool.index_copy_(0, slots, s1)
+    s2_pool.index_copy_(0, slots, s2)
+    return o[:, 0]
