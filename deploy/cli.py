@@ -1,0 +1,42 @@
+"""`dsla-serve`: one command, a subcommand per job.
+
+Each subcommand lives in its own module and registers itself through
+`add_parser(subparsers)`; its handler returns the exit code. Imports stay
+lazy so that `dsla-serve generate` does not pay for Ray.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# module -> subcommands it registers
+_COMMAND_MODULES = ["deploy.commands_model"]
+
+
+class CLIError(Exception):
+    """A problem with the user's input: printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="dsla-serve", description="DSLA-Serve: adaptive DSLA conversion for LLM serving")
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).add_parsers(sub)
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except CLIError as e:
+        print(f"dsla-serve {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Model-level subcommands: generate, order, corpus."""
+from __future__ import annotations
+
+import json
+import sys
+
+from deploy.cli import CLIError
+
+
+def _parse_layers(text: str) -> list[int]:
+    try:
+        return sorted({int(x) for x in text.split(",") if x.strip() != ""})
+    except ValueError:
+        raise CLIError(f"--dsla-layers takes comma-separated layer indices, got {text!r}") from None
+
+
+def add_model_args(p):
+    p.add_argument("--model", default="default", help="'default', an HF model directory or a hub id")
+
+
+def load_hybrid(model_spec: str):
+    from dsla_model.hybrid import HybridModel
+    from dsla_model.loading import ModelNotFoundError, load_model
+
+    try:
+        model, tok, model_id = load_model(model_spec)
+    except ModelNotFoundError as e:
+        raise CLIError(str(e)) from None
+    return HybridModel(model), tok, model_id
+
+
+def resolve_dsla_layers(hybrid, tok, args) -> list[int]:
+    """The layers to convert from --dsla-layers or --conversion (never both)."""
+    from dsla_model.order_cache import cached_order, layers_for_conversion
+
+    if args.dsla_layers is not None and args.conversion is not None:
+        raise CLIError("give either --dsla-layers or --conversion, not both")
+    if args.dsla_layers is not None:
+        layers = _parse_layers(args.dsla_layers)
+        bad = [i for i in layers if not 0 <= i < hybrid.num_layers]
+        if bad:
+            raise CLIError(f"layers {bad} out of range 0..{hybrid.num_layers - 1}")
+        return layers
+    if args.conversion is not None:
+        if not 0.0 <= args.conversion <= 1.0:
+            raise CLIError(f"--conversion must be in [0, 1], got {args.conversion}")
+        order = _store_order(args) or cached_order(hybrid, tok)[0]
+        return layers_for_conversion(order, args.conversion)
+    return []
+
+
+def _store_order(args):
+    layers_dir = getattr(args, "layers_dir", None)
+    if not layers_dir:
+        return None
+    from dsla_model.layer_store import LayerStore
+
+    return LayerStore(layers_dir).read_manifest().get("order")
+
+
+def apply_layers(hybrid, layers: list[int], layers_dir: str | None):
+    if layers_dir:
+        from dsla_model.layer_store import LayerStore, LayerStoreError
+
+        try:
+            LayerStore(layers_dir).apply(hybrid, layers)
+        except (LayerStoreError, OSError) as e:
+            raise CLIError(str(e)) from None
+    else:
+        for i in layers:
+            hybrid.convert(i)
+
+
+def cmd_generate(args) -> int:
+    from dsla_model.generate import generate_ids
+
+    if args.max_tokens < 1:
+        raise CLIError("--max-tokens must be >= 1")
+    if args.temperature < 0:
+        raise CLIError("--temperature must be >= 0")
+    if any(not p for p in args.prompt):
+        raise CLIError("--prompt must not be empty")
+    hybrid, tok, _ = load_hybrid(args.model)
+    layers = resolve_dsla_layers(hybrid, tok, args)
+    apply_layers(hybrid, layers, args.layers_dir)
+    eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    for i, prompt in enumerate(args.prompt):
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        out = generate_ids(hybrid, ids, args.max_tokens, args.temperature, use_cache=not args.no_cache,
+                           seed=args.seed + i, eos_ids=eos)
+        text = tok.decode(out, skip_special_tokens=True)
+        if args.json:
+            print(json.dumps({"prompt": prompt, "text": text, "token_ids": out, "dsla_layers": layers}))
+        else:
+            print(prompt + text)
+        sys.stdout.flush()
+    return 0
+
+
+def cmd_order(args) -> int:
+    from dsla_model.corpus import CorpusMissingError
+    from dsla_model.sensitivity import sensitivity_order
+
+    if args.num_prompts < 1:
+        raise CLIError("--num-prompts must be >= 1")
+    hybrid, tok, _ = load_hybrid(args.model)
+    try:
+        order, entropy = sensitivity_order(hybrid, tok, args.num_prompts)
+    except CorpusMissingError as e:
+        raise CLIError(str(e)) from None
+    if args.json:
+        print(json.dumps({"order": order, "entropy": entropy}))
+    else:
+        for rank, layer in enumerate(order):
+            print(f"{rank:3d}  layer {layer:3d}  entropy {entropy[layer]:.4f}")
+    return 0
+
+
+def cmd_corpus(args) -> int:
+    from dsla_model.corpus import CorpusMissingError, stats
+
+    tok = None
+    if args.tokens:
+        _, tok, _ = load_hybrid(args.model)
+    try:
+        s = stats(tok)
+    except CorpusMissingError as e:
+        raise CLIError(str(e)) from None
+    print(json.dumps(s, indent=2))
+    return 0
+
+
+def add_parsers(sub):
+    p = sub.add_parser("generate", help="generate text with the hybrid model")
+    p.add_argument("--prompt", action="append", required=True, help="may be repeated")
+    add_model_args(p)
+    p.add_argument("--dsla-layers", default=None, help="comma-separated layers to convert, e.g. 0,14,29")
+    p.add_argument("--conversion", type=float, default=None, help="convert this fraction of layers in sensitivity order")
+    p.add_argument("--layers-dir", default=None, help="a layer store with distilled DSLA layers")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-cache", action="store_true", help="recompute the full forward at each step (reference)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_generate)
+
+    p = sub.add_parser("order", help="sensitivity order of the attention layers")
+    add_model_args(p)
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_order)
+
+    p = sub.add_parser("corpus", help="the text corpus")
+    add_model_args(p)
+    p.add_argument("--stats", action="store_true", help="print its size (the default)")
+    p.add_argument("--tokens", action="store_true", help="also count tokens (loads the model's tokenizer)")
+    p.set_defaults(handler=cmd_corpus)
