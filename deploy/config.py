@@ -1,0 +1,165 @@
+"""The one config object the whole application is built from.
+
+The same `AppConfig` comes from YAML (`dsla-serve run --config`, or the `args:`
+block of a `serve run` / `serve deploy` config) or from Python. Unknown keys are
+refused so a typo fails at deploy time instead of being silently ignored.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# The default model's distilled layers ship with the repo (issue 4).
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_STORE = REPO_ROOT / "layers"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EngineSettings(_Strict):
+    """Passed to `dsla_model.engine.EngineConfig` field by field."""
+    max_running: int = Field(16, ge=1)
+    max_batched_tokens: int = Field(2048, ge=1)
+    max_model_len: Optional[int] = Field(None, ge=2)
+    cache_memory_bytes: Optional[int] = Field(None, ge=1)
+    use_cuda_graphs: bool = True
+
+
+class AutoscalingSettings(_Strict):
+    """Ray Serve autoscaling of the LLM deployment (replica count follows request rate)."""
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(16, gt=0)
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("autoscaling: min_replicas > max_replicas")
+        return self
+
+
+class ReplicaSettings(_Strict):
+    num_gpus: float = Field(0.0, ge=0)  # 0: CPU replica
+    num_cpus: float = Field(1.0, ge=0)
+    num_replicas: int = Field(1, ge=1)  # used when autoscaling is None
+    autoscaling: Optional[AutoscalingSettings] = None
+    # Must exceed engine.max_running so that the engine's own waiting queue (the
+    # controller's main load signal) can form; beyond it Serve queues, then rejects.
+    max_ongoing_requests: int = Field(64, ge=1)
+    max_queued_requests: int = Field(256, ge=-1)  # -1: unbounded
+    retry_after_s: float = Field(1.0, ge=0)
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    health_check_period_s: float = Field(10.0, gt=0)
+
+
+class IngressSettings(_Strict):
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.5, ge=0)
+    max_ongoing_requests: int = Field(512, ge=1)
+    max_queued_requests: int = Field(1024, ge=-1)
+    retry_after_s: float = Field(1.0, ge=0)
+
+
+class PolicySettings(_Strict):
+    """Thresholds of the conversion policy (see deploy/policy.py for how they are used).
+
+    A signal is "high" at or above its *_high value and "low" at or below its
+    *_low value; the gap between them is the hysteresis band.
+    """
+    queue_high: float = Field(4.0, ge=0)  # waiting requests on the busiest replica
+    queue_low: float = Field(0.0, ge=0)
+    waiting_tokens_high: float = Field(8192, ge=0)  # prompt tokens waiting for prefill
+    waiting_tokens_low: float = Field(0, ge=0)
+    cache_high: float = Field(0.85, ge=0, le=1)  # fraction of the cache budget in use
+    cache_low: float = Field(0.5, ge=0, le=1)
+    tpot_high_s: Optional[float] = Field(None, gt=0)  # None: time per token is not a signal
+    tpot_low_s: Optional[float] = Field(None, gt=0)
+    up_patience: int = Field(2, ge=1)  # consecutive high polls before converting
+    down_patience: int = Field(10, ge=1)  # consecutive low polls before reverting
+    cooldown_s: float = Field(5.0, ge=0)  # minimum time between two changes
+    step_layers: int = Field(2, ge=1)  # layers converted / reverted per decision
+    max_ratio: float = Field(0.75, ge=0, le=1)  # never convert more than this share
+    min_layers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _bands(self):
+        for name in ("queue", "waiting_tokens", "cache"):
+            if getattr(self, f"{name}_low") > getattr(self, f"{name}_high"):
+                raise ValueError(f"policy: {name}_low > {name}_high")
+        if (self.tpot_high_s is None) != (self.tpot_low_s is None):
+            raise ValueError("policy: give both tpot_high_s and tpot_low_s, or neither")
+        if self.tpot_high_s is not None and self.tpot_low_s > self.tpot_high_s:
+            raise ValueError("policy: tpot_low_s > tpot_high_s")
+        return self
+
+
+class ControllerSettings(_Strict):
+    enabled: bool = True  # False: replicas keep `initial_layers`
+    poll_interval_s: float = Field(0.5, gt=0)
+    report_timeout_s: float = Field(5.0, gt=0)  # a replica silent this long is dropped
+    initial_layers: int = Field(0, ge=0)
+    num_cpus: float = Field(0.1, ge=0)
+    policy: PolicySettings = PolicySettings()
+
+
+class DistillSettings(_Strict):
+    """Background distillation actors (engineer C's DistillWorker)."""
+    num_workers: int = Field(0, ge=0)  # 0: no distillation, serve what the store holds
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    worker_kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to DistillWorker
+
+
+class AppConfig(_Strict):
+    model: str = "default"  # 'default', an HF model directory or a hub id
+    served_model_name: Optional[str] = None  # the name clients send; default: the model id
+    layers_dir: Optional[str] = None  # the layer store; None: the shipped one for 'default'
+    store_poll_interval_s: float = Field(2.0, gt=0)  # replicas look for new layers this often
+    max_tokens_limit: int = Field(4096, ge=1)  # the most tokens one choice may ask for
+    default_max_tokens: int = Field(256, ge=1)  # chat requests without max_tokens
+    max_choices: int = Field(8, ge=1)  # prompts x n per request
+    seed: int = 0  # base seed for requests that give none: runs are reproducible
+    engine: EngineSettings = EngineSettings()
+    replica: ReplicaSettings = ReplicaSettings()
+    ingress: IngressSettings = IngressSettings()
+    controller: ControllerSettings = ControllerSettings()
+    distill: DistillSettings = DistillSettings()
+
+    def store_path(self) -> Optional[str]:
+        if self.layers_dir:
+            return str(Path(self.layers_dir).expanduser().resolve())
+        if self.model == "default" and SHIPPED_STORE.exists():
+            return str(SHIPPED_STORE)
+        return None
+
+    def device(self) -> str:
+        return "cuda" if self.replica.num_gpus > 0 else "cpu"
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None) -> AppConfig:
+    """AppConfig from a YAML file (the whole file, or its `dsla_serve:` key) plus overrides."""
+    data: dict = {}
+    if path is not None:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        data = data.get("dsla_serve", data)
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    return AppConfig.model_validate(data)
+
+
+def _set_dotted(data: dict, key: str, value):
+    *parents, leaf = key.split(".")
+    for p in parents:
+        data = data.setdefault(p, {})
+    data[leaf] = value
