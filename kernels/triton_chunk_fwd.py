@@ -1,0 +1,199 @@
+"""Fused dual-state chunked prefill, forward (Triton).
+
+Tokens are packed as [total_T, H, D] with sequence offsets `cu` (varlen, as in
+flash-linear-attention); a fixed [B, T] batch is the special case cu = [0, T, 2T, ...].
+Chunks of C tokens never cross a sequence boundary.
+
+Two launches:
+  1. `_states_fwd`: per (sequence, kv head, Dk block, Dv block), walk the chunks in
+     order carrying BOTH states in registers; store each chunk's starting state
+     (for the output pass) and the final states.
+  2. `_output_fwd`: per (chunk, query head), in parallel: the inter-chunk part
+     q exp(b) h for both states plus the intra-chunk part, mixed by w before the
+     single product with v.
+
+Numerical stability (decays may be strong, down to -50 per step): every exponent
+that multiplies an operand is kept <= 0, except inside a sub-chunk's own diagonal
+block where it is bounded by the sub-chunk's decay range. The intra-chunk scores
+A[t,s] = sum_d q_td k_sd exp(b_td - b_sd) are computed per query sub-chunk of SUB
+rows with the reference point r = the sub-chunk's first row:
+    q' = q_t exp(b_t - b_r)   (<= 1 for t >= r)
+    k' = k_s exp(b_r - b_s)   (<= 1 for s < r; <= exp(range) inside the sub-chunk)
+If some key dim decays by more than RANGE_MAX inside a sub-chunk, that sub-chunk
+falls back to an exact row-by-row form whose exponents are all <= 0.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+CHUNK = 64
+SUB = 16
+RANGE_MAX = 60.0  # exp(60) ~ 1e26: far from fp32/bf16 overflow, products stay normal
+
+
+@triton.jit
+def mm(a, b, IEEE: tl.constexpr):
+    """Matrix product; fp32 inputs use exact fp32 (not tf32) so fp32 callers get fp32 accuracy."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def load_rows(ptr, t, mt, H, h, D: tl.constexpr, d, md):
+    """Rows t of head h from a packed [total_T, H, D] tensor; masked rows/cols read 0."""
+    return tl.load(ptr + (t[:, None] * H + h).to(tl.int64) * D + d[None, :], mask=mt[:, None] & md[None, :], other=0.)
+
+
+@triton.jit
+def sub_cumsum(g_ptr, t0, eos, hk, Hkv, Dk: tl.constexpr, dk, mk, base, SUB: tl.constexpr):
+    """Cumulative log decay of rows [t0, t0+SUB) on top of `base` (the chunk-relative
+    value before the sub-chunk). Returns (b rows, b at first row, b at last row)."""
+    sr = tl.arange(0, SUB)
+    tr = t0 + sr
+    gR = load_rows(g_ptr, tr, tr < eos, Hkv, hk, Dk, dk, mk).to(tl.float32)
+    bR = base[None, :] + tl.cumsum(gR, axis=0)
+    bref = base + tl.sum(tl.where(sr[:, None] == 0, gR, 0.), axis=0)
+    blast = base + tl.sum(gR, axis=0)
+    return bR, bref, blast
+
+
+@triton.jit
+def intra_scores_rows(qR, bR, bref, blast, kk, b, i, C: tl.constexpr, SUB: tl.constexpr,
+                      RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
+    """Scores A[t, s] for the SUB query rows of sub-chunk i against all C keys of the
+    chunk (causal, s <= t), one state. qR [SUB,BK], bR [SUB,BK] fp32, kk [C,BK], b [C,BK]."""
+    sr = tl.arange(0, SUB)
+    cols = tl.arange(0, C)
+    rng = tl.max(bref - blast, axis=0)
+    if rng <= RANGE_MAX:
+        kq = (kk * tl.exp(tl.minimum(bref[None, :] - b, RANGE_MAX))).to(kk.dtype)
+        qr = (qR * tl.exp(bR - bref[None, :])).to(kk.dtype)
+        A = mm(qr, tl.trans(kq), IEEE)
+    else:
+        # Exact: row by row, exponents b_t - b_s <= 0 for every kept pair.
+        A = tl.zeros([SUB, C], dtype=tl.float32)
+        kf = kk.to(tl.float32)
+        qf = qR.to(tl.float32)
+        for tt in range(SUB):
+            sel = (sr == tt)[:, None]
+            bt = tl.sum(tl.where(sel, bR, 0.), axis=0)
+            qt = tl.sum(tl.where(sel, qf, 0.), axis=0)
+            e = tl.exp(tl.minimum(bt[None, :] - b, 0.))
+            at = tl.sum(kf * e * qt[None, :], axis=1)
+            A = tl.where(sel, at[None, :], A)
+    causal = cols[None, :] <= (i * SUB + sr)[:, None]
+    return tl.where(causal, A, 0.)
+
+
+@triton.jit
+def _states_fwd(k, v, g1, g2, s01, s02, h1, h2, sT1, sT2, cu, coff,
+                Hkv, Dk: tl.constexpr, Dv: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                HAS_S0: tl.constexpr, STORE_H: tl.constexpr, IEEE: tl.constexpr):
+    ik = tl.program_id(0)
+    iv = tl.program_id(1)
+    inh = tl.program_id(2)
+    n = inh // Hkv
+    hk = inh % Hkv
+    bos = tl.load(cu + n).to(tl.int64)
+    eos = tl.load(cu + n + 1).to(tl.int64)
+    c0 = tl.load(coff + n).to(tl.int64)
+    nc = tl.cdiv(eos - bos, C)
+    dk = ik * BK + tl.arange(0, BK)
+    dv = iv * BV + tl.arange(0, BV)
+    mk = dk < Dk
+    mv = dv < Dv
+    mst = mk[:, None] & mv[None, :]
+    st = ((n * Hkv + hk) * Dk + dk[:, None]).to(tl.int64) * Dv + dv[None, :]
+    if HAS_S0:
+        S1 = tl.load(s01 + st, mask=mst, other=0.).to(tl.float32)
+        S2 = tl.load(s02 + st, mask=mst, other=0.).to(tl.float32)
+    else:
+        S1 = tl.zeros([BK, BV], dtype=tl.float32)
+        S2 = tl.zeros([BK, BV], dtype=tl.float32)
+    rows = tl.arange(0, C)
+    for c in range(nc):
+        if STORE_H:
+            hoff = (((c0 + c) * Hkv + hk) * Dk + dk[:, None]).to(tl.int64) * Dv + dv[None, :]
+            tl.store(h1 + hoff, S1.to(h1.dtype.element_ty), mask=mst)
+            tl.store(h2 + hoff, S2.to(h2.dtype.element_ty), mask=mst)
+        t = bos + c * C + rows
+        mt = t < eos
+        kk = load_rows(k, t, mt, Hkv, hk, Dk, dk, mk)
+        vv = load_rows(v, t, mt, Hkv, hk, Dv, dv, mv)
+        # padded rows read g = 0, k = v = 0: they change neither state
+        ga = load_rows(g1, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
+        b = tl.cumsum(ga, axis=0)
+        last = tl.sum(ga, axis=0)
+        kd = (kk * tl.exp(last[None, :] - b)).to(vv.dtype)  # decay from s to the chunk's end: <= 1
+        S1 = S1 * tl.exp(last)[:, None] + mm(tl.trans(kd), vv, IEEE)
+        ga = load_rows(g2, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
+        b = tl.cumsum(ga, axis=0)
+        last = tl.sum(ga, axis=0)
+        kd = (kk * tl.exp(last[None, :] - b)).to(vv.dtype)
+        S2 = S2 * tl.exp(last)[:, None] + mm(tl.trans(kd), vv, IEEE)
+    tl.store(sT1 + st, S1, mask=mst)
+    tl.store(sT2 + st, S2, mask=mst)
+
+
+@triton.jit
+def _one_state_out(q, g, h, qq, kk, b, t0, eos, hq, hk, Hq, Hkv, hoff, mst,
+                   Dk: tl.constexpr, dk, mk, C: tl.constexpr, SUB: tl.constexpr,
+                   RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
+    """Inter-chunk output [C,BV] and intra-chunk scores [C,C] of one state."""
+    NSUB: tl.constexpr = C // SUB
+    hh = tl.load(h + hoff, mask=mst, other=0.)
+    inter = mm((qq * tl.exp(b)).to(hh.dtype), hh, IEEE)
+    A3 = tl.zeros([NSUB, SUB, C], dtype=tl.float32)
+    subs = tl.arange(0, NSUB)
+    sr = tl.arange(0, SUB)
+    base = tl.zeros_like(tl.sum(b, axis=0))
+    for i in tl.static_range(NSUB):
+        bR, bref, blast = sub_cumsum(g, t0 + i * SUB, eos, hk, Hkv, Dk, dk, mk, base, SUB)
+        tr = t0 + i * SUB + sr
+        qR = load_rows(q, tr, tr < eos, Hq, hq, Dk, dk, mk)
+        Ai = intra_scores_rows(qR, bR, bref, blast, kk, b, i, C, SUB, RANGE_MAX, IEEE)
+        A3 = tl.where((subs == i)[:, None, None], Ai[None, :, :], A3)
+        base = blast
+    return inter, tl.reshape(A3, [C, C])
+
+
+@triton.jit
+def _output_fwd(q, k, v, g1, g2, w, h1, h2, o, cu, cseq, coff, scale,
+                Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr,
+                C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
+    ic = tl.program_id(0)
+    hq = tl.program_id(1)
+    iv = tl.program_id(2)
+    hk = hq // G
+    n = tl.load(cseq + ic)
+    t0 = tl.load(cu + n).to(tl.int64) + (ic - tl.load(coff + n)).to(tl.int64) * C
+    eos = tl.load(cu + n + 1).to(tl.int64)
+    t = t0 + tl.arange(0, C)
+    mt = t < eos
+    dk = tl.arange(0, BK)
+    dv = iv * BV + tl.arange(0, BV)
+    mk = dk < Dk
+    mv = dv < Dv
+    mst = mk[:, None] & mv[None, :]
+    hoff = ((ic * Hkv + hk) * Dk + dk[:, None]).to(tl.int64) * Dv + dv[None, :]
+    qq = load_rows(q, t, mt, Hq, hq, Dk, dk, mk)
+    kk = load_rows(k, t, mt, Hkv, hk, Dk, dk, mk)
+    vv = load_rows(v, t, mt, Hkv, hk, Dv, dv, mv)
+    w0 = tl.load(w)
+    w1 = tl.load(w + 1)
+
+    b = tl.cumsum(load_rows(g1, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32), axis=0)
+    inter1, A1 = _one_state_out(q, g1, h1, qq, kk, b, t0, eos, hq, hk, Hq, Hkv, hoff, mst,
+                                Dk, dk, mk, C, SUB, RANGE_MAX, IEEE)
+    b = tl.cumsum(load_rows(g2, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32), axis=0)
+    inter2, A2 = _one_state_out(q, g2, h2, qq, kk, b, t0, eos, hq, hk, Hq, Hkv, hoff, mst,
+                                Dk, dk, mk, C, SUB, RANGE_MAX, IEEE)
+    # mix the two states' scores first: one product with v instead of two
+    A = (w0 * A1 + w1 * A2).to(vv.dtype)
+    out = (w0 * inter1 + w1 * inter2 + mm(A, vv, IEEE)) * scale
+    tl.store(o + (t[:, None] * Hq + hq).to(tl.int64) * Dv + dv[None, :], out.to(o.dtype.element_ty),
+             mask=mt[:, None] & mv[None, :])

@@ -1,0 +1,75 @@
+"""Fused DSLA decode step over a slot pool (Triton).
+
+One program owns one (sequence, kv head, block of Dv columns): it reads the two
+fp32 state tiles once, decays and updates both in registers, writes them back in
+place, and produces the mixed output of every query head of the GQA group from
+the same registers. Each state byte is read once and written once, which is the
+floor for this operation, so the kernel is memory-bound by design.
+
+No host synchronisation: slot indices and mixing weights are read on the device,
+shapes are fixed by the inputs, so the launch can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _decode_kernel(q, k, v, g1, g2, w, s1, s2, slots, o, scale,
+                   Hkv: tl.constexpr, G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr):
+    ib = tl.program_id(0)
+    hk = tl.program_id(1)
+    iv = tl.program_id(2)
+    dk = tl.arange(0, BK)
+    dv = iv * BV + tl.arange(0, BV)
+    mk = dk < Dk
+    mv = dv < Dv
+    slot = tl.load(slots + ib).to(tl.int64)
+    st = ((slot * Hkv + hk) * Dk + dk[:, None]) * Dv + dv[None, :]
+    mst = mk[:, None] & mv[None, :]
+    kv_row = ib * Hkv + hk
+    kk = tl.load(k + kv_row * Dk + dk, mask=mk, other=0.).to(tl.float32)
+    vv = tl.load(v + kv_row * Dv + dv, mask=mv, other=0.).to(tl.float32)
+    a1 = tl.exp(tl.load(g1 + kv_row * Dk + dk, mask=mk, other=0.).to(tl.float32))
+    a2 = tl.exp(tl.load(g2 + kv_row * Dk + dk, mask=mk, other=0.).to(tl.float32))
+    kv = kk[:, None] * vv[None, :]
+    S1 = tl.load(s1 + st, mask=mst, other=0.) * a1[:, None] + kv
+    S2 = tl.load(s2 + st, mask=mst, other=0.) * a2[:, None] + kv
+    tl.store(s1 + st, S1, mask=mst)
+    tl.store(s2 + st, S2, mask=mst)
+    # Mixing before the product with q: one reduction per query head, not two.
+    M = (tl.load(w) * S1 + tl.load(w + 1) * S2) * scale
+    for gi in tl.static_range(G):
+        hq = hk * G + gi
+        qq = tl.load(q + (ib * Hkv * G + hq) * Dk + dk, mask=mk, other=0.).to(tl.float32)
+        out = tl.sum(qq[:, None] * M, axis=0)
+        tl.store(o + (ib * Hkv * G + hq) * Dv + dv, out.to(o.dtype.element_ty), mask=mv)
+
+
+def dsla_decode_fused(q, k, v, g1, g2, w, s1_pool, s2_pool, slots, scale=None):
+    """One token per sequence over fp32 slot pools [num_slots, Hkv, Dk, Dv], updated in place.
+
+    q [B,Hq,Dk], k/g1/g2 [B,Hkv,Dk], v [B,Hkv,Dv], w [2], slots [B] (distinct). Returns o [B,Hq,Dv].
+    """
+    B, Hq, Dk = q.shape
+    Hkv, Dv = k.shape[1], v.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"query heads {Hq} must be a multiple of kv heads {Hkv}")
+    for p in (s1_pool, s2_pool):
+        if p.dtype != torch.float32 or not p.is_contiguous() or tuple(p.shape[1:]) != (Hkv, Dk, Dv):
+            raise ValueError("state pools must be contiguous fp32 [num_slots, Hkv, Dk, Dv]")
+    scale = Dk ** -0.5 if scale is None else float(scale)
+    o = torch.empty(B, Hq, Dv, dtype=q.dtype, device=q.device)
+    if B == 0:
+        return o
+    BK = triton.next_power_of_2(Dk)
+    # 32 fp32 columns per program: 128-byte rows, enough programs to fill the chip at B=1.
+    BV = min(32, triton.next_power_of_2(Dv))
+    grid = (B, Hkv, triton.cdiv(Dv, BV))
+    _decode_kernel[grid](q.contiguous(), k.contiguous(), v.contiguous(), g1.contiguous(), g2.contiguous(),
+                         w.float().contiguous(), s1_pool, s2_pool, slots.contiguous(), o, scale,
+                         Hkv=Hkv, G=Hq // Hkv, Dk=Dk, Dv=Dv, BK=BK, BV=BV, num_warps=4)
+    return o

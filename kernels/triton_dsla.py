@@ -1,0 +1,198 @@
+"""Host side of the fused Triton DSLA kernels: launches, varlen bookkeeping, autograd.
+
+Public:
+    dsla_chunk_fused(q, k, v, g1, g2, w, s1=None, s2=None, scale=None, cu_seqlens=None)
+        fixed batch: q [B,T,Hq,Dk] ... states [B,Hkv,Dk,Dv];
+        varlen:      q [1,total_T,Hq,Dk] ... with cu_seqlens [N+1], states [N,Hkv,Dk,Dv].
+        Returns (o, s1_final, s2_final); differentiable w.r.t. q, k, v, g1, g2, w, s1, s2.
+    dsla_decode_fused(...)   (see triton_decode.py)
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from kernels.triton_chunk_bwd import _grads_bwd, _states_bwd
+from kernels.triton_chunk_fwd import CHUNK, RANGE_MAX, SUB, _output_fwd, _states_fwd
+from kernels.triton_decode import dsla_decode_fused  # noqa: F401  (re-exported)
+
+
+class _Plan:
+    """Where the chunks are: sequence offsets and a table from global chunk to sequence.
+    Built without a host sync for fixed-length batches; varlen needs the lengths once."""
+
+    def __init__(self, cu: torch.Tensor, n_seq: int, lens: list[int] | None, B: int = 0, T: int = 0):
+        dev = cu.device
+        self.cu = cu.to(torch.int32).contiguous()
+        self.n_seq = n_seq
+        if lens is None:  # fixed [B, T]
+            nc = triton.cdiv(T, CHUNK)
+            self.coff = (torch.arange(B + 1, device=dev, dtype=torch.int32) * nc)
+            self.cseq = torch.arange(B, device=dev, dtype=torch.int32).repeat_interleave(nc)
+            self.n_chunks = B * nc
+            self.tok_seq = torch.arange(B, device=dev).repeat_interleave(T)
+        else:
+            ncs = [triton.cdiv(n, CHUNK) for n in lens]
+            offs = [0]
+            for x in ncs:
+                offs.append(offs[-1] + x)
+            self.coff = torch.tensor(offs, device=dev, dtype=torch.int32)
+            self.cseq = torch.repeat_interleave(torch.arange(n_seq, device=dev, dtype=torch.int32),
+                                                torch.tensor(ncs, device=dev))
+            self.n_chunks = offs[-1]
+            self.tok_seq = torch.repeat_interleave(torch.arange(n_seq, device=dev), torch.tensor(lens, device=dev))
+
+
+def _blocks(Dk, Dv):
+    BKs = max(16, min(64, triton.next_power_of_2(Dk)))  # state walk: 64x64 tiles keep 2 states in registers
+    BVs = max(16, min(64, triton.next_power_of_2(Dv)))
+    BK = max(16, triton.next_power_of_2(Dk))  # chunk-parallel kernels hold the whole Dk
+    BV = max(16, triton.next_power_of_2(Dv))
+    if BK > 256 or BV > 256:
+        raise ValueError("head dims above 256 are not supported by the fused kernels")
+    return BKs, BVs, BK, BV
+
+
+def _states(k, v, g1, g2, s1, s2, plan, Hkv, Dk, Dv, store_h, ieee):
+    BKs, BVs, _, _ = _blocks(Dk, Dv)
+    dev = k.device
+    N = plan.n_seq
+    sT1 = torch.empty(N, Hkv, Dk, Dv, dtype=torch.float32, device=dev)
+    sT2 = torch.empty_like(sT1)
+    if store_h:
+        h1 = torch.empty(plan.n_chunks, Hkv, Dk, Dv, dtype=k.dtype, device=dev)
+        h2 = torch.empty_like(h1)
+    else:
+        h1 = h2 = sT1  # unused
+    has = s1 is not None
+    grid = (triton.cdiv(Dk, BKs), triton.cdiv(Dv, BVs), N * Hkv)
+    _states_fwd[grid](k, v, g1, g2, s1 if has else sT1, s2 if has else sT2, h1, h2, sT1, sT2,
+                      plan.cu, plan.coff, Hkv, Dk=Dk, Dv=Dv, C=CHUNK, BK=BKs, BV=BVs,
+                      HAS_S0=has, STORE_H=store_h, IEEE=ieee, num_warps=4)
+    return h1, h2, sT1, sT2
+
+
+def _forward(q, k, v, g1, g2, w, s1, s2, scale, plan):
+    Ttot, Hq, Dk = q.shape
+    Hkv, Dv = k.shape[1], v.shape[2]
+    ieee = q.dtype == torch.float32
+    h1, h2, sT1, sT2 = _states(k, v, g1, g2, s1, s2, plan, Hkv, Dk, Dv, True, ieee)
+    _, _, BK, BV = _blocks(Dk, Dv)
+    BV = min(BV, 128)
+    o = torch.empty(Ttot, Hq, Dv, dtype=q.dtype, device=q.device)
+    grid = (plan.n_chunks, Hq, triton.cdiv(Dv, BV))
+    _output_fwd[grid](q, k, v, g1, g2, w, h1, h2, o, plan.cu, plan.cseq, plan.coff, scale,
+                      Hq, Hkv, G=Hq // Hkv, Dk=Dk, Dv=Dv, C=CHUNK, SUB=SUB, BK=BK, BV=BV,
+                      RANGE_MAX=RANGE_MAX, IEEE=ieee, num_warps=8 if BK * BV >= 128 * 64 else 4)
+    return o, sT1, sT2
+
+
+def _reverse_cumsum_per_seq(x, plan):
+    """sum_{u >= t, u in t's sequence} x[u] for packed [total_T, ...]; fp64 so the
+    difference of two long suffix sums loses nothing."""
+    xd = x.double()
+    suf = xd.flip(0).cumsum(0).flip(0)
+    suf = torch.cat([suf, suf.new_zeros(1, *suf.shape[1:])])
+    eos = plan.cu[1:].long()[plan.tok_seq]
+    return (suf[:-1] - suf[eos]).float()
+
+
+def _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, scale, plan):
+    Ttot, Hq, Dk = q.shape
+    Hkv, Dv = k.shape[1], v.shape[2]
+    G = Hq // Hkv
+    dev = q.device
+    ieee = q.dtype == torch.float32
+    BKs, BVs, BK, BV = _blocks(Dk, Dv)
+    h1, h2, _, _ = _states(k, v, g1, g2, s1, s2, plan, Hkv, Dk, Dv, True, ieee)
+    do = do.contiguous()
+    N = plan.n_seq
+    has_dst = dsT1 is not None or dsT2 is not None
+    if has_dst:
+        dsT1 = torch.zeros_like(sT1) if dsT1 is None else dsT1.float().contiguous()
+        dsT2 = torch.zeros_like(sT2) if dsT2 is None else dsT2.float().contiguous()
+    dS1 = torch.empty(plan.n_chunks, Hkv, Dk, Dv, dtype=k.dtype, device=dev)
+    dS2 = torch.empty_like(dS1)
+    ds01 = torch.empty(N, Hkv, Dk, Dv, dtype=torch.float32, device=dev)
+    ds02 = torch.empty_like(ds01)
+    grid = (triton.cdiv(Dk, BKs), triton.cdiv(Dv, BVs), N * Hkv)
+    _states_bwd[grid](q, g1, g2, w, do, dsT1 if has_dst else ds01, dsT2 if has_dst else ds02,
+                      dS1, dS2, ds01, ds02, plan.cu, plan.coff, scale, Hq, Hkv, G,
+                      Dk=Dk, Dv=Dv, C=CHUNK, BK=BKs, BV=BVs, HAS_DST=has_dst, IEEE=ieee, num_warps=4)
+    f32 = dict(dtype=torch.float32, device=dev)
+    dq1 = torch.empty(Ttot, Hq, Dk, **f32)
+    dq2 = torch.empty_like(dq1)
+    dk1 = torch.empty_like(dq1)
+    dk2 = torch.empty_like(dq1)
+    dvp = torch.empty(Ttot, Hq, Dv, **f32)
+    _grads_bwd[(plan.n_chunks, Hq)](q, k, v, g1, g2, w, h1, h2, dS1, dS2, do, dq1, dq2, dk1, dk2, dvp,
+                                    plan.cu, plan.cseq, plan.coff, scale, Hq, Hkv, G=G, Dk=Dk, Dv=Dv,
+                                    C=CHUNK, SUB=SUB, BK=BK, BV=BV, RANGE_MAX=RANGE_MAX, IEEE=ieee,
+                                    num_warps=8)
+    wf = w.float()
+    qf = q.float()
+    dq = (wf[0] * dq1 + wf[1] * dq2).to(q.dtype)
+    qdq1 = qf * dq1
+    qdq2 = qf * dq2
+    dw = torch.stack([qdq1.sum(), qdq2.sum()]).to(w.dtype)
+    grp = lambda x: x.view(Ttot, Hkv, G, x.shape[-1]).sum(2)  # noqa: E731  (sum over the GQA group)
+    dk1, dk2 = grp(dk1), grp(dk2)
+    dk = (dk1 + dk2).to(k.dtype)
+    dv = grp(dvp).to(v.dtype)
+    kf = k.float()
+    dB1 = wf[0] * grp(qdq1) - kf * dk1
+    dB2 = wf[1] * grp(qdq2) - kf * dk2
+    dg1 = _reverse_cumsum_per_seq(dB1, plan)
+    dg2 = _reverse_cumsum_per_seq(dB2, plan)
+    if has_dst:  # the final states carry exp(B_T) in every term
+        dg1 = dg1 + (dsT1 * sT1).sum(-1)[plan.tok_seq]
+        dg2 = dg2 + (dsT2 * sT2).sum(-1)[plan.tok_seq]
+    ds1 = ds01.to(s1.dtype) if s1 is not None else None
+    ds2 = ds02.to(s2.dtype) if s2 is not None else None
+    return dq, dk, dv, dg1.to(g1.dtype), dg2.to(g2.dtype), dw, ds1, ds2
+
+
+class _ChunkFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g1, g2, w, s1, s2, scale, plan):
+        o, sT1, sT2 = _forward(q, k, v, g1, g2, w, s1, s2, scale, plan)
+        ctx.save_for_backward(q, k, v, g1, g2, w, s1, s2, sT1, sT2)
+        ctx.scale, ctx.plan = scale, plan
+        return o, sT1, sT2
+
+    @staticmethod
+    def backward(ctx, do, dsT1, dsT2):
+        q, k, v, g1, g2, w, s1, s2, sT1, sT2 = ctx.saved_tensors
+        grads = _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, ctx.scale, ctx.plan)
+        return (*grads, None, None)
+
+
+def dsla_chunk_fused(q, k, v, g1, g2, w, s1=None, s2=None, scale=None, cu_seqlens=None):
+    """Fused chunked DSLA prefill; see the module docstring for layouts."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k, v must be [B, T, H, D]")
+    B, T, Hq, Dk = q.shape
+    Hkv, Dv = k.shape[2], v.shape[3]
+    if Hq % Hkv or k.shape[:2] != (B, T) or v.shape[:3] != (B, T, Hkv) or g1.shape != k.shape or g2.shape != k.shape:
+        raise ValueError(f"shape mismatch q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
+    scale = Dk ** -0.5 if scale is None else float(scale)
+    dev = q.device
+    if cu_seqlens is None:
+        plan = _Plan(torch.arange(B + 1, device=dev, dtype=torch.int32) * T, B, None, B, T)
+        N = B
+    else:
+        if B != 1:
+            raise ValueError("varlen inputs are packed as [1, total_T, H, D]")
+        lens = cu_seqlens.diff().tolist()
+        N = len(lens)
+        plan = _Plan(cu_seqlens, N, lens)
+    dt = q.dtype
+    if T == 0 or N == 0:
+        z = torch.zeros(N, Hkv, Dk, Dv, dtype=torch.float32, device=dev)
+        o = q.new_zeros(B, T, Hq, Dv)
+        return o, (s1.float() if s1 is not None else z), (s2.float() if s2 is not None else z.clone())
+    flat = lambda x, d=dt: x.reshape(B * T, x.shape[2], x.shape[3]).to(d).contiguous()  # noqa: E731
+    state = lambda s: None if s is None else s.float().contiguous()  # noqa: E731
+    o, sT1, sT2 = _ChunkFn.apply(flat(q), flat(k), flat(v), flat(g1, torch.float32), flat(g2, torch.float32),
+                                 w.float().contiguous(), state(s1), state(s2), scale, plan)
+    return o.view(B, T, Hq, Dv), sT1, sT2
