@@ -1,0 +1,105 @@
+"""AsyncEngine: an Engine driven by one background thread, for asyncio callers.
+
+The thread owns the engine's steps; callers add, abort and reconfigure under a
+lock that is held for one step at most, so every change lands between steps.
+Events travel to each request's asyncio queue through its event loop
+(`call_soon_threadsafe`). Leaving a `generate` iterator early (cancellation,
+`break`, client gone) aborts the request.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from typing import AsyncIterator
+
+from dsla_model.engine.config import EngineConfig
+from dsla_model.engine.engine import Engine
+from dsla_model.engine.outputs import TokenEvent
+
+
+class AsyncEngine:
+    def __init__(self, hybrid, tokenizer, config: EngineConfig | None = None):
+        self.engine = Engine(hybrid, tokenizer, config)
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stop = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="dsla-engine", daemon=True)
+        self._thread.start()
+
+    def _loop(self):
+        while True:
+            with self._wake:
+                while not self._stop and not self.engine.has_unfinished():
+                    self._wake.wait()
+                if self._stop:
+                    return
+                try:
+                    events = self.engine.step()
+                except BaseException as e:  # noqa: BLE001 - the thread must report, not die silently
+                    self.error = e
+                    events = []
+                    for rid in list(self.engine.requests):
+                        self.engine.abort(rid)
+                    events = self.engine.step()
+                streams = dict(self._streams)
+            for ev in events:
+                target = streams.get(ev.request_id)
+                if target is not None:
+                    loop, q = target
+                    try:
+                        loop.call_soon_threadsafe(q.put_nowait, ev)
+                    except RuntimeError:  # the caller's loop is closed
+                        pass
+
+    async def generate(self, prompt_ids, params, request_id: str | None = None) -> AsyncIterator[TokenEvent]:
+        request_id = str(request_id) if request_id is not None else uuid.uuid4().hex
+        q: asyncio.Queue = asyncio.Queue()
+        with self._wake:
+            if self._stop:
+                raise RuntimeError("engine is shut down")
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self.engine.add_request(prompt_ids, params, request_id)  # ValueError reaches the caller
+            self._streams[request_id] = (asyncio.get_running_loop(), q)
+            self._wake.notify()
+        finished = False
+        try:
+            while True:
+                ev = await q.get()
+                if ev.finish_reason is not None:
+                    finished = True
+                yield ev
+                if finished:
+                    return
+        finally:
+            with self._wake:
+                self._streams.pop(request_id, None)
+                if not finished:
+                    self.engine.abort(request_id)
+                    self._wake.notify()
+
+    def abort(self, request_id: str) -> None:
+        with self._wake:
+            self.engine.abort(request_id)
+            self._wake.notify()
+
+    def set_conversion(self, dsla_layers, store_version=None, layer_weights=None) -> None:
+        with self._wake:
+            self.engine.set_conversion(dsla_layers, store_version, layer_weights)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return self.engine.stats()
+
+    def capacity(self, seq_len: int) -> int:
+        with self._lock:
+            return self.engine.capacity(seq_len)
+
+    def shutdown(self):
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        self._thread.join(timeout=30)

@@ -1,0 +1,117 @@
+"""One memory pool for both kinds of per-sequence cache.
+
+The budget is a single byte buffer seen two ways:
+  - KV blocks  [num_blocks, 2 (k, v), block_size, Hkv, D] in the model dtype: one
+    block holds `block_size` tokens of one attention layer;
+  - DSLA states [2 * num_groups, Hkv, Dk, Dv] fp32: a *state pair* (the history and
+    the recency state of one DSLA layer of one sequence) fills one group of
+    `blocks_per_pair` consecutive KV blocks exactly.
+Because both live in the same bytes, converting a layer frees KV blocks that new
+sequences can use as states or KV alike: capacity grows with conversion without
+resizing anything. KV blocks are handed out lowest index first and state pairs
+highest group first, so the two rarely fragment each other.
+
+The pair with index p is s1_pool[2p] / s2_pool[2p]: s1_pool and s2_pool are the
+same state array offset by one state, so each is a contiguous [N, Hkv, Dk, Dv]
+view and one slot index addresses both (what `kernels.dsla_decode_slots` takes).
+Group 0 is reserved as scratch for padded rows of captured decode graphs.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+
+import numpy as np
+import torch
+
+
+class CachePool:
+    def __init__(self, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device, budget_bytes: int,
+                 block_size: int = 16):
+        es = torch.empty((), dtype=dtype).element_size()
+        self.state_bytes = num_kv_heads * head_dim * head_dim * 4
+        pair_bytes = 2 * self.state_bytes
+        bs = block_size
+        while bs > 1 and pair_bytes % (2 * bs * num_kv_heads * head_dim * es):
+            bs //= 2
+        self.block_size = bs
+        self.block_bytes = 2 * bs * num_kv_heads * head_dim * es
+        if pair_bytes % self.block_bytes:
+            raise ValueError("a DSLA state pair is not a whole number of KV blocks")
+        self.blocks_per_pair = m = pair_bytes // self.block_bytes
+        self.num_groups = G = int(budget_bytes // pair_bytes)
+        if G < 2:
+            raise ValueError(f"cache budget {budget_bytes} B is too small (need at least {2 * pair_bytes} B)")
+        self.num_blocks = G * m
+        self.budget_bytes = G * pair_bytes
+        storage = torch.zeros(self.budget_bytes, dtype=torch.uint8, device=device)
+        self.kv = storage.view(dtype).view(self.num_blocks, 2, bs, num_kv_heads, head_dim)
+        states = storage.view(torch.float32).view(2 * G, num_kv_heads, head_dim, head_dim)
+        self.s1 = states[0:2 * G - 1]
+        self.s2 = states[1:2 * G]
+        self._free = np.ones(self.num_blocks, dtype=bool)
+        self._group_free = np.full(G, m, dtype=np.int64)
+        self._free[:m] = False  # group 0: scratch
+        self._group_free[0] = 0
+        self.num_free = self.num_blocks - m
+        self._heap = list(range(m, self.num_blocks))  # lazily cleaned: entries may be taken by states
+
+    # ---- sizing -------------------------------------------------------------------------
+    @property
+    def usable_blocks(self) -> int:
+        return self.num_blocks - self.blocks_per_pair
+
+    def blocks_for(self, num_attn_layers: int, num_dsla_layers: int, seq_len: int) -> int:
+        """Blocks one sequence of `seq_len` tokens needs under a layer configuration."""
+        return num_attn_layers * math.ceil(seq_len / self.block_size) + num_dsla_layers * self.blocks_per_pair
+
+    def can_allocate(self, num_attn_layers, num_dsla_layers, seq_len) -> bool:
+        if int(np.count_nonzero(self._group_free == self.blocks_per_pair)) < num_dsla_layers:
+            return False
+        return self.num_free >= self.blocks_for(num_attn_layers, num_dsla_layers, seq_len)
+
+    # ---- allocation ---------------------------------------------------------------------
+    def alloc_blocks(self, n: int) -> list[int]:
+        out = []
+        while len(out) < n:
+            b = heapq.heappop(self._heap)
+            if self._free[b]:
+                self._free[b] = False
+                self._group_free[b // self.blocks_per_pair] -= 1
+                out.append(b)
+        self.num_free -= n
+        return out
+
+    def free_blocks(self, blocks):
+        for b in blocks:
+            self._free[b] = True
+            self._group_free[b // self.blocks_per_pair] += 1
+            heapq.heappush(self._heap, b)
+        self.num_free += len(blocks)
+
+    def alloc_pair(self) -> int:
+        """A zeroed state pair; returns its slot index (2 * group)."""
+        full = np.nonzero(self._group_free == self.blocks_per_pair)[0]
+        if len(full) == 0:
+            raise RuntimeError("no free state group")
+        g = int(full[-1])
+        m = self.blocks_per_pair
+        self._free[g * m:(g + 1) * m] = False
+        self._group_free[g] = 0
+        self.num_free -= m
+        self.s1[2 * g].zero_()
+        self.s2[2 * g].zero_()
+        return 2 * g
+
+    def free_pair(self, slot: int):
+        g = slot // 2
+        m = self.blocks_per_pair
+        self._free[g * m:(g + 1) * m] = True
+        self._group_free[g] = m
+        self.num_free += m
+        for b in range(g * m, (g + 1) * m):
+            heapq.heappush(self._heap, b)
+
+    @property
+    def used_bytes(self) -> int:
+        return (self.usable_blocks - self.num_free) * self.block_bytes

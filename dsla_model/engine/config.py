@@ -1,0 +1,31 @@
+"""Engine configuration (one dataclass, validated once at engine start)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MAX_DEFAULT_MODEL_LEN = 8192
+CPU_DEFAULT_CACHE_BYTES = 512 * 2**20
+GPU_CACHE_FRACTION = 0.85  # of the memory free after the model loaded; the rest is activations / graphs
+
+
+@dataclass
+class EngineConfig:
+    max_running: int = 16
+    max_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the model's max positions, capped at 8192
+    cache_memory_bytes: int | None = None  # None: 512 MiB on CPU, a fraction of free memory on CUDA
+    use_cuda_graphs: bool = True
+    block_size: int = 16  # tokens per KV block (reduced if the state size is not a multiple)
+
+    def validate(self):
+        if self.max_running < 1:
+            raise ValueError(f"max_running must be >= 1, got {self.max_running}")
+        if self.max_batched_tokens < self.max_running:
+            raise ValueError("max_batched_tokens must be >= max_running (every running sequence "
+                             f"decodes one token per step): {self.max_batched_tokens} < {self.max_running}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.cache_memory_bytes is not None and self.cache_memory_bytes <= 0:
+            raise ValueError(f"cache_memory_bytes must be > 0, got {self.cache_memory_bytes}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")

@@ -1,0 +1,98 @@
+"""CUDA graphs of the decode step, one per (layer configuration, batch bucket).
+
+Eager decode of a 7B model spends most of its time launching kernels (see
+BASELINES.md); replaying a captured graph launches the whole step at once.
+Inputs live in static buffers: a batch of B rows runs the graph of the
+smallest bucket >= B, and the padding rows point at the pool's scratch block
+and scratch state pair (position 0), so they read and write only scratch and
+cannot change the real rows (every op of the step is row-wise).
+
+Block tables and state slots of a running request never change (the cache is
+allocated whole at admission), so they are copied into the static buffers only
+when the batch's membership changes; a plain decode step copies just the
+token ids and positions.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+class DecodeGraphs:
+    def __init__(self, runner, max_batch: int, max_model_len: int):
+        self.runner = runner
+        self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
+        self.num_layers = len(runner.inner.layers)
+        self.nb = math.ceil(max_model_len / runner.pool.block_size)
+        self.graphs: dict = {}  # (conf id, bucket) -> (graph, static buffers)
+        self.mempool = torch.cuda.graph_pool_handle()
+        self._members: dict = {}  # (conf id, bucket) -> the request ids whose tables are loaded
+        self.captures = 0
+
+    def bucket(self, batch: int) -> int:
+        return next(b for b in self.buckets if b >= batch)
+
+    def _capture(self, conf, bucket):
+        dev = self.runner.device
+        st = {
+            "ids": torch.zeros(bucket, dtype=torch.int64, device=dev),
+            "pos": torch.zeros(bucket, dtype=torch.int64, device=dev),
+            "tables": torch.zeros(self.num_layers, bucket, self.nb, dtype=torch.int64, device=dev),
+            "slots": torch.zeros(self.num_layers, bucket, dtype=torch.int64, device=dev),
+        }
+        # splits sized for the longest context: short contexts just leave some splits empty
+        from kernels.triton_paged_attention import default_splits
+
+        splits = default_splits(bucket, self.runner.Hkv, self.nb * self.runner.pool.block_size)
+
+        def run():
+            return self.runner.forward_decode(conf, st["ids"], st["pos"], st["tables"], st["slots"], splits)
+
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):  # compile Triton kernels and settle allocations outside the capture
+                run()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.mempool):
+            st["logits"] = run()
+        self.captures += 1
+        return g, st
+
+    @torch.no_grad()
+    def run(self, conf, items):
+        B = len(items)
+        bucket = self.bucket(B)
+        key = (conf.id, bucket)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(conf, bucket)
+        g, st = self.graphs[key]
+        members = tuple(it.req.id for it in items)
+        if self._members.get(key) != members:
+            tables = torch.zeros(self.num_layers, bucket, self.nb, dtype=torch.int64)
+            slots = torch.zeros(self.num_layers, bucket, dtype=torch.int64)
+            for i, it in enumerate(items):
+                t = it.req.cache.table
+                tables[:, i, :t.shape[1]] = t
+                slots[:, i] = it.req.cache.slots
+            st["tables"].copy_(tables, non_blocking=False)
+            st["slots"].copy_(slots)
+            self._members[key] = members
+        ids = torch.zeros(bucket, dtype=torch.int64)
+        pos = torch.zeros(bucket, dtype=torch.int64)
+        ids[:B] = torch.tensor([it.req.tokens[it.start] for it in items])
+        pos[:B] = torch.tensor([it.start for it in items])
+        st["ids"].copy_(ids)
+        st["pos"].copy_(pos)
+        g.replay()
+        return st["logits"][:B]
+
+    def drop(self, conf_id):
+        """Forget the graphs of a configuration no request uses any more."""
+        for key in [k for k in self.graphs if k[0] == conf_id]:
+            del self.graphs[key]
+            self._members.pop(key, None)

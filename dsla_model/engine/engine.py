@@ -1,0 +1,235 @@
+"""The synchronous engine: requests in, token events out, one `step()` at a time.
+
+No threads here (AsyncEngine adds one). Between steps the caller may add or
+abort requests and change the layer configuration; a configuration change only
+affects requests added after it (each request is pinned to the `LayerConfig`
+it was added with). A step runs one forward per configuration present in the
+batch, so a swap never mixes caches of different layouts.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from collections import deque
+
+import torch
+
+from dsla_model.engine.cache_pool import CachePool
+from dsla_model.engine.config import CPU_DEFAULT_CACHE_BYTES, GPU_CACHE_FRACTION, MAX_DEFAULT_MODEL_LEN, EngineConfig
+from dsla_model.engine.layer_config import LayerConfig
+from dsla_model.engine.outputs import TokenEvent
+from dsla_model.engine.request import Request
+from dsla_model.engine.runner import ModelRunner
+from dsla_model.engine.sampler import sample
+from dsla_model.engine.scheduler import Scheduler
+
+_RECENT = 256  # requests in the ttft / tpot means
+
+
+class Engine:
+    def __init__(self, hybrid, tokenizer, config: EngineConfig | None = None):
+        self.config = config = config or EngineConfig()
+        config.validate()
+        self.hybrid = hybrid
+        self.tokenizer = tokenizer
+        w = hybrid.model.lm_head.weight
+        self.device = w.device
+        mc = hybrid.config
+        self.vocab_size = mc.vocab_size
+        self.max_model_len = config.max_model_len or min(
+            getattr(mc, "max_position_embeddings", MAX_DEFAULT_MODEL_LEN) or MAX_DEFAULT_MODEL_LEN,
+            MAX_DEFAULT_MODEL_LEN)
+        self.pool = CachePool(hybrid.num_kv_heads, hybrid.head_dim, w.dtype, self.device,
+                              self._cache_budget(config), config.block_size)
+        self.runner = ModelRunner(hybrid, self.pool, self.max_model_len)
+        self.graphs = None
+        if self.device.type == "cuda" and config.use_cuda_graphs:
+            from dsla_model.engine.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self.runner, config.max_running, self.max_model_len)
+        self.scheduler = Scheduler(config, self.pool)
+        self._conf_ids = itertools.count()
+        self.conf = LayerConfig.snapshot(hybrid, next(self._conf_ids))
+        self.requests: dict[str, Request] = {}
+        self._events: list[TokenEvent] = []  # abort events, emitted by the next step
+        eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+        self.eos_ids = [eos] if eos is not None else []
+        self._ttft, self._tpot = deque(maxlen=_RECENT), deque(maxlen=_RECENT)
+        self.generated_tokens = 0
+        self.swaps = 0
+        self.last_swap_s = 0.0
+
+    def _cache_budget(self, config) -> int:
+        if config.cache_memory_bytes is not None:
+            return int(config.cache_memory_bytes)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(free * GPU_CACHE_FRACTION)
+        return CPU_DEFAULT_CACHE_BYTES
+
+    # ---- requests ----------------------------------------------------------------------
+    def add_request(self, prompt_ids, params, request_id: str | None = None) -> str:
+        params.validate()
+        prompt_ids = list(prompt_ids) if prompt_ids is not None else []
+        if not prompt_ids:
+            raise ValueError("prompt must contain at least one token")
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                             f"exceeds max_model_len {self.max_model_len}")
+        c = self.conf
+        if self.pool.blocks_for(len(c.attn_layers), len(c.dsla_layers), total) > self.pool.usable_blocks:
+            raise ValueError(f"a sequence of {total} tokens does not fit the cache budget "
+                             f"({self.pool.budget_bytes} bytes) under the current conversion")
+        request_id = str(request_id) if request_id is not None else uuid.uuid4().hex
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        req = Request(request_id, prompt_ids, params, c, self.tokenizer, self.eos_ids)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.get(request_id)
+        if req is not None:
+            self._finish(req, "abort")
+            self._events.append(TokenEvent(req.id, -1, "", None, "abort",
+                                           req.num_prompt, req.num_generated))
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests) or bool(self._events)
+
+    def _finish(self, req, reason):
+        req.finish_reason = reason
+        self.scheduler.remove(req)
+        if req.cache is not None:
+            req.cache.free()
+            req.cache = None
+        self.requests.pop(req.id, None)
+        if reason != "abort" and req.first_token_at is not None:
+            self._ttft.append(req.first_token_at - req.arrival)
+            if req.num_generated > 1:
+                self._tpot.append((req.last_token_at - req.first_token_at) / (req.num_generated - 1))
+
+    # ---- the step ----------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> list[TokenEvent]:
+        events, self._events = self._events, []
+        items = self.scheduler.schedule()
+        groups: dict[int, list] = {}
+        for it in items:
+            groups.setdefault(it.req.conf.id, []).append(it)
+        for group in groups.values():
+            conf = group[0].req.conf
+            want = [i for i, it in enumerate(group) if it.samples]
+            if self.graphs is not None and all(it.n == 1 for it in group):
+                logits = self.graphs.run(conf, group)
+            else:
+                logits = self.runner.forward_pieces(conf, group, want) if want else None
+            for it in group:
+                it.req.num_computed += it.n
+            if not want:
+                continue
+            reqs = [group[i].req for i in want]
+            if logits.shape[0] != len(want):  # the graph path returns every row
+                logits = logits[torch.tensor(want, device=logits.device)]
+            tokens, logprobs = sample(logits, reqs)
+            now = time.perf_counter()
+            for req, tok, lp in zip(reqs, tokens, logprobs):
+                events.append(self._emit(req, tok, lp, now))
+        return events
+
+    def _emit(self, req, tok, logprob, now) -> TokenEvent:
+        req.tokens.append(tok)
+        self.generated_tokens += 1
+        if req.first_token_at is None:
+            req.first_token_at = now
+        req.last_token_at = now
+        finish = None
+        if tok in req.stop_ids:
+            text, finish = req.detok.flush(), "stop"
+        else:
+            text, hit = req.detok.add(tok)
+            if hit:
+                finish = "stop"
+            elif req.num_generated >= req.params.max_tokens:
+                text, finish = text + req.detok.flush(), "length"
+        ev = TokenEvent(req.id, tok, text, logprob, finish, req.num_prompt, req.num_generated)
+        if finish:
+            self._finish(req, finish)
+        return ev
+
+    # ---- hot swap ----------------------------------------------------------------------
+    def set_conversion(self, dsla_layers, store_version=None, layer_weights: dict | None = None) -> None:
+        """Make `dsla_layers` the DSLA layers for requests added from now on.
+
+        A layer in `layer_weights` gets a new module with those weights; another
+        converted layer keeps the DSLA module installed in the model (a fresh one if
+        it has none). Running requests keep their pinned modules and caches.
+        """
+        t0 = time.perf_counter()
+        wanted = sorted({int(i) for i in dsla_layers})
+        bad = [i for i in wanted if not 0 <= i < self.hybrid.num_layers]
+        if bad:
+            raise ValueError(f"layers {bad} out of range 0..{self.hybrid.num_layers - 1}")
+        layer_weights = layer_weights or {}
+        for i in range(self.hybrid.num_layers):
+            if i in wanted:
+                self.hybrid.convert(i, layer_weights.get(i))
+            else:
+                self.hybrid.revert(i)
+        new = LayerConfig.snapshot(self.hybrid, next(self._conf_ids), store_version)
+        if new.same_modules(self.conf):
+            self.conf.store_version = store_version if store_version is not None else self.conf.store_version
+        else:
+            old = self.conf
+            self.conf = new
+            self.swaps += 1
+            if self.graphs is not None and not any(r.conf is old for r in self.requests.values()):
+                self.graphs.drop(old.id)
+        self.last_swap_s = time.perf_counter() - t0
+
+    # ---- sizing and metrics ------------------------------------------------------------
+    def capacity(self, seq_len: int) -> int:
+        c = self.conf
+        return self.pool.usable_blocks // self.pool.blocks_for(len(c.attn_layers), len(c.dsla_layers), seq_len)
+
+    def stats(self) -> dict:
+        s = self.scheduler
+        waiting_tokens = sum(len(r.tokens) for r in s.waiting) + sum(
+            len(r.prompt_ids) - r.num_computed for r in s.running if r.in_prefill)
+        mean = lambda d: (sum(d) / len(d)) if d else None  # noqa: E731
+        return {
+            "waiting": len(s.waiting),
+            "running": len(s.running),
+            "waiting_prompt_tokens": waiting_tokens,
+            "cache_used_bytes": self.pool.used_bytes,
+            "cache_budget_bytes": self.pool.budget_bytes,
+            "cache_usage": self.pool.used_bytes / max(1, self.pool.usable_blocks * self.pool.block_bytes),
+            "dsla_layers": list(self.conf.dsla_layers),
+            "store_version": self.conf.store_version,
+            "swaps": self.swaps,
+            "last_swap_s": self.last_swap_s,
+            "generated_tokens": self.generated_tokens,
+            "ttft_s": mean(self._ttft),
+            "tpot_s": mean(self._tpot),
+            "capacity_4k": self.capacity(4096),
+            "max_model_len": self.max_model_len,
+        }
+
+    # ---- convenience -------------------------------------------------------------------
+    def generate(self, prompts, params) -> list[list[int]]:
+        """Run `prompts` to completion as one continuous batch; returns the generated ids."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError("one SamplingParams per prompt, or a single one for all")
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        out = {i: [] for i in ids}
+        while any(i in self.requests for i in ids):
+            for ev in self.step():
+                if ev.request_id in out and ev.token_id >= 0:
+                    out[ev.request_id].append(ev.token_id)
+        return [out[i] for i in ids]

@@ -1,0 +1,149 @@
+"""The model runner: the decoder's forward pass over the engine's cache pool.
+
+Written over the HF model's own submodules (embed_tokens, each layer's norms,
+attention projections and MLP, final norm, lm_head, rotary table) rather than
+HF's forward, so the cache layout is ours. Every layer is computed under the
+batch's pinned `LayerConfig`: softmax attention (paged KV) where its module is
+None, the pinned DSLA module (state pairs in the pool) otherwise. The runner
+never reads the model's current use_dsla flags.
+
+Two entry points:
+  - `forward_pieces`: any mix of prefill chunks and decode tokens; tokens are laid
+    end to end ([1, N, hidden]) so the per-token work (projections, norms, MLP)
+    is one batched call, and the sequence-mixing work (attention, DSLA prefill)
+    is done per sequence.
+  - `forward_decode`: one token per sequence with static shapes and no Python
+    branching on data: what the CUDA graphs capture.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dsla_model.dsla_attention import apply_rope
+from dsla_model.engine.attention import attend_pieces, paged_decode
+from kernels import dsla_decode_slots, dsla_prefill
+
+
+class ModelRunner:
+    def __init__(self, hybrid, pool, max_model_len: int):
+        self.hybrid = hybrid
+        self.pool = pool
+        lm = hybrid.model
+        self.inner = lm.model
+        self.lm_head = lm.lm_head
+        p = self.lm_head.weight
+        self.device, self.dtype = p.device, p.dtype
+        self.Hq, self.Hkv, self.D = hybrid.num_heads, hybrid.num_kv_heads, hybrid.head_dim
+        with torch.no_grad():
+            # Each position's cos/sin depends on that position alone, so one table serves every step.
+            pos = torch.arange(max_model_len, device=self.device)[None]
+            cos, sin = self.inner.rotary_emb(torch.zeros(1, 1, 1, dtype=self.dtype, device=self.device), pos)
+        self.cos, self.sin = cos[0], sin[0]  # [max_len, D]
+        t = self.inner.layers[0].self_attn.teacher
+        self.scale = getattr(t, "scaling", None) or self.D ** -0.5
+
+    # ---- shared layer pieces ------------------------------------------------------------
+    def _qkv(self, teacher, h, cos, sin):
+        B, T, _ = h.shape
+        q = teacher.q_proj(h).view(B, T, self.Hq, self.D)
+        k = teacher.k_proj(h).view(B, T, self.Hkv, self.D)
+        v = teacher.v_proj(h).view(B, T, self.Hkv, self.D)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _write_kv(self, k, v, blk, off):
+        """k, v [N,Hkv,D] to token slots (blk[N], off[N]) of the pool."""
+        kv = self.pool.kv
+        kv[blk, 0, off] = k
+        kv[blk, 1, off] = v
+
+    def _layers(self, x, attn_fn):
+        for i, layer in enumerate(self.inner.layers):
+            h = layer.input_layernorm(x)
+            x = x + attn_fn(i, h)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return x
+
+    # ---- general form: prefill chunks and decode tokens ---------------------------------
+    @torch.no_grad()
+    def forward_pieces(self, conf, items, want: list[int]):
+        """items: WorkItems (req, start, n) of one LayerConfig; returns logits [len(want), V]
+        of the last token of items[want[j]]."""
+        dev, bs = self.device, self.pool.block_size
+        ids = [t for it in items for t in it.req.tokens[it.start:it.start + it.n]]
+        pos_list = [p for it in items for p in range(it.start, it.start + it.n)]
+        ids = torch.tensor(ids, device=dev)
+        pos = torch.tensor(pos_list, device=dev)
+        seq_of = torch.tensor([i for i, it in enumerate(items) for _ in range(it.n)], device=dev)
+        nb = max(it.req.cache.table.shape[1] for it in items)
+        tables = torch.zeros(len(conf.modules), len(items), nb, dtype=torch.int64)
+        for i, it in enumerate(items):
+            tables[:, i, :it.req.cache.table.shape[1]] = it.req.cache.table
+        tables = tables.to(dev)
+        wblk = tables[:, seq_of, pos // bs]  # [L, N]: each token's block, per layer
+        woff = pos % bs
+        slots = torch.stack([it.req.cache.slots for it in items], 1).to(dev)  # [L, B]
+        cos, sin = self.cos[pos][None], self.sin[pos][None]
+        pieces = [(it.start, it.n) for it in items]
+        firsts = [sum(it.n for it in items[:i]) for i in range(len(items))]
+        dec = [i for i, it in enumerate(items) if it.n == 1]
+        dec_tok = torch.tensor([firsts[i] for i in dec], device=dev, dtype=torch.int64)
+        pre = [i for i, it in enumerate(items) if it.n > 1]
+
+        def attn(layer, h):
+            mod = conf.modules[layer]
+            if mod is None:
+                t = self.inner.layers[layer].self_attn.teacher
+                q, k, v = self._qkv(t, h, cos, sin)
+                self._write_kv(k[0], v[0], wblk[layer], woff)
+                o = attend_pieces(q[0], self.pool.kv, tables[layer], pieces, self.scale)
+                return t.o_proj(o.reshape(1, -1, self.Hq * self.D))
+            q, k, v, g1, g2 = mod.project(h, cos, sin)
+            w, scale = mod.mix_weights(), 1.0 / math.sqrt(self.D)
+            o = torch.empty_like(q)
+            if dec:
+                s = slots[layer, dec]
+                o[0, dec_tok] = dsla_decode_slots(q[0, dec_tok], k[0, dec_tok], v[0, dec_tok], g1[0, dec_tok],
+                                                  g2[0, dec_tok], w, self.pool.s1, self.pool.s2, s, scale)
+            for i in pre:
+                a, n, s = firsts[i], items[i].n, int(items[i].req.cache.slots[layer])
+                sl = slice(a, a + n)
+                o[:, sl], s1, s2 = dsla_prefill(q[:, sl], k[:, sl], v[:, sl], g1[:, sl], g2[:, sl], w,
+                                                self.pool.s1[s:s + 1].clone(), self.pool.s2[s:s + 1].clone(),
+                                                scale=scale, chunk_size=mod.cfg.chunk_size)
+                self.pool.s1[s].copy_(s1[0])
+                self.pool.s2[s].copy_(s2[0])
+            return mod.finish(o)
+
+        x = self._layers(self.inner.embed_tokens(ids)[None], attn)
+        last = torch.tensor([firsts[i] + items[i].n - 1 for i in want], device=dev, dtype=torch.int64)
+        return self.lm_head(self.inner.norm(x[0, last]))
+
+    # ---- decode form: static shapes, capturable -----------------------------------------
+    @torch.no_grad()
+    def forward_decode(self, conf, ids, pos, tables, slots, num_splits=None):
+        """ids, pos [B]; tables [L,B,nb]; slots [L,B] (all on device) -> logits [B,V]."""
+        B = ids.shape[0]
+        bs = self.pool.block_size
+        rows = torch.arange(B, device=ids.device)
+        wblk = tables[:, rows, pos // bs]  # [L,B]
+        woff = pos % bs
+        lens = pos + 1
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [B,1,D]
+
+        def attn(layer, h):
+            mod = conf.modules[layer]
+            if mod is None:
+                t = self.inner.layers[layer].self_attn.teacher
+                q, k, v = self._qkv(t, h, cos, sin)
+                self._write_kv(k[:, 0], v[:, 0], wblk[layer], woff)
+                o = paged_decode(q[:, 0], self.pool.kv, tables[layer], lens, self.scale, num_splits)
+                return t.o_proj(o.reshape(B, 1, self.Hq * self.D))
+            q, k, v, g1, g2 = mod.project(h, cos, sin)
+            o = dsla_decode_slots(q[:, 0], k[:, 0], v[:, 0], g1[:, 0], g2[:, 0], mod.mix_weights(),
+                                  self.pool.s1, self.pool.s2, slots[layer], 1.0 / math.sqrt(self.D))
+            return mod.finish(o[:, None])
+
+        x = self._layers(self.inner.embed_tokens(ids)[:, None], attn)
+        return self.lm_head(self.inner.norm(x[:, 0]))
