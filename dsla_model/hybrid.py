@@ -134,5 +134,6 @@ class HybridModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, **kwargs):
         """HF `generate` with a hybrid cache pinned to the current configuration."""
-        kwargs.setdefault("past_key_values", self.new_cache())
+        name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        kwargs.setdefault(name, self.new_cache())
         return self.model.generate(input_ids=input_ids, **kwargs)

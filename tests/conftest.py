@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny random decoders for speed, the real default model for integration."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub access on our machines; fail fast
+import pytest
+import torch
+
+
+def tiny_config(kind="llama", layers=4, heads=4, kv_heads=2, hidden=64, vocab=256, seed=0):
+    import transformers
+
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+           "mistral": transformers.MistralConfig}[kind]
+    return cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+               num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+               tie_word_embeddings=False)
+
+
+def tiny_model(kind="llama", seed=0, **kw):
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(kind, **kw)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    return model.eval()
+
+
+def randomize_dsla(hybrid, seed=0):
+    """Give converted layers non-trivial gates/mixing so tests exercise every parameter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for i in hybrid.dsla_layers:
+            for p in hybrid.attention(i).dsla.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    from dsla_model.loading import load_model
+
+    model, tok, _ = load_model("default")
+    return model, tok

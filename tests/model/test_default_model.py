@@ -1,0 +1,76 @@
+"""Integration on the real default model (SmolLM2-135M-Instruct)."""
+import json
+
+import pytest
+import torch
+
+from deploy.cli import main as cli
+from dsla_model.hybrid import HybridModel
+
+pytestmark = pytest.mark.slow
+
+
+def _run_cli(capsys, *argv):
+    code = cli(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_generate_cache_equals_no_cache_with_layers_0_14_29(capsys):
+    args = ["generate", "--prompt", "The Python tutorial explains", "--dsla-layers", "0,14,29",
+            "--max-tokens", "64", "--temperature", "0", "--json"]
+    code, out, _ = _run_cli(capsys, *args)
+    assert code == 0
+    cached = json.loads(out)
+    code, out, _ = _run_cli(capsys, *args, "--no-cache")
+    assert code == 0
+    reference = json.loads(out)
+    assert cached["dsla_layers"] == [0, 14, 29]
+    assert len(cached["token_ids"]) == 64
+    assert cached["token_ids"] == reference["token_ids"]
+    assert cached["text"] == reference["text"]
+
+
+def test_revert_all_gives_untouched_logits(default_model):
+    model, tok = default_model
+    ids = torch.tensor([tok("A list is a mutable sequence", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        h = HybridModel(model)
+        try:
+            for i in (0, 7, 14, 29):
+                h.convert(i)
+            assert not torch.allclose(h(ids), before)
+            h.set_dsla_layers([])
+            assert torch.equal(h(ids), before)
+        finally:
+            # give the shared fixture back its plain attention modules
+            for layer in h.decoder_layers:
+                layer.self_attn = layer.self_attn.teacher
+
+
+def test_order_is_a_stable_permutation(capsys):
+    code, out, _ = _run_cli(capsys, "order", "--num-prompts", "4", "--json")
+    assert code == 0
+    first = json.loads(out)
+    assert sorted(first["order"]) == list(range(30))
+    assert len(first["entropy"]) == 30 and all(e > 0 for e in first["entropy"])
+    e = first["entropy"]
+    assert all(e[a] <= e[b] for a, b in zip(first["order"], first["order"][1:]))
+    code, out, _ = _run_cli(capsys, "order", "--num-prompts", "4", "--json")
+    assert json.loads(out)["order"] == first["order"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--prompt", "x", "--dsla-layers", "0,30"], "out of range"),
+    (["generate", "--prompt", "x", "--dsla-layers", "a,b"], "comma-separated"),
+    (["generate", "--prompt", "x", "--conversion", "1.5"], "must be in [0, 1]"),
+    (["generate", "--prompt", "x", "--conversion", "0.5", "--dsla-layers", "1"], "not both"),
+    (["generate", "--prompt", "x", "--max-tokens", "0"], "--max-tokens"),
+    (["generate", "--prompt", "x", "--model", "/nonexistent/dir"], "cannot load model"),
+    (["order", "--num-prompts", "0"], "--num-prompts"),
+])
+def test_bad_arguments_exit_non_zero_with_a_message(capsys, argv, message):
+    code, _, err = _run_cli(capsys, *argv)
+    assert code == 2
+    assert message in err
