@@ -128,7 +128,7 @@ class Engine:
             if self.graphs is not None and all(it.n == 1 for it in group):
                 logits = self.graphs.run(conf, group)
             else:
-                logits = self.runner.forward_pieces(conf, group, want) if want else None
+                logits = self.runner.forward_pieces(conf, group, want)  # runs even if nothing samples: it fills the cache
             for it in group:
                 it.req.num_computed += it.n
             if not want:

@@ -117,6 +117,8 @@ class ModelRunner:
             return mod.finish(o)
 
         x = self._layers(self.inner.embed_tokens(ids)[None], attn)
+        if not want:
+            return None
         last = torch.tensor([firsts[i] + items[i].n - 1 for i in want], device=dev, dtype=torch.int64)
         return self.lm_head(self.inner.norm(x[0, last]))
 

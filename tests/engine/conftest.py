@@ -1,0 +1,42 @@
+"""Engine test fixtures: tiny hybrids with DSLA layers, and the default model (slow).
+
+Torch is limited to one thread here: the development machines have 2 cores
+shared by several engineers, and oversubscribed BLAS threads make these small
+matmuls tens of times slower.
+"""
+import pytest
+import torch
+
+from tests.conftest import randomize_dsla, tiny_model
+
+torch.set_num_threads(1)
+
+
+def tiny_hybrid(dsla_layers=(1, 3), seed=0, **kw):
+    from dsla_model.hybrid import HybridModel
+
+    h = HybridModel(tiny_model(seed=seed, **kw))
+    for i in dsla_layers:
+        h.convert(i)
+    randomize_dsla(h, seed)
+    return h
+
+
+def random_prompts(n, vocab, lo=3, hi=60, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi, (n,), generator=g).tolist()
+    return [torch.randint(0, vocab, (L,), generator=g).tolist() for L in lens]
+
+
+@pytest.fixture
+def hybrid():
+    return tiny_hybrid()
+
+
+@pytest.fixture(scope="module")
+def default_hybrid():
+    from dsla_model.hybrid import HybridModel
+    from dsla_model.loading import load_model
+
+    model, tok, _ = load_model("default")
+    return HybridModel(model), tok

@@ -1,0 +1,82 @@
+"""Batched, chunked, staggered engine runs give each request the tokens it gets alone."""
+import pytest
+import torch
+
+from dsla_model.engine import Engine, EngineConfig, SamplingParams
+from dsla_model.generate import generate_ids
+from tests.engine.conftest import random_prompts, tiny_hybrid
+
+
+def run_staggered(engine, prompts, params, arrivals):
+    """Add prompt i before step arrivals[i]; returns generated ids per prompt."""
+    out, ids, step, pending = {}, {}, 0, sorted(range(len(prompts)), key=lambda i: arrivals[i])
+    while pending or engine.has_unfinished():
+        while pending and arrivals[pending[0]] <= step:
+            i = pending.pop(0)
+            ids[engine.add_request(prompts[i], params[i])] = i
+        for ev in engine.step():
+            out.setdefault(ids[ev.request_id], []).append(ev.token_id)
+        step += 1
+    return [out[i] for i in range(len(prompts))]
+
+
+def test_16_staggered_greedy_requests_match_alone_tiny():
+    h = tiny_hybrid(dsla_layers=(0, 2))
+    prompts = random_prompts(16, 256, lo=2, hi=90, seed=1)
+    params = [SamplingParams(max_tokens=4 + (i * 7) % 17, temperature=0) for i in range(16)]
+    arrivals = [(i * 3) % 11 for i in range(16)]
+    # a small token budget forces chunked prefill; a small running cap forces queueing
+    eng = Engine(h, None, EngineConfig(max_running=6, max_batched_tokens=40, cache_memory_bytes=4 << 20))
+    got = run_staggered(eng, prompts, params, arrivals)
+    for p, sp, g in zip(prompts, params, got):
+        alone = Engine(h, None, EngineConfig(cache_memory_bytes=4 << 20)).generate([p], sp)[0]
+        assert g == alone
+        assert g == generate_ids(h, p, sp.max_tokens, 0.0)
+    assert eng.pool.num_free == eng.pool.usable_blocks  # everything given back
+
+
+def test_decode_form_matches_piece_form():
+    """The static-shape decode forward (what CUDA graphs capture) agrees with the general one."""
+    h = tiny_hybrid()
+    eng = Engine(h, None, EngineConfig(cache_memory_bytes=4 << 20))
+    prompts = random_prompts(5, 256, seed=3)
+    for p in prompts:
+        eng.add_request(p, SamplingParams(max_tokens=8, temperature=0))
+    eng.step()  # prefill all; every request now decodes
+    items = eng.scheduler.schedule()
+    assert all(it.n == 1 for it in items)
+    conf = items[0].req.conf
+    s1, s2, kv = eng.pool.s1.clone(), eng.pool.s2.clone(), eng.pool.kv.clone()
+    ref = eng.runner.forward_pieces(conf, items, list(range(len(items))))
+    eng.pool.s1.copy_(s1), eng.pool.s2.copy_(s2), eng.pool.kv.copy_(kv)
+    L, nb = len(conf.modules), max(it.req.cache.table.shape[1] for it in items)
+    tables = torch.zeros(L, len(items) + 2, nb, dtype=torch.int64)  # two padding rows -> scratch
+    slots = torch.zeros(L, len(items) + 2, dtype=torch.int64)
+    for i, it in enumerate(items):
+        tables[:, i, :it.req.cache.table.shape[1]] = it.req.cache.table
+        slots[:, i] = it.req.cache.slots
+    ids = torch.tensor([it.req.tokens[it.start] for it in items] + [0, 0])
+    pos = torch.tensor([it.start for it in items] + [0, 0])
+    out = eng.runner.forward_decode(conf, ids, pos, tables, slots)
+    torch.testing.assert_close(out[:len(items)], ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_16_staggered_greedy_requests_match_alone_default_model(default_hybrid):
+    h, tok = default_hybrid
+    h.set_dsla_layers([0, 7, 14, 29])
+    try:
+        texts = ["The GNU General Public License is", "def fibonacci(n):", "Once upon a time",
+                 "Paris is the capital of", "1, 2, 3, 4,", "The quick brown fox", "import numpy as np\n",
+                 "Linear attention replaces softmax with", "Q: What is two plus two?\nA:", "Dear Sir,",
+                 "The weather today", "In 1905 Einstein", "Rust and C++ both", "A list of fruits: apple,",
+                 "Hello! How", "To be or not to be,"]
+        prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        params = [SamplingParams(max_tokens=3 + i % 6, temperature=0, ignore_eos=True) for i in range(16)]
+        arrivals = [i // 3 for i in range(16)]
+        eng = Engine(h, tok, EngineConfig(max_running=16, max_batched_tokens=64, cache_memory_bytes=64 << 20))
+        got = run_staggered(eng, prompts, params, arrivals)
+        for p, sp, g in zip(prompts, params, got):
+            assert g == generate_ids(h, p, sp.max_tokens, 0.0)
+    finally:
+        h.set_dsla_layers([])

@@ -1,0 +1,139 @@
+"""Sampling parameters: seeds, top-k/p, stop strings and ids, max_tokens, abort, validation."""
+import pytest
+
+from dsla_model.engine import Engine, EngineConfig, SamplingParams
+from dsla_model.generate import generate_ids
+from tests.engine.conftest import random_prompts, tiny_hybrid
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from dsla_model.loading import default_model_dir
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_dir())
+
+
+@pytest.fixture(scope="module")
+def text_hybrid(tok):
+    """A tiny random model over the real tokenizer's vocabulary, so there is text to stop on."""
+    return tiny_hybrid(dsla_layers=(1,), vocab=len(tok))
+
+
+def events_of(eng, prompt, sp):
+    rid = eng.add_request(prompt, sp)
+    evs = []
+    while eng.has_unfinished():
+        evs += [e for e in eng.step() if e.request_id == rid]
+    return evs
+
+
+def test_seed_reproducible_and_independent_of_batch(hybrid):
+    prompts = random_prompts(6, 256, seed=7)
+    sp = [SamplingParams(max_tokens=12, temperature=0.9, seed=100 + i) for i in range(6)]
+    eng = Engine(hybrid, None, EngineConfig(cache_memory_bytes=4 << 20))
+    batched = eng.generate(prompts, sp)
+    for p, s, b in zip(prompts, sp, batched):
+        assert eng.generate([p], s)[0] == b
+        # the same draws as the reference loop with the same seed
+        assert b == generate_ids(hybrid, p, 12, 0.9, seed=s.seed)
+    other = eng.generate(prompts[:1], SamplingParams(max_tokens=12, temperature=0.9, seed=999))[0]
+    assert other != batched[0]
+
+
+def test_top_k_1_is_greedy_and_top_p_small_is_greedy(hybrid):
+    p = random_prompts(1, 256, seed=8)[0]
+    eng = Engine(hybrid, None, EngineConfig(cache_memory_bytes=4 << 20))
+    greedy = eng.generate([p], SamplingParams(max_tokens=8, temperature=0))[0]
+    assert eng.generate([p], SamplingParams(max_tokens=8, temperature=1.5, top_k=1, seed=1))[0] == greedy
+    assert eng.generate([p], SamplingParams(max_tokens=8, temperature=1.5, top_p=1e-6, seed=1))[0] == greedy
+
+
+def test_stop_strings_never_reach_the_stream(text_hybrid, tok):
+    eng = Engine(text_hybrid, tok, EngineConfig(cache_memory_bytes=16 << 20))
+    prompt = tok("Hello there, this is", add_special_tokens=False)["input_ids"]
+    base = events_of(eng, prompt, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    full = "".join(e.text for e in base)
+    assert full == tok.decode([e.token_id for e in base], skip_special_tokens=True)
+    assert base[-1].finish_reason == "length" and len(base) == 24
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    assert len(stop) == 3
+    evs = events_of(eng, prompt, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=[stop]))
+    text = "".join(e.text for e in evs)
+    assert evs[-1].finish_reason == "stop"
+    assert text == full[:full.find(stop)]
+    assert stop not in text
+    assert [e.token_id for e in evs] == [e.token_id for e in base[:len(evs)]]
+
+
+def test_stop_token_ids_and_max_tokens_and_logprobs(hybrid):
+    p = random_prompts(1, 256, seed=9)[0]
+    eng = Engine(hybrid, None, EngineConfig(cache_memory_bytes=4 << 20))
+    base = events_of(eng, p, SamplingParams(max_tokens=10, temperature=0, logprobs=True))
+    assert [e.num_generated_tokens for e in base] == list(range(1, 11))
+    assert all(e.logprob is not None and e.logprob <= 0 for e in base)
+    stop_id = base[4].token_id
+    first = [e.token_id for e in base].index(stop_id)
+    evs = events_of(eng, p, SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[stop_id]))
+    assert len(evs) == first + 1 and evs[-1].finish_reason == "stop" and evs[-1].token_id == stop_id
+    short = events_of(eng, p, SamplingParams(max_tokens=3, temperature=0))
+    assert [e.token_id for e in short] == [e.token_id for e in base[:3]] and short[-1].finish_reason == "length"
+
+
+def test_eos_stops_unless_ignored(hybrid):
+    p = random_prompts(1, 256, seed=9)[0]
+    class Tok:  # noqa: E306 - the smallest tokenizer the engine accepts
+        eos_token_id = None
+
+        def decode(self, ids, **kw):
+            return "".join(chr(65 + i % 26) for i in ids)
+    base = Engine(hybrid, Tok(), EngineConfig(cache_memory_bytes=4 << 20)).generate(
+        [p], SamplingParams(max_tokens=10, temperature=0))[0]
+    t = Tok()
+    t.eos_token_id = base[3]
+    eng = Engine(hybrid, t, EngineConfig(cache_memory_bytes=4 << 20))
+    assert eng.generate([p], SamplingParams(max_tokens=10, temperature=0))[0] == base[:base.index(base[3]) + 1]
+    assert eng.generate([p], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0] == base
+
+
+def test_abort_frees_and_reports(hybrid):
+    eng = Engine(hybrid, None, EngineConfig(cache_memory_bytes=4 << 20))
+    ps = random_prompts(3, 256, seed=10)
+    ids = [eng.add_request(p, SamplingParams(max_tokens=50, temperature=0)) for p in ps]
+    eng.step()
+    eng.step()
+    eng.abort(ids[1])
+    eng.abort("no-such-request")  # unknown ids are ignored
+    evs = eng.step()
+    ab = [e for e in evs if e.request_id == ids[1]]
+    assert len(ab) == 1 and ab[0].finish_reason == "abort" and ab[0].token_id == -1
+    assert eng.stats()["running"] == 2
+    for rid in (ids[0], ids[2]):
+        eng.abort(rid)
+    eng.step()
+    assert not eng.has_unfinished() and eng.stats()["cache_used_bytes"] == 0
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(max_tokens=0), "max_tokens"), (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
+    (dict(top_k=-2), "top_k"), (dict(seed=-1), "seed"), (dict(stop=[""]), "stop"),
+    (dict(stop_token_ids=[-5]), "stop_token_ids")])
+def test_bad_sampling_params(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        SamplingParams(**kw).validate()
+
+
+def test_bad_requests(hybrid):
+    eng = Engine(hybrid, None, EngineConfig(cache_memory_bytes=4 << 20, max_model_len=64))
+    sp = SamplingParams(max_tokens=4)
+    with pytest.raises(ValueError, match="at least one token"):
+        eng.add_request([], sp)
+    with pytest.raises(ValueError, match="max_model_len"):
+        eng.add_request([1] * 62, sp)
+    with pytest.raises(ValueError, match="token ids"):
+        eng.add_request([1, 999], sp)
+    eng.add_request([1, 2], sp, request_id="x")
+    with pytest.raises(ValueError, match="already in use"):
+        eng.add_request([1, 2], sp, request_id="x")
+    with pytest.raises(ValueError, match="max_batched_tokens"):
+        Engine(hybrid, None, EngineConfig(max_running=8, max_batched_tokens=4))

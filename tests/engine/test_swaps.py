@@ -1,0 +1,89 @@
+"""Hot swaps under load: in-flight requests finish under the configuration they were admitted with."""
+import torch
+
+from dsla_model.engine import Engine, EngineConfig, SamplingParams
+from dsla_model.generate import generate_ids
+from tests.engine.conftest import random_prompts, tiny_hybrid
+
+
+def random_weights(hybrid, layer, seed):
+    """DSLA weights for `layer` that differ from the installed ones (a 'newly distilled' version)."""
+    g = torch.Generator().manual_seed(seed)
+    mod = hybrid.new_dsla_module(layer)
+    return {k: v + torch.randn(v.shape, generator=g) * 0.2 for k, v in mod.state_dict().items()}
+
+
+def alone_under(hybrid, conf, prompt, max_tokens):
+    """The reference loop with the model set to a pinned configuration."""
+    for i, mod in enumerate(conf.modules):
+        if mod is None:
+            hybrid.revert(i)
+        else:
+            hybrid.install(i, mod)
+            hybrid.attention(i).use_dsla = True
+    return generate_ids(hybrid, prompt, max_tokens, 0.0)
+
+
+def test_requests_in_flight_during_10_swaps_match_their_pinned_config():
+    h = tiny_hybrid(dsla_layers=())
+    eng = Engine(h, None, EngineConfig(max_running=8, max_batched_tokens=48, cache_memory_bytes=4 << 20))
+    prompts = random_prompts(30, 256, lo=3, hi=50, seed=5)
+    schedules = [[1], [1, 3], [0, 1, 3], [3], [], [0, 2], [0, 1, 2, 3], [2], [1, 2], [0, 3]]
+    sp = SamplingParams(max_tokens=10, temperature=0)
+    rid_to = {}
+    done = {}
+    p = 0
+    for swap, layers in enumerate(schedules):
+        for _ in range(3):  # three new requests per configuration
+            rid = eng.add_request(prompts[p], sp)
+            rid_to[rid] = (p, eng.requests[rid].conf)
+            p += 1
+        for _ in range(3):  # let them get going (some mid-prefill, some mid-decode) before the swap
+            for ev in eng.step():
+                done.setdefault(ev.request_id, []).append(ev)
+        # a new distilled version of one converted layer arrives with every other swap
+        weights = {layers[0]: random_weights(h, layers[0], swap)} if layers and swap % 2 else None
+        eng.set_conversion(layers, store_version=swap, layer_weights=weights)
+        assert eng.stats()["dsla_layers"] == layers
+    while eng.has_unfinished():
+        for ev in eng.step():
+            done.setdefault(ev.request_id, []).append(ev)
+    assert eng.swaps == 10
+    assert set(done) == set(rid_to)
+    for rid, evs in done.items():
+        assert evs[-1].finish_reason == "length" and all(e.finish_reason is None for e in evs[:-1])
+        i, conf = rid_to[rid]
+        assert [e.token_id for e in evs] == alone_under(h, conf, prompts[i], 10)
+    assert eng.pool.num_free == eng.pool.usable_blocks
+
+
+def test_capacity_grows_with_conversion():
+    h = tiny_hybrid(dsla_layers=(), layers=8)
+    eng = Engine(h, None, EngineConfig(cache_memory_bytes=8 << 20, max_model_len=512))
+    caps = []
+    for n in range(0, 9, 2):
+        eng.set_conversion(list(range(n)))
+        caps.append(eng.capacity(512))
+        assert eng.stats()["capacity_4k"] == eng.capacity(4096)
+    assert all(a < b for a, b in zip(caps, caps[1:])), caps
+    # all-DSLA: a sequence's cache no longer depends on its length
+    assert eng.capacity(16) == eng.capacity(512)
+
+
+def test_admission_is_by_memory_and_frees_on_finish():
+    h = tiny_hybrid(dsla_layers=(), layers=4)
+    eng = Engine(h, None, EngineConfig(max_running=64, cache_memory_bytes=1 << 20, max_model_len=512))
+    cap = eng.capacity(200)
+    assert 1 <= cap < 64
+    for p in random_prompts(cap + 3, 256, lo=190, hi=191, seed=2):
+        eng.add_request(p, SamplingParams(max_tokens=10, temperature=0))
+    eng.step()
+    st = eng.stats()
+    assert st["running"] == cap and st["waiting"] == 3
+    assert 0 < st["cache_usage"] <= 1 and st["waiting_prompt_tokens"] == 3 * 190
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.stats()["cache_used_bytes"] == 0
+    # converting every layer shrinks a 200-token sequence's cache: more fit
+    eng.set_conversion([0, 1, 2, 3])
+    assert eng.capacity(200) > cap
