@@ -50,15 +50,25 @@ def resolve_dsla_layers(hybrid, tok, args) -> list[int]:
 
 
 def _store_order(args):
+    from dsla_model.layer_store import SHIPPED_STORE, LayerStore, LayerStoreError
+
     layers_dir = getattr(args, "layers_dir", None)
+    if not layers_dir and getattr(args, "model", None) == "default" and LayerStore(SHIPPED_STORE).exists():
+        layers_dir = SHIPPED_STORE  # the default model's distilled layers ship in the repo
     if not layers_dir:
         return None
-    from dsla_model.layer_store import LayerStore
-
-    return LayerStore(layers_dir).read_manifest().get("order")
+    try:
+        return LayerStore(layers_dir).read_manifest().get("order")
+    except LayerStoreError as e:
+        raise CLIError(str(e)) from None
 
 
 def apply_layers(hybrid, layers: list[int], layers_dir: str | None):
+    from dsla_model.layer_store import shipped_store
+
+    # Without --layers-dir, a model the shipped store was distilled for uses it (fresh,
+    # untrained DSLA layers otherwise).
+    layers_dir = layers_dir or shipped_store(hybrid.fingerprint)
     if layers_dir:
         from dsla_model.layer_store import LayerStore, LayerStoreError
 
@@ -72,7 +82,7 @@ def apply_layers(hybrid, layers: list[int], layers_dir: str | None):
 
 
 def cmd_generate(args) -> int:
-    from dsla_model.generate import generate_ids
+    from dsla_model.generate import generate_ids, generate_batch
 
     if args.max_tokens < 1:
         raise CLIError("--max-tokens must be >= 1")
@@ -84,10 +94,18 @@ def cmd_generate(args) -> int:
     layers = resolve_dsla_layers(hybrid, tok, args)
     apply_layers(hybrid, layers, args.layers_dir)
     eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    for i, prompt in enumerate(args.prompt):
-        ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        out = generate_ids(hybrid, ids, args.max_tokens, args.temperature, use_cache=not args.no_cache,
-                           seed=args.seed + i, eos_ids=eos)
+    all_ids = [tok(prompt, add_special_tokens=False)["input_ids"] for prompt in args.prompt]
+    if args.no_cache:
+        # the reference: one prompt at a time, full forward at every step
+        outs = (generate_ids(hybrid, ids, args.max_tokens, args.temperature, use_cache=False,
+                             seed=args.seed + i, eos_ids=eos) for i, ids in enumerate(all_ids))
+    else:
+        # all prompts as one continuous batch through the engine
+        try:
+            outs = generate_batch(hybrid, tok, all_ids, args.max_tokens, args.temperature, args.seed)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+    for prompt, out in zip(args.prompt, outs):
         text = tok.decode(out, skip_special_tokens=True)
         if args.json:
             print(json.dumps({"prompt": prompt, "text": text, "token_ids": out, "dsla_layers": layers}))

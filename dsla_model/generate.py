@@ -50,3 +50,16 @@ def generate_ids(hybrid, prompt_ids: list[int], max_tokens: int, temperature: fl
         if nxt in eos_ids:
             break
     return out
+
+
+def generate_batch(hybrid, tokenizer, prompts: list[list[int]], max_tokens: int, temperature: float = 0.0,
+                   seed: int = 0, **engine_kw) -> list[list[int]]:
+    """All prompts through the engine as one continuous batch. Prompt i samples with seed
+    `seed + i` and stops after the tokenizer's EOS, as `generate_ids` does."""
+    from dsla_model.engine import Engine, EngineConfig, SamplingParams
+
+    engine_kw.setdefault("max_running", max(1, min(64, len(prompts))))
+    engine = Engine(hybrid, tokenizer, EngineConfig(**engine_kw))
+    params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + i)
+              for i in range(len(prompts))]
+    return engine.generate(prompts, params)
