@@ -126,7 +126,6 @@ class AppConfig(_Strict):
     max_tokens_limit: int = Field(4096, ge=1)  # the most tokens one choice may ask for
     default_max_tokens: int = Field(256, ge=1)  # chat requests without max_tokens
     max_choices: int = Field(8, ge=1)  # prompts x n per request
-    seed: int = 0  # base seed for requests that give none: runs are reproducible
     engine: EngineSettings = EngineSettings()
     replica: ReplicaSettings = ReplicaSettings()
     ingress: IngressSettings = IngressSettings()

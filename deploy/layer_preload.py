@@ -1,0 +1,83 @@
+"""A replica's view of the layer store: verified layer weights, loaded ahead of need.
+
+Replicas poll the store and read every newly published (or republished) layer as
+soon as it appears, checking its sha256 and the model fingerprint, so that a
+later conversion only builds a small module from weights already in memory: the
+swap never waits on disk, and a corrupt file is found long before it is needed
+(and then skipped, never served).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Optional
+
+log = logging.getLogger("ray.serve")
+
+
+class PreloadedLayers:
+    def __init__(self, store_path: Optional[str], fingerprint: str):
+        self.store = None
+        if store_path:
+            from dsla_model.layer_store import LayerStore
+
+            self.store = LayerStore(store_path)
+        self.fingerprint = fingerprint
+        self.weights: dict[int, dict] = {}
+        self.versions: dict[int, int] = {}  # layer -> version of the weights held
+        self.order: list[int] = []  # loaded layers, in the store's order
+        self.store_version = 0
+        self.errors: dict[int, str] = {}
+        self._lock = threading.Lock()  # refresh runs in a worker thread
+
+    def dsla_config(self):
+        from dsla_model.dsla_attention import DSLAConfig
+
+        if self.store is not None and self.store.exists():
+            return self.store.dsla_config()
+        return DSLAConfig()
+
+    def refresh(self) -> list[int]:
+        """Load what was published since the last call; returns the layers (re)loaded."""
+        if self.store is None or not self.store.exists():
+            return []
+        from dsla_model.layer_store import LayerStoreError
+
+        with self._lock:
+            try:
+                manifest = self.store.read_manifest()
+            except (LayerStoreError, OSError) as e:  # mid-rewrite on a filesystem without atomic rename
+                log.warning("layer store unreadable for now: %s", e)
+                return []
+            if int(manifest["version"]) == self.store_version:
+                return []
+            entries = sorted(manifest["layers"].items(), key=lambda kv: kv[1]["position"])
+            loaded = []
+            for key, entry in entries:
+                layer = int(key)
+                if self.versions.get(layer) == entry["version"]:
+                    continue
+                try:
+                    self.weights[layer] = self.store.load_layer(layer, self.fingerprint)
+                except (LayerStoreError, OSError) as e:
+                    self.errors[layer] = str(e)
+                    log.error("layer %d not loaded: %s", layer, e)
+                    continue
+                self.versions[layer] = entry["version"]
+                self.errors.pop(layer, None)
+                loaded.append(layer)
+            self.order = [int(k) for k, _ in entries if int(k) in self.weights]
+            self.store_version = int(manifest["version"])
+        if loaded:
+            log.info("preloaded layers %s (store version %d)", loaded, self.store_version)
+        return loaded
+
+    def weights_for(self, layers, installed: dict[int, int]) -> dict[int, dict]:
+        """Weights of the layers whose installed module is missing or older than what we hold."""
+        with self._lock:
+            return {i: self.weights[i] for i in layers
+                    if i in self.weights and installed.get(i) != self.versions[i]}
+
+    def usable(self, layers) -> list[int]:
+        with self._lock:
+            return [i for i in layers if i in self.weights]

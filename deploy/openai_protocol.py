@@ -1,0 +1,139 @@
+"""OpenAI request schemas and the OpenAI error body.
+
+Models are strict (no "5" for 5, no 1.0 for n) because the OpenAI API refuses
+wrongly typed fields with a 400 and clients rely on that; unknown fields are
+ignored as OpenAI's own SDKs send fields we do not need. Parameters we do not
+implement are refused when set, rather than silently ignored.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class APIError(Exception):
+    """Any error the ingress answers with an OpenAI error body."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param=None, code=None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def bad_request(message: str, param: Optional[str] = None, code: Optional[str] = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", param, code)
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class _Sampling(_Request):
+    """Fields shared by completions and chat."""
+    model: str
+    temperature: Optional[Union[float, int]] = Field(None, ge=0, le=2)
+    top_p: Optional[Union[float, int]] = Field(None, gt=0, le=1)
+    top_k: Optional[int] = Field(None, ge=-1)  # extension (vLLM's): 0 or -1 is off
+    n: Optional[int] = Field(None, ge=1)
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Optional[Union[str, list[str]]] = None
+    stop_token_ids: Optional[list[int]] = None  # extension
+    ignore_eos: Optional[bool] = False  # extension
+    seed: Optional[int] = None
+    presence_penalty: Optional[Union[float, int]] = Field(None, ge=-2, le=2)
+    frequency_penalty: Optional[Union[float, int]] = Field(None, ge=-2, le=2)
+    logit_bias: Optional[dict[str, Union[float, int]]] = None
+    user: Optional[str] = None
+
+    def unsupported(self) -> Optional[tuple[str, str]]:
+        """(param, message) for a parameter set to something we do not implement."""
+        if self.presence_penalty or self.frequency_penalty:
+            p = "presence_penalty" if self.presence_penalty else "frequency_penalty"
+            return p, f"{p} is not supported; leave it at 0"
+        if self.logit_bias:
+            return "logit_bias", "logit_bias is not supported"
+        return None
+
+
+Prompt = Union[str, list[str], list[int], list[list[int]]]
+
+
+class CompletionRequest(_Sampling):
+    prompt: Prompt
+    max_tokens: Optional[int] = 16  # OpenAI's default for completions
+    logprobs: Optional[int] = Field(None, ge=0, le=5)
+    echo: Optional[bool] = False
+    best_of: Optional[int] = Field(None, ge=1)
+    suffix: Optional[str] = None
+
+    def unsupported(self):
+        if self.logprobs:
+            return "logprobs", "only logprobs=0 (the sampled token's log probability) is supported"
+        if self.echo:
+            return "echo", "echo is not supported"
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            return "best_of", "best_of other than n is not supported"
+        if self.suffix:
+            return "suffix", "suffix is not supported"
+        return super().unsupported()
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Optional[Union[str, list[TextPart]]] = None
+    name: Optional[str] = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[int] = None
+    max_completion_tokens: Optional[int] = None
+    logprobs: Optional[bool] = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    response_format: Optional[ResponseFormat] = None
+    tools: Optional[list] = None
+    tool_choice: Optional[Union[str, dict]] = None
+
+    def unsupported(self):
+        if self.top_logprobs:
+            return "top_logprobs", "only top_logprobs=0 (the sampled token's log probability) is supported"
+        if self.response_format is not None and self.response_format.type != "text":
+            return "response_format", "only response_format type 'text' is supported"
+        if self.tools:
+            return "tools", "tools are not supported"
+        if self.tool_choice not in (None, "none"):
+            return "tool_choice", "tool_choice is not supported"
+        return super().unsupported()
+
+    def requested_max_tokens(self) -> Optional[int]:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -1,0 +1,180 @@
+"""The LLM replica: one AsyncEngine per replica, driven by the conversion controller.
+
+Each replica runs a small control loop: it preloads newly published layers,
+reports its engine's load to the controller and applies the layer configuration
+the controller answers with. Pushing reports (instead of the controller calling
+replicas) needs no way to address single Serve replicas, survives replicas
+coming and going with autoscaling, and a silent replica simply ages out.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import ray
+from ray import serve
+
+from deploy.config import AppConfig
+from deploy.layer_preload import PreloadedLayers
+from deploy.metrics import ReplicaMetrics
+
+log = logging.getLogger("ray.serve")
+
+
+def _dtype(cfg: AppConfig):
+    import torch
+
+    if cfg.replica.dtype == "auto":
+        return torch.bfloat16 if cfg.device() == "cuda" else torch.float32
+    return getattr(torch, cfg.replica.dtype)
+
+
+def _event(ev) -> dict:
+    return {"token_id": ev.token_id if ev.token_id >= 0 else None, "text": ev.text, "logprob": ev.logprob,
+            "finish_reason": ev.finish_reason, "num_prompt_tokens": ev.num_prompt_tokens,
+            "num_generated_tokens": ev.num_generated_tokens}
+
+
+@serve.deployment(name="LLMReplica")
+class LLMReplica:
+    async def __init__(self, config: dict, controller):
+        from dsla_model.engine import AsyncEngine, EngineConfig
+        from dsla_model.hybrid import HybridModel
+        from dsla_model.loading import load_model
+
+        self.cfg = cfg = AppConfig.model_validate(config)
+        self.controller = controller
+        ctx = serve.get_replica_context()
+        self.replica_id = ctx.replica_id.unique_id
+        self.actor_name = ray.get_runtime_context().get_actor_name()
+        model, tok, self.model_id = await asyncio.to_thread(load_model, cfg.model, _dtype(cfg), cfg.device())
+        self.layers = PreloadedLayers(cfg.store_path(), "")
+        self.hybrid = HybridModel(model, self.layers.dsla_config())
+        self.layers.fingerprint = self.hybrid.fingerprint
+        await asyncio.to_thread(self.layers.refresh)
+        self.engine = AsyncEngine(self.hybrid, tok, EngineConfig(**cfg.engine.model_dump()))
+        self.installed: dict[int, int] = {}  # layer -> layer version of its installed DSLA module
+        self.metrics = ReplicaMetrics(self.replica_id, self.hybrid.num_layers)
+        if cfg.controller.initial_layers:
+            await self._apply(self.layers.order[:cfg.controller.initial_layers])
+        self._last_store_poll = time.monotonic()
+        self._loop_task = asyncio.get_running_loop().create_task(self._control_loop())
+        log.info("replica %s ready: %s, %d layers, store version %d, %d layers preloaded", self.replica_id,
+                 self.model_id, self.hybrid.num_layers, self.layers.store_version, len(self.layers.order))
+
+    # -- generation --------------------------------------------------------
+    async def generate(self, prompt_ids: list[int], params: dict, request_id: str):
+        """Batches of event dicts. Under load several events are waiting by the time
+        the previous batch is sent; sending them together keeps the per-message cost
+        of streaming through Ray from growing with the number of tokens."""
+        from dsla_model.engine import SamplingParams
+
+        try:
+            sp = SamplingParams(**params).validate()
+        except (TypeError, ValueError) as e:
+            yield [{"error": {"status": 400, "message": str(e)}}]
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        end = object()
+
+        async def pump():
+            try:
+                async for ev in self.engine.generate(prompt_ids, sp, request_id):
+                    queue.put_nowait(ev)
+            except ValueError as e:  # refused at admission (too long for the cache, ...)
+                queue.put_nowait(e)
+            except Exception as e:  # noqa: BLE001 - reported to the caller below
+                queue.put_nowait(e)
+            finally:
+                queue.put_nowait(end)
+
+        t0 = time.monotonic()
+        first_at = last_at = None
+        task = asyncio.get_running_loop().create_task(pump())
+        try:
+            while True:
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                batch, done = [], False
+                for item in items:
+                    if item is end:
+                        done = True
+                    elif isinstance(item, ValueError):
+                        batch.append({"error": {"status": 400, "message": str(item)}})
+                    elif isinstance(item, Exception):
+                        raise item
+                    else:
+                        if item.token_id >= 0:
+                            last_at = time.monotonic()
+                            first_at = first_at or last_at
+                        batch.append(_event(item))
+                        if item.finish_reason is not None:
+                            n = item.num_generated_tokens
+                            tpot = (last_at - first_at) / (n - 1) if first_at and n > 1 else None
+                            self.metrics.request_done(item.finish_reason, first_at and first_at - t0, tpot)
+                if batch:
+                    yield batch
+                if done:
+                    return
+        finally:
+            task.cancel()  # leaving early (client gone) aborts the engine request
+
+    # -- control -----------------------------------------------------------
+    async def _control_loop(self):
+        interval = self.cfg.controller.poll_interval_s
+        while True:
+            try:
+                await self._control_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the controller may be restarting: keep serving
+                log.warning("control loop: %s: %s", type(e).__name__, e)
+            await asyncio.sleep(interval)
+
+    async def _control_once(self):
+        now = time.monotonic()
+        if now - self._last_store_poll >= self.cfg.store_poll_interval_s:
+            self._last_store_poll = now
+            await asyncio.to_thread(self.layers.refresh)
+        stats = self.engine.stats()
+        self.metrics.update(stats, self.layers.store_version)
+        if not self.cfg.controller.enabled:
+            return
+        target = await self.controller.report.remote(self.replica_id, self.report(stats))
+        if target is not None:
+            await self._apply(target["dsla_layers"])
+
+    def report(self, stats: dict | None = None) -> dict:
+        stats = dict(stats or self.engine.stats())
+        stats.update(replica_id=self.replica_id, actor_name=self.actor_name, num_layers=self.hybrid.num_layers,
+                     loaded_layers=list(self.layers.order), loaded_store_version=self.layers.store_version,
+                     layer_errors={str(k): v for k, v in self.layers.errors.items()})
+        return stats
+
+    async def _apply(self, wanted: list[int]):
+        """Swap to `wanted` (those of them this replica holds weights for)."""
+        layers = self.layers.usable(wanted)
+        weights = self.layers.weights_for(layers, self.installed)
+        current = self.engine.stats()["dsla_layers"]
+        if sorted(layers) == sorted(current) and not weights:
+            return
+        version = self.layers.store_version
+        # set_conversion waits for the engine's current step: keep the event loop free meanwhile
+        await asyncio.to_thread(self.engine.set_conversion, layers, version, weights)
+        for i in weights:
+            self.installed[i] = self.layers.versions[i]
+        log.info("replica %s: DSLA layers %s -> %s (store version %d)", self.replica_id, current, layers, version)
+
+    async def status(self) -> dict:
+        return self.report()
+
+    def check_health(self):
+        if self.engine.engine is not None and self.engine.error is not None:
+            raise RuntimeError(f"engine failed: {self.engine.error!r}")
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
