@@ -1,15 +1,23 @@
-"""Decode attention over a paged KV pool (Triton, split-K "flash decoding").
+"""The engine's decode-step kernels over a paged KV pool (Triton).
 
-One program per (sequence, kv head, split): it reads its share of the sequence's
-KV blocks once and serves all query heads of the GQA group from them, so each KV
-byte crosses memory once per step. Splits keep the GPU busy at small batch and
-long context; a small torch epilogue merges them (log-sum-exp). Shapes are
-static given the batch, so the call can be captured in a CUDA graph; each
-program finds its own work range from the sequence's length at run time.
+  - `paged_decode_attention`: split-K ("flash decoding") attention of one query
+    token per sequence over its KV blocks. One program per (sequence, kv head,
+    split) reads its share of the blocks once and serves every query head of the
+    GQA group from them, so each KV byte crosses memory once per step. Splits keep
+    the GPU busy at small batch and long context; a second small kernel merges
+    them (log-sum-exp).
+  - `rope_and_cache_write`: RoPE on q and k, and k, v stored into each sequence's
+    current block slot: one launch instead of a dozen small ones.
+  - `add_rms_norm`: the residual add fused with the next RMSNorm (HF Llama
+    semantics: statistics in fp32, weight applied in the model dtype).
+A decode step of a 7B model is ~1500 tiny launches when written op by op; even
+inside a CUDA graph each costs ~2 us, a large share of a ~5 ms step. These three
+cut most of them. Shapes are fixed by the batch and every program finds its
+work from device-side lengths, so everything here can be captured in a graph.
 
 Layouts: q [B,Hq,D]; kv_pool [num_blocks, 2 (k, v), block_size, Hkv, D];
-table [B, max_blocks] int (block ids, row i valid up to ceil(seq_lens[i] / bs));
-seq_lens [B] int. Returns o [B,Hq,D] in q's dtype.
+table [B, max_blocks] int (block ids, valid up to ceil(seq_lens[i] / bs));
+seq_lens [B] int.
 """
 from __future__ import annotations
 
@@ -20,10 +28,10 @@ import triton.language as tl
 
 @triton.jit
 def _paged_decode_split(Q, KV, Table, Lens, Acc, M, L,
-                        s_qb, s_qh, s_kb, s_kk, s_kt, s_kh, s_tb, s_ab, s_ah, s_as,
+                        s_qb, s_qh, s_kb, s_kk, s_kt, s_kh, s_tb,
                         scale, NUM_SPLITS, HQ,
                         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                        TILE: tl.constexpr):
+                        TILE: tl.constexpr, PREC: tl.constexpr):
     b = tl.program_id(0)
     hkv = tl.program_id(1)
     split = tl.program_id(2)
@@ -47,28 +55,43 @@ def _paged_decode_split(Q, KV, Table, Lens, Acc, M, L,
         base = blk * s_kb + (pos % BS).to(tl.int64) * s_kt + hkv * s_kh
         k = tl.load(KV + base[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         v = tl.load(KV + s_kk + base[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale  # [GP, TILE] fp32
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale  # [GP, TILE] fp32
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
-    out = Acc + b * s_ab + heads[:, None] * s_ah + split * s_as + d[None, :]
-    tl.store(out, acc, mask=g[:, None] < G)
-    ml = (b * HQ + heads) * NUM_SPLITS + split  # M and L are [B, Hq, S] contiguous
-    tl.store(M + ml, m_i, mask=g < G)
-    tl.store(L + ml, l_i, mask=g < G)
+    row = (b * HQ + heads) * NUM_SPLITS + split  # Acc [B,Hq,S,D], M and L [B,Hq,S], contiguous
+    tl.store(Acc + row[:, None] * D + d[None, :], acc, mask=g[:, None] < G)
+    tl.store(M + row, m_i, mask=g < G)
+    tl.store(L + row, l_i, mask=g < G)
+
+
+@triton.jit
+def _merge_splits(Acc, M, L, O, NUM_SPLITS, SP: tl.constexpr, D: tl.constexpr):
+    r = tl.program_id(0)  # one (sequence, query head)
+    s = tl.arange(0, SP)
+    d = tl.arange(0, D)
+    ok = s < NUM_SPLITS
+    m = tl.load(M + r * NUM_SPLITS + s, mask=ok, other=float("-inf"))
+    lsum = tl.load(L + r * NUM_SPLITS + s, mask=ok, other=0.0)
+    acc = tl.load(Acc + (r * NUM_SPLITS + s)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+    w = tl.exp(m - tl.max(m, 0))  # an empty split has m = -inf: weight 0
+    w = tl.where(ok, w, 0.0)
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(lsum * w, 0)
+    tl.store(O + r * D + d, out.to(O.dtype.element_ty))
 
 
 def default_splits(batch: int, kv_heads: int, max_len: int, tile: int = 64) -> int:
-    """Enough programs to fill ~2 waves of 132 SMs, never more splits than tiles."""
+    """Enough programs for ~2 waves of 132 SMs, never more splits than tiles."""
     want = max(1, -(-264 // (batch * kv_heads)))
     return max(1, min(want, -(-max_len // tile), 64))
 
 
 def paged_decode_attention(q, kv_pool, table, seq_lens, scale, num_splits: int | None = None):
+    """q [B,Hq,D] -> o [B,Hq,D] in q's dtype."""
     B, Hq, D = q.shape
     _, two, BS, Hkv, Dk = kv_pool.shape
     assert two == 2 and Dk == D and Hq % Hkv == 0 and q.stride(2) == 1 and kv_pool.is_contiguous()
@@ -81,12 +104,83 @@ def paged_decode_attention(q, kv_pool, table, seq_lens, scale, num_splits: int |
     _paged_decode_split[(B, Hkv, S)](
         q, kv_pool, table, seq_lens, acc, m, lsum,
         q.stride(0), q.stride(1), kv_pool.stride(0), kv_pool.stride(1), kv_pool.stride(2), kv_pool.stride(3),
-        table.stride(0), acc.stride(0), acc.stride(1), acc.stride(2),
-        scale, S, Hq, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BS=BS, TILE=TILE,
-        num_warps=4, num_stages=2)
-    # merge the splits; an empty split has m = -inf and contributes nothing
-    m_max = m.amax(dim=2, keepdim=True)
-    w = torch.exp(m - m_max)  # [B,Hq,S]
-    num = (acc * w[..., None]).sum(dim=2)
-    den = (lsum * w).sum(dim=2)
-    return (num / den[..., None]).to(q.dtype)
+        table.stride(0), scale, S, Hq,
+        G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BS=BS, TILE=TILE,
+        PREC="ieee" if q.dtype == torch.float32 else None, num_warps=4, num_stages=2)  # fp32: no TF32 shortcut
+    o = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype)
+    _merge_splits[(B * Hq,)](acc, m, lsum, o, S, SP=triton.next_power_of_2(S), D=D, num_warps=2)
+    return o
+
+
+@triton.jit
+def _rope_write(Q, K, V, Cos, Sin, QO, KV, Blk, Off, s_qb, s_kb, s_cb, s_pb, s_pk, s_pt,
+                HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)  # 0..HQ-1: query heads; HQ..HQ+HKV-1: kv heads
+    half = tl.arange(0, D // 2)
+    c1 = tl.load(Cos + b * s_cb + half).to(tl.float32)
+    c2 = tl.load(Cos + b * s_cb + D // 2 + half).to(tl.float32)
+    s1 = tl.load(Sin + b * s_cb + half).to(tl.float32)
+    s2 = tl.load(Sin + b * s_cb + D // 2 + half).to(tl.float32)
+    if h < HQ:
+        src = Q + b * s_qb + h * D
+        x1 = tl.load(src + half).to(tl.float32)
+        x2 = tl.load(src + D // 2 + half).to(tl.float32)
+        dst = QO + (b * HQ + h) * D
+        tl.store(dst + half, (x1 * c1 - x2 * s1).to(QO.dtype.element_ty))
+        tl.store(dst + D // 2 + half, (x2 * c2 + x1 * s2).to(QO.dtype.element_ty))
+    else:
+        hk = h - HQ
+        src = K + b * s_kb + hk * D
+        x1 = tl.load(src + half).to(tl.float32)
+        x2 = tl.load(src + D // 2 + half).to(tl.float32)
+        blk = tl.load(Blk + b).to(tl.int64)
+        off = tl.load(Off + b).to(tl.int64)
+        dst = KV + blk * s_pb + off * s_pt + hk * D
+        tl.store(dst + half, (x1 * c1 - x2 * s1).to(KV.dtype.element_ty))
+        tl.store(dst + D // 2 + half, (x2 * c2 + x1 * s2).to(KV.dtype.element_ty))
+        d = tl.arange(0, D)
+        vv = tl.load(V + b * s_kb + hk * D + d)
+        tl.store(dst + s_pk + d, vv.to(KV.dtype.element_ty))
+
+
+def rope_and_cache_write(q, k, v, cos, sin, kv_pool, blk, off):
+    """q [B,Hq*D], k, v [B,Hkv*D] (rows contiguous); cos, sin [B,D]; writes rotated k and v
+    at (blk[b], off[b]) of the pool and returns the rotated q [B,Hq,D]."""
+    B = q.shape[0]
+    _, _, _, Hkv, D = kv_pool.shape
+    Hq = q.shape[1] // D
+    assert q.stride(1) == 1 and k.stride(1) == 1 and v.stride(1) == 1 and k.stride(0) == v.stride(0)
+    qo = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype)
+    _rope_write[(B, Hq + Hkv)](q, k, v, cos, sin, qo, kv_pool, blk, off,
+                               q.stride(0), k.stride(0), cos.stride(0),
+                               kv_pool.stride(0), kv_pool.stride(1), kv_pool.stride(2),
+                               HQ=Hq, HKV=Hkv, D=D, num_warps=1)
+    return qo
+
+
+@triton.jit
+def _add_rms_norm(X, Dx, W, XO, NO, H, eps, HAS_D: tl.constexpr, BLOCK: tl.constexpr):
+    r = tl.program_id(0)
+    c = tl.arange(0, BLOCK)
+    ok = c < H
+    x = tl.load(X + r * H + c, mask=ok, other=0.0)
+    if HAS_D:
+        x = x + tl.load(Dx + r * H + c, mask=ok, other=0.0)  # rounded to the model dtype, as HF does
+        tl.store(XO + r * H + c, x, mask=ok)
+    xf = x.to(tl.float32)
+    inv = tl.rsqrt(tl.sum(xf * xf, 0) / H + eps)
+    y = (xf * inv).to(NO.dtype.element_ty)
+    w = tl.load(W + c, mask=ok, other=0.0)
+    tl.store(NO + r * H + c, (w * y).to(NO.dtype.element_ty), mask=ok)
+
+
+def add_rms_norm(x, delta, weight, eps):
+    """(x + delta, rmsnorm(x + delta) * weight) for x, delta [B,H] contiguous; delta may be None
+    (then x is returned as is)."""
+    B, H = x.shape
+    normed = torch.empty_like(x)
+    xo = torch.empty_like(x) if delta is not None else x
+    _add_rms_norm[(B,)](x, delta if delta is not None else x, weight, xo, normed, H, eps,
+                        HAS_D=delta is not None, BLOCK=triton.next_power_of_2(H), num_warps=8)
+    return xo, normed

@@ -26,6 +26,14 @@ from dsla_model.engine.attention import attend_pieces, paged_decode
 from kernels import dsla_decode_slots, dsla_prefill
 
 
+def _have_fused_kernels() -> bool:
+    try:
+        import kernels.triton_paged_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 class ModelRunner:
     def __init__(self, hybrid, pool, max_model_len: int):
         self.hybrid = hybrid
@@ -43,6 +51,7 @@ class ModelRunner:
         self.cos, self.sin = cos[0], sin[0]  # [max_len, D]
         t = self.inner.layers[0].self_attn.teacher
         self.scale = getattr(t, "scaling", None) or self.D ** -0.5
+        self.fused_decode = self.device.type == "cuda" and _have_fused_kernels()
 
     # ---- shared layer pieces ------------------------------------------------------------
     def _qkv(self, teacher, h, cos, sin):
@@ -126,6 +135,8 @@ class ModelRunner:
     @torch.no_grad()
     def forward_decode(self, conf, ids, pos, tables, slots, num_splits=None):
         """ids, pos [B]; tables [L,B,nb]; slots [L,B] (all on device) -> logits [B,V]."""
+        if self.fused_decode:
+            return self._forward_decode_fused(conf, ids, pos, tables, slots, num_splits)
         B = ids.shape[0]
         bs = self.pool.block_size
         rows = torch.arange(B, device=ids.device)
@@ -149,3 +160,37 @@ class ModelRunner:
 
         x = self._layers(self.inner.embed_tokens(ids)[:, None], attn)
         return self.lm_head(self.inner.norm(x[:, 0]))
+
+    def _forward_decode_fused(self, conf, ids, pos, tables, slots, num_splits):
+        """The CUDA decode step with the fused kernels (residual+RMSNorm, RoPE+cache write,
+        paged attention); same math as the op-by-op form, rounded once instead of per op."""
+        from kernels.triton_paged_attention import add_rms_norm, paged_decode_attention, rope_and_cache_write
+
+        B = ids.shape[0]
+        bs = self.pool.block_size
+        rows = torch.arange(B, device=ids.device)
+        wblk = tables[:, rows, pos // bs]  # [L,B]
+        woff = pos % bs
+        lens = pos + 1
+        cos, sin = self.cos[pos], self.sin[pos]  # [B,D]
+        layers = self.inner.layers
+        ln0 = layers[0].input_layernorm
+        x, h = add_rms_norm(self.inner.embed_tokens(ids), None, ln0.weight, ln0.variance_epsilon)
+        for i, layer in enumerate(layers):
+            mod = conf.modules[i]
+            if mod is None:
+                t = layer.self_attn.teacher
+                q = rope_and_cache_write(t.q_proj(h), t.k_proj(h), t.v_proj(h), cos, sin, self.pool.kv,
+                                         wblk[i], woff)
+                o = paged_decode_attention(q, self.pool.kv, tables[i], lens, self.scale, num_splits)
+                a = t.o_proj(o.view(B, self.Hq * self.D))
+            else:
+                q, k, v, g1, g2 = mod.project(h[:, None], cos[:, None], sin[:, None])
+                o = dsla_decode_slots(q[:, 0], k[:, 0], v[:, 0], g1[:, 0], g2[:, 0], mod.mix_weights(),
+                                      self.pool.s1, self.pool.s2, slots[i], 1.0 / math.sqrt(self.D))
+                a = mod.finish(o[:, None])[:, 0]
+            ln = layer.post_attention_layernorm
+            x, h = add_rms_norm(x, a, ln.weight, ln.variance_epsilon)
+            ln = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.inner.norm
+            x, h = add_rms_norm(x, layer.mlp(h), ln.weight, ln.variance_epsilon)
+        return self.lm_head(h)

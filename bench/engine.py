@@ -1,0 +1,328 @@
+"""Decode benchmark of the engine on a Llama-2-7B-shaped model (random bf16 weights).
+
+For 0/25/50/75% of layers converted to DSLA: time per decode step and tokens/s at
+batch 1/4/16 and context 4K/16K/32K where they fit; the most 32K-context sequences
+that fit an 80 GB budget (weights + cache) and tokens/s at that occupancy. In the
+same run: HF transformers' eager forward loop and the bandwidth floor
+((weight bytes + cache bytes) / measured copy bandwidth). Sequences enter the
+cache "prefilled" with random contents (decode time does not depend on the
+values), so the run spends its time on decode steps, not on 32K-token prefills.
+
+    python bench/engine.py                 # on the GPU machine: writes bench/results/engine.{json,md}
+    python bench/engine.py --plot-only     # here: the PNG from the JSON (needs matplotlib)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import inspect
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+BUDGET = 80e9  # bytes for weights + cache, whatever the card holds
+RESERVE = 3e9  # activations, graph pools, logits, block tables
+CONTEXTS = (4096, 16384, 32768)
+BATCHES = (1, 4, 16)
+CONVERSIONS = (0.0, 0.25, 0.5, 0.75)
+STEPS, WARM = 12, 3
+
+
+DEV = "cuda"  # --cpu-smoke switches everything to a tiny model on the CPU (checks the script, not speed)
+
+
+def _sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def sync_time(fn):
+    _sync()
+    t0 = time.perf_counter()
+    fn()
+    _sync()
+    return time.perf_counter() - t0
+
+
+def copy_bandwidth(nbytes=2 << 30):
+    if DEV != "cuda":
+        a = torch.empty(nbytes >> 6, dtype=torch.uint8)
+        return 2 * a.numel() / sync_time(lambda: a.clone())
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    ts = []
+    for _ in range(10):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        b.copy_(a)
+        e1.record()
+        torch.cuda.synchronize()
+        ts.append(e0.elapsed_time(e1) / 1e3)
+    del a, b
+    return 2 * nbytes / statistics.median(ts)  # bytes read + written per second
+
+
+def build_model(max_len):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=max_len, rms_norm_eps=1e-5,
+                      tie_word_embeddings=False)
+    dtype = torch.bfloat16
+    if DEV != "cuda":
+        cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                          num_key_value_heads=4, vocab_size=512, max_position_embeddings=max_len)
+        dtype = torch.float32
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+def hf_step_time(model, batch, ctx):
+    """HF's eager loop with DynamicCache: median seconds per decode step."""
+    from transformers import DynamicCache
+
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    ids = torch.randint(0, model.config.vocab_size, (batch, ctx), device=DEV)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        ts = []
+        for _ in range(WARM + 8):
+            def one():
+                nonlocal nxt
+                o = model(input_ids=nxt, use_cache=True, logits_to_keep=1, **{kw: cache})
+                nxt = o.logits[:, -1].argmax(-1, keepdim=True)
+            ts.append(sync_time(one))
+    del cache, out
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+    return statistics.median(ts[WARM:])
+
+
+def add_prefilled(eng, batch, ctx, gen):
+    """Put `batch` sequences of `ctx` tokens straight into the running set."""
+    from dsla_model.engine import SamplingParams
+    from dsla_model.engine.seq_cache import SeqCache
+
+    for _ in range(batch):
+        prompt = torch.randint(0, eng.vocab_size, (ctx,)).tolist()
+        rid = eng.add_request(prompt, SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True))
+        r = eng.requests[rid]
+        eng.scheduler.waiting.remove(r)
+        r.cache = SeqCache(eng.pool, r.conf, r.max_len)
+        r.num_computed = ctx
+        r.tokens.append(0)
+        eng.scheduler.running.append(r)
+
+
+def engine_step_time(eng, batch, ctx):
+    add_prefilled(eng, batch, ctx, WARM + STEPS + 2)
+    for _ in range(WARM):
+        eng.step()
+    ts = [sync_time(eng.step) for _ in range(STEPS)]
+    for rid in list(eng.requests):
+        eng.abort(rid)
+    eng.step()
+    return statistics.median(ts)
+
+
+def step_bytes(weight_bytes, hyb, n_dsla, batch, ctx):
+    """What one decode step must move: every weight once, each attention layer's KV once,
+    each DSLA state pair read and written once."""
+    kv_per_token_layer = 2 * hyb.num_kv_heads * hyb.head_dim * 2
+    pair = 2 * hyb.num_kv_heads * hyb.head_dim ** 2 * 4
+    n_attn = hyb.num_layers - n_dsla
+    return weight_bytes + batch * (n_attn * ctx * kv_per_token_layer + n_dsla * 2 * pair)
+
+
+def run(args):
+    from dsla_model.engine import Engine, EngineConfig
+    from dsla_model.hybrid import HybridModel
+
+    res = {"card": torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke run)", "command": "python " + " ".join(sys.argv),
+           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "torch": torch.__version__, "budget_bytes": BUDGET}
+    import transformers
+    res["transformers"] = transformers.__version__
+    try:
+        import triton
+        res["triton"] = triton.__version__
+    except ImportError:
+        res["triton"] = None
+    bw = copy_bandwidth()
+    res["copy_bandwidth_Bps"] = bw
+    print(f"{res['card']}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    max_len = max(CONTEXTS) + 64
+    model = build_model(max_len)
+    res["hf"] = []
+    c0, c1 = CONTEXTS[0], CONTEXTS[1]
+    for batch, ctx in ([(1, c0)] if args.quick else [(1, c0), (4, c1), (16, c0)]):
+        try:
+            t = hf_step_time(model, batch, ctx)
+            res["hf"].append({"batch": batch, "context": ctx, "step_ms": t * 1e3, "tokens_per_s": batch / t})
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            res["hf"].append({"batch": batch, "context": ctx, "step_ms": None, "error": "out of memory"})
+        print("hf", res["hf"][-1], flush=True)
+
+    hyb = HybridModel(model)
+    for layer in range(hyb.num_layers):  # create every DSLA module now, so the budget counts them
+        hyb.convert(layer)
+    hyb.set_dsla_layers([])
+    weight_bytes = sum(p.numel() * p.element_size() for p in hyb.parameters())
+    embed = hyb.model.model.embed_tokens.weight
+    read_bytes = weight_bytes - embed.numel() * embed.element_size()  # a step reads B rows of the embedding
+    res["weight_bytes"] = weight_bytes
+    cache_budget = int(BUDGET - weight_bytes - RESERVE)
+    eng = Engine(hyb, None, EngineConfig(max_running=64, max_batched_tokens=4096, max_model_len=max_len,
+                                         cache_memory_bytes=cache_budget))
+    eng.pool.kv.normal_()  # finite random KV everywhere (state pairs are zeroed when handed out)
+    res["cache_budget_bytes"] = eng.pool.budget_bytes
+    res["decode"], res["max_occupancy"] = [], []
+    for conv in ((0.0, 0.75) if args.quick else CONVERSIONS):
+        n = round(conv * hyb.num_layers)
+        t0 = time.perf_counter()
+        eng.set_conversion(list(range(n)))
+        swap_s = time.perf_counter() - t0
+        grid = [(1, c0), (4, c1)] if args.quick else [(b, c) for c in CONTEXTS for b in BATCHES]
+        for batch, ctx in grid:
+            if eng.capacity(ctx + WARM + STEPS + 2) < batch:
+                res["decode"].append({"conversion": conv, "batch": batch, "context": ctx, "fits": False})
+                continue
+            t = engine_step_time(eng, batch, ctx)
+            floor = step_bytes(read_bytes, hyb, n, batch, ctx) / bw
+            res["decode"].append({"conversion": conv, "dsla_layers": n, "batch": batch, "context": ctx, "fits": True,
+                                  "step_ms": t * 1e3, "tokens_per_s": batch / t, "floor_ms": floor * 1e3,
+                                  "x_floor": t / floor})
+            print(res["decode"][-1], flush=True)
+        ctx = max(CONTEXTS)
+        cap = min(eng.capacity(ctx + WARM + STEPS + 2), 64)
+        if cap >= 1 and (not args.quick or conv in (0.0, 0.75)):
+            t = engine_step_time(eng, cap, ctx)
+            floor = step_bytes(read_bytes, hyb, n, cap, ctx) / bw
+            res["max_occupancy"].append({"conversion": conv, "dsla_layers": n, "context": ctx, "seqs": cap,
+                                         "step_ms": t * 1e3, "tokens_per_s": cap / t, "floor_ms": floor * 1e3,
+                                         "swap_ms": swap_s * 1e3})
+            print(res["max_occupancy"][-1], flush=True)
+    res["graph_captures"] = eng.graphs.captures if eng.graphs else 0
+    res["targets"] = targets(res)
+    return res
+
+
+def _find(rows, **kw):
+    for r in rows:
+        if all(r.get(k) == v for k, v in kw.items()) and r.get("step_ms"):
+            return r
+    return None
+
+
+def targets(res):
+    out = {}
+    r = _find(res["decode"], conversion=0.0, batch=1, context=CONTEXTS[0])
+    if r:
+        out["b1_4k_all_attention_x_floor"] = {"value": r["x_floor"], "target": "<= 1.5", "met": r["x_floor"] <= 1.5}
+    mid = CONTEXTS[1]
+    a, c = _find(res["decode"], conversion=0.0, batch=4, context=mid), _find(res["decode"], conversion=0.75, batch=4,
+                                                                              context=mid)
+    if a and c:
+        v = a["step_ms"] / c["step_ms"]
+        out["b4_16k_75pct_speedup_per_step"] = {"value": v, "target": ">= 2", "met": v >= 2}
+    a, c = _find(res["max_occupancy"], conversion=0.0), _find(res["max_occupancy"], conversion=0.75)
+    if a and c:
+        v = c["tokens_per_s"] / a["tokens_per_s"]
+        out["max_occupancy_32k_75pct_tokens_per_s_ratio"] = {"value": v, "target": ">= 3", "met": v >= 3}
+    return out
+
+
+def write_md(res, path):
+    L = [f"# Engine decode benchmark\n", f"Card: **{res['card']}**; {res['date']}; torch {res['torch']}, "
+         f"transformers {res['transformers']}, triton {res['triton']}.  ",
+         f"Command: `{res['command']}`.  ",
+         f"Llama-2-7B shape, random bf16 weights ({res['weight_bytes'] / 1e9:.2f} GB incl. all DSLA modules); "
+         f"budget {res['budget_bytes'] / 1e9:.0f} GB = weights + {res['cache_budget_bytes'] / 1e9:.1f} GB cache pool "
+         f"+ reserve. Copy bandwidth (read + write) {res['copy_bandwidth_Bps'] / 1e12:.2f} TB/s. "
+         f"Each time is the median of {STEPS} engine steps (CUDA graphs, wall clock, sampling included).\n",
+         "## Targets\n", "| target | value | goal | met |", "| --- | --- | --- | --- |"]
+    for k, t in res["targets"].items():
+        L.append(f"| {k} | {t['value']:.2f} | {t['target']} | {'yes' if t['met'] else 'no'} |")
+    L += ["\n## Decode step\n", "| conversion | batch | context | step ms | tokens/s | floor ms | x floor |",
+          "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in res["decode"]:
+        if r["fits"]:
+            L.append(f"| {r['conversion']:.0%} | {r['batch']} | {r['context']} | {r['step_ms']:.2f} | "
+                     f"{r['tokens_per_s']:.0f} | {r['floor_ms']:.2f} | {r['x_floor']:.2f} |")
+        else:
+            L.append(f"| {r['conversion']:.0%} | {r['batch']} | {r['context']} | does not fit | | | |")
+    L += ["\n## Most 32K-context sequences in the budget\n",
+          "| conversion | sequences | step ms | tokens/s | floor ms | swap ms |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in res["max_occupancy"]:
+        L.append(f"| {r['conversion']:.0%} | {r['seqs']} | {r['step_ms']:.2f} | {r['tokens_per_s']:.0f} | "
+                 f"{r['floor_ms']:.2f} | {r['swap_ms']:.1f} |")
+    L += ["\n## HF transformers eager loop (DynamicCache, same model, same run)\n",
+          "| batch | context | step ms | tokens/s |", "| --- | --- | --- | --- |"]
+    for r in res["hf"]:
+        if r.get("step_ms"):
+            L.append(f"| {r['batch']} | {r['context']} | {r['step_ms']:.2f} | {r['tokens_per_s']:.1f} |")
+        else:
+            L.append(f"| {r['batch']} | {r['context']} | {r.get('error')} | |")
+    open(path, "w").write("\n".join(L) + "\n")
+
+
+def plot(res, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for batch, ctx in [(1, 4096), (4, 16384), (16, 4096), (4, 32768), (1, 64), (4, 128)]:
+        rows = [r for r in res["decode"] if r["batch"] == batch and r["context"] == ctx and r["fits"]]
+        if rows:
+            axes[0].plot([r["conversion"] * 100 for r in rows], [r["step_ms"] for r in rows], "o-",
+                         label=f"B={batch}, {ctx // 1024}K")
+    axes[0].set(xlabel="layers converted (%)", ylabel="ms per decode step", title="Decode step time")
+    axes[0].legend()
+    occ = res["max_occupancy"]
+    axes[1].bar([f"{r['conversion']:.0%}\n{r['seqs']} seqs" for r in occ], [r["tokens_per_s"] for r in occ])
+    axes[1].set(ylabel="tokens/s", title=f"Max 32K-context occupancy in {res['budget_bytes'] / 1e9:.0f} GB")
+    fig.suptitle(f"DSLA-Serve engine, Llama-2-7B shape, {res['card']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--quick", action="store_true", help="a few configurations only (a smoke run)")
+    ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU: checks the script runs")
+    args = ap.parse_args()
+    if args.cpu_smoke:
+        global DEV, BUDGET, RESERVE, CONTEXTS, BATCHES, STEPS
+        DEV, BUDGET, RESERVE, CONTEXTS, BATCHES, STEPS = "cpu", 40e6, 0, (64, 128, 256), (1, 4, 16), 3
+    os.makedirs(args.out, exist_ok=True)
+    jpath = os.path.join(args.out, "engine.json")
+    if not args.plot_only:
+        res = run(args)
+        json.dump(res, open(jpath, "w"), indent=1)
+        write_md(res, os.path.join(args.out, "engine.md"))
+        print(json.dumps(res["targets"], indent=1))
+    res = json.load(open(jpath))
+    try:
+        plot(res, os.path.join(args.out, "engine.png"))
+    except ImportError:
+        print("matplotlib missing: run with --plot-only where it is installed")
+
+
+if __name__ == "__main__":
+    main()
