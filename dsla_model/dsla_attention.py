@@ -28,6 +28,9 @@ class DSLAConfig:
     history_bias: tuple = (3.0, 7.0)  # per-dim bias range: half-lives of ~200 to ~10k tokens
     recency_bias: tuple = (-4.0, 0.0)  # half-lives of ~3 to ~16 tokens
     chunk_size: int = 32
+    # A learned constant added to the output. Softmax heads that park on a sink token emit a
+    # near-constant vector that an unnormalised linear state cannot produce; a bias can.
+    output_bias: bool = False
 
     def to_dict(self):
         return asdict(self)
@@ -87,6 +90,7 @@ class DSLAAttention(nn.Module):
             })
         else:
             self.deltas = None
+        self.out_bias = nn.Parameter(torch.zeros(hidden_size)) if cfg.output_bias else None
 
     @property
     def teacher(self):
@@ -125,6 +129,8 @@ class DSLAAttention(nn.Module):
         y = self.teacher.o_proj(o)
         if self.deltas is not None:
             y = y + self.deltas["o"](o)
+        if self.out_bias is not None:
+            y = y + self.out_bias.to(y.dtype)
         return y
 
     def forward(self, x, cos, sin, s1=None, s2=None):

@@ -1,0 +1,158 @@
+"""Distillation subcommands: `distill` (fill a layer store) and `eval` (quality vs the teacher)."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from deploy.cli import CLIError
+
+
+def _positive(name, value):
+    if value is not None and value < 1:
+        raise CLIError(f"{name} must be >= 1, got {value}")
+
+
+def cmd_distill(args) -> int:
+    from dsla_model.layer_store import LayerStoreError
+    from dsla_model.loading import ModelNotFoundError
+
+    _positive("--layers", args.layers)
+    _positive("--tokens-per-layer", args.tokens_per_layer)
+    _positive("--train-blocks", args.train_blocks)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    kwargs = dict(model=args.model, store=args.store, layers=args.layers, tokens_per_layer=args.tokens_per_layer,
+                  train_blocks=args.train_blocks, order=args.order, seed=args.seed, gate_rank=args.gate_rank,
+                  delta_rank=args.delta_rank, output_bias=None if not args.no_output_bias else False,
+                  one_state=args.one_state)
+    try:
+        if args.ray:
+            return _distill_ray(args, kwargs)
+        from distill_workers.runner import build_distiller
+
+        distiller = build_distiller(**kwargs)
+        todo = distiller.todo()
+        print(f"distilling {len(todo)} layer(s) {todo} into {args.store}", file=sys.stderr)
+        published = distiller.run(show_progress=not args.quiet)
+    except (LayerStoreError, ModelNotFoundError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    print(json.dumps({"store": args.store, "published_now": published,
+                      "published": distiller.store.published_layers()}))
+    return 0
+
+
+def _distill_ray(args, kwargs) -> int:
+    import ray
+
+    from distill_workers.worker import DistillWorker
+
+    ray.init(ignore_reinit_error=True, log_to_driver=False)
+    worker = DistillWorker.remote(threads=args.threads, **kwargs)
+    last = None
+    while True:
+        done = ray.get(worker.wait.remote(5.0))
+        st = ray.get(worker.status.remote())
+        line = (f"layer {st['layer']} {st['state']} step {st['step']}/{st['steps']} "
+                f"loss {st['loss'] if st['loss'] is None else round(st['loss'], 4)} eta {st['eta_s']}s")
+        if line != last:
+            print(line, file=sys.stderr)
+            last = line
+        if st.get("error"):
+            raise CLIError(f"distill worker failed:\n{st['error']}")
+        if done:
+            break
+    print(json.dumps({"store": args.store, "published": st["published"]}))
+    return 0
+
+
+def _parse_conversions(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CLIError(f"--conversion takes comma-separated ratios in [0, 1], got {text!r}") from None
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise CLIError(f"--conversion takes comma-separated ratios in [0, 1], got {text!r}")
+    return values
+
+
+def cmd_eval(args) -> int:
+    import os
+
+    from deploy.commands_model import load_hybrid
+    from dsla_model.evaluation import evaluate_conversions, text_blocks
+    from dsla_model.layer_store import LayerStore, LayerStoreError, shipped_store
+
+    conversions = _parse_conversions(args.conversion)
+    _positive("--blocks", args.blocks)
+    if args.text_file and not os.path.isfile(args.text_file):
+        raise CLIError(f"--text-file {args.text_file}: no such file")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    hybrid, tok, model_id = load_hybrid(args.model)
+    store_path = args.store or shipped_store(hybrid.fingerprint)
+    if store_path is None:
+        raise CLIError("no --store given and no shipped layer store for this model")
+    store = LayerStore(store_path)
+    try:
+        manifest = store.read_manifest()
+        order = manifest["order"]
+        need = {c: set(sorted(order[:round(c * len(order))])) for c in conversions}
+        missing = {c: sorted(n - set(store.published_layers())) for c, n in need.items()}
+        missing = {c: m for c, m in missing.items() if m}
+        if missing:
+            raise CLIError(f"store {store_path} lacks layers for conversion(s) "
+                           + "; ".join(f"{c}: {m}" for c, m in missing.items()))
+        blocks = text_blocks(tok, 512, args.blocks, args.text_file)
+        log = (lambda r: print(json.dumps(r), file=sys.stderr)) if not args.json else None
+        results = evaluate_conversions(hybrid, tok, conversions, order, store.apply, blocks,
+                                       passkey=args.passkey, passkey_trials=args.passkey_trials, log=log)
+    except (LayerStoreError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    meta = {"model": model_id, "store": str(store_path), "store_version": manifest["version"],
+            "text": args.text_file or "corpus validation split", "blocks": int(blocks.shape[0]),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if args.out_dir:
+        from dsla_model.eval_report import write_report
+
+        paths = write_report(results, meta, args.out_dir, args.name)
+        print(f"wrote {', '.join(paths)}", file=sys.stderr)
+    print(json.dumps(results, indent=None if args.json else 1))
+    return 0
+
+
+def add_parsers(sub):
+    p = sub.add_parser("distill", help="distil DSLA layers into a layer store (chained, in sensitivity order)")
+    p.add_argument("--model", default="default", help="'default', an HF model directory or a hub id")
+    p.add_argument("--store", required=True, help="layer store directory (created if missing; resumed if not)")
+    p.add_argument("--layers", type=int, default=None, help="distil the first N layers of the order (default: all)")
+    p.add_argument("--tokens-per-layer", type=int, default=None, help="training tokens per layer")
+    p.add_argument("--train-blocks", type=int, default=None, help="cached 512-token training blocks per layer")
+    p.add_argument("--order", choices=["sensitivity", "reverse", "random"], default="sensitivity")
+    p.add_argument("--gate-rank", type=int, default=None)
+    p.add_argument("--delta-rank", type=int, default=None)
+    p.add_argument("--no-output-bias", action="store_true")
+    p.add_argument("--one-state", action="store_true", help="ablation: a single (GLA-like) state")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--ray", action="store_true", help="run in a DistillWorker Ray actor")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_distill)
+
+    p = sub.add_parser("eval", help="perplexity ratio, agreement, KL (and passkey) against the teacher")
+    p.add_argument("--model", default="default", help="'default', an HF model directory or a hub id")
+    p.add_argument("--store", default=None, help="layer store (default: the one shipped for the default model)")
+    p.add_argument("--conversion", default="0,0.25,0.5,0.75", help="comma-separated conversion ratios")
+    p.add_argument("--text-file", default=None, help="evaluate on 512-token blocks of this file")
+    p.add_argument("--blocks", type=int, default=8, help="number of 512-token blocks")
+    p.add_argument("--passkey", action="store_true", help="also passkey retrieval at 512/1024/2048 tokens")
+    p.add_argument("--passkey-trials", type=int, default=4)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out-dir", default="docs/results", help="where the PNG and markdown go ('' for nowhere)")
+    p.add_argument("--name", default="eval", help="file name stem of the report")
+    p.add_argument("--json", action="store_true", help="one-line JSON output")
+    p.set_defaults(handler=cmd_eval)

@@ -1,0 +1,139 @@
+"""Ablations on a CPU budget: layer order, one state vs two, gate rank.
+
+Chained distillation of every variant (three orders x 15 layers, plus configs) costs hours
+on a 2-core machine, so the ablations distil layers *independently*: each layer on the
+teacher's own inputs, all captured by one teacher forward. The order ablation then
+compares orders on the same set of layers, so only the choice of layers differs; config
+ablations distil the same layers (the first 25% of the sensitivity order) with each config
+and the same token budget. Absolute numbers are worse than the chained store's (errors
+compound unseen); the comparisons are what this measures.
+
+    python -m distill_workers.ablation --out docs/results/ablations --tokens-per-layer 7680
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from distill_workers.layer_data import LayerData
+from distill_workers.runner import DEFAULT_DSLA, layer_order
+from distill_workers.trainer import DistillConfig, distill_layer, freeze_teacher, training_blocks
+
+
+@torch.no_grad()
+def capture_all_layers(hybrid, blocks: torch.Tensor, layers) -> dict[int, LayerData]:
+    """Inputs and outputs of every listed layer's (teacher) attention in one forward per block."""
+    got: dict[int, dict] = {i: {"x": [], "y": []} for i in layers}
+    pe = {}
+    hooks = []
+    for i in layers:
+        sw = hybrid.attention(i)
+
+        def pre(_m, args, kwargs, i=i):
+            got[i]["x"].append((kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).clone())
+            pe["cos"], pe["sin"] = kwargs["position_embeddings"]
+
+        def post(_m, _a, _k, out, i=i):
+            got[i]["y"].append(out[0].clone())
+
+        hooks += [sw.register_forward_pre_hook(pre, with_kwargs=True), sw.register_forward_hook(post, with_kwargs=True)]
+    saved = hybrid.dsla_layers
+    hybrid.set_dsla_layers([])
+    try:
+        for b in range(blocks.shape[0]):
+            hybrid(blocks[b:b + 1])
+    finally:
+        for h in hooks:
+            h.remove()
+        hybrid.set_dsla_layers(saved)
+    return {i: LayerData(torch.cat(g["x"]), torch.cat(g["y"]), pe["cos"][:1], pe["sin"][:1]) for i, g in got.items()}
+
+
+def main(argv=None) -> int:
+    from dsla_model.dsla_attention import DSLAConfig
+    from dsla_model.evaluation import TeacherReference, text_blocks
+    from dsla_model.hybrid import HybridModel
+    from dsla_model.loading import load_model
+    from dsla_model.order_cache import cached_order, layers_for_conversion
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="docs/results/ablations")
+    ap.add_argument("--tokens-per-layer", type=int, default=7680)
+    ap.add_argument("--train-blocks", type=int, default=5)
+    ap.add_argument("--eval-blocks", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--gate-ranks", default="4,64")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    hf, tok, model_id = load_model("default")
+    hybrid = HybridModel(hf, DSLAConfig(**DEFAULT_DSLA))
+    freeze_teacher(hybrid)
+    sens = cached_order(hybrid, tok)[0]
+    n = hybrid.num_layers
+    cfg = DistillConfig(tokens_per_layer=args.tokens_per_layer, train_blocks=args.train_blocks)
+    data = capture_all_layers(hybrid, training_blocks(tok, cfg), range(n))
+    ref = TeacherReference(hybrid, text_blocks(tok, 512, args.eval_blocks))
+    log = lambda *a: print(time.strftime("%H:%M:%S"), *a, file=sys.stderr, flush=True)
+
+    def distil(layers, dsla: DSLAConfig, one_state=False) -> dict[int, object]:
+        c = DistillConfig(**{**cfg.to_dict(), "one_state": one_state})
+        mods = {}
+        for i in layers:
+            mods[i], met = distill_layer(hybrid, i, data[i], c, dsla)
+            log(f"layer {i} {dsla} one_state={one_state}: rel_mse {met['rel_mse_init']} -> {met['rel_mse']}")
+        return mods
+
+    def score(mods, layers) -> dict:
+        hybrid.set_dsla_layers([])
+        for i in layers:
+            hybrid.install(i, mods[i])
+            hybrid.convert(i)
+        m = ref.score(hybrid)
+        hybrid.set_dsla_layers([])
+        return {"ppl": round(m["ppl"], 4), "ppl_ratio": round(m["ppl"] / ref.metrics["ppl"], 4),
+                "top1_agreement": round(m["top1_agreement"], 4), "kl": round(m["kl"], 5)}
+
+    results = {"meta": {"model": model_id, "tokens_per_layer": cfg.tokens_per_layer, "train_blocks": cfg.train_blocks,
+                        "eval_blocks": args.eval_blocks, "teacher_ppl": round(ref.metrics["ppl"], 4),
+                        "mode": "independent per-layer distillation on teacher inputs"}, "order": [], "config": []}
+    out_json = f"{args.out}.json"
+
+    def save():
+        with open(out_json, "w") as f:
+            json.dump(results, f, indent=1)
+
+    base = DSLAConfig(**DEFAULT_DSLA)
+    quarter = layers_for_conversion(sens, 0.25)
+    # 1) configs on the first 25% of the sensitivity order (cheapest, most informative first)
+    mods_base = distil(quarter, base)
+    results["config"].append({"variant": f"DSLA (2 states), gate rank {base.gate_rank}", **score(mods_base, quarter)})
+    save()
+    mods_one = distil(quarter, base, one_state=True)
+    results["config"].append({"variant": "one state (GLA-like)", **score(mods_one, quarter)})
+    save()
+    for r in [int(x) for x in args.gate_ranks.split(",") if x]:
+        d = DSLAConfig(**{**DEFAULT_DSLA, "gate_rank": r})
+        results["config"].append({"variant": f"DSLA, gate rank {r}", **score(distil(quarter, d), quarter)})
+        save()
+    # 2) orders: every layer distilled once, orders differ only in which layers they pick
+    all_mods = dict(mods_base)
+    all_mods.update(distil([i for i in range(n) if i not in all_mods], base))
+    for kind in ("sensitivity", "reverse", "random"):
+        order = layer_order(kind, sens, seed=0)
+        for ratio in (0.25, 0.5):
+            layers = layers_for_conversion(order, ratio)
+            results["order"].append({"order": kind, "conversion": ratio, "dsla_layers": layers,
+                                     **score(all_mods, layers)})
+            save()
+            log(results["order"][-1])
+    save()
+    print(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Build a ready-to-run `ChainedDistiller` from plain arguments (CLI, Ray actor, tests)."""
+from __future__ import annotations
+
+import random
+
+from dsla_model.dsla_attention import DSLAConfig
+from distill_workers.trainer import ChainedDistiller, DistillConfig
+
+ORDERS = ("sensitivity", "reverse", "random")
+# What distillation uses unless told otherwise (measured on SmolLM2, see docs/results):
+# low-rank q/k/v/o corrections and an output bias fit the teacher far better than gates alone.
+DEFAULT_DSLA = {"gate_rank": 16, "delta_rank": 8, "output_bias": True}
+
+
+def layer_order(kind: str, sensitivity: list[int], seed: int = 0) -> list[int]:
+    if kind == "sensitivity":
+        return list(sensitivity)
+    if kind == "reverse":
+        return list(reversed(sensitivity))
+    if kind == "random":
+        order = list(sensitivity)
+        random.Random(seed).shuffle(order)
+        return order
+    raise ValueError(f"unknown order {kind!r}: one of {', '.join(ORDERS)}")
+
+
+def build_distiller(model: str = "default", store: str = "", layers: int | None = None,
+                    tokens_per_layer: int | None = None, train_blocks: int | None = None,
+                    block_size: int | None = None, order: str = "sensitivity", seed: int = 0,
+                    gate_rank: int | None = None, delta_rank: int | None = None,
+                    output_bias: bool | None = None, one_state: bool = False, lr: float | None = None,
+                    loaded=None) -> ChainedDistiller:
+    """`loaded` = (model, tokenizer, model_id) skips loading (tests, repeated runs)."""
+    from dsla_model.hybrid import HybridModel
+    from dsla_model.layer_store import LayerStore
+    from dsla_model.loading import load_model
+    from dsla_model.order_cache import cached_order
+
+    hf, tok, model_id = loaded if loaded is not None else load_model(model)
+    dsla = dict(DEFAULT_DSLA)
+    for key, value in (("gate_rank", gate_rank), ("delta_rank", delta_rank), ("output_bias", output_bias)):
+        if value is not None:
+            dsla[key] = value
+    dsla_config = DSLAConfig(**dsla)
+    hybrid = HybridModel(hf, dsla_config)
+    st = LayerStore(store)
+    if st.exists():
+        layer_seq = st.read_manifest()["order"]  # a resumed run keeps the order it started with
+    else:
+        layer_seq = layer_order(order, cached_order(hybrid, tok)[0], seed)
+    cfg = DistillConfig(seed=seed, one_state=one_state)
+    for key, value in (("tokens_per_layer", tokens_per_layer), ("train_blocks", train_blocks),
+                       ("block_size", block_size), ("lr", lr)):
+        if value is not None:
+            setattr(cfg, key, value)
+    return ChainedDistiller(hybrid, tok, model_id, st, layer_seq, cfg, dsla_config, layers)

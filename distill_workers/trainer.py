@@ -1,0 +1,197 @@
+"""Chained layer distillation (plain torch; the Ray actor in worker.py drives it).
+
+For each layer l in the sensitivity order: capture layer l's inputs under the current
+hybrid (every earlier layer already DSLA and frozen) and the teacher attention's output
+on them, initialise a fresh DSLA layer from data, train only its parameters on the
+relative MSE of the attention output, publish it, and convert it before going on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from distill_workers.init import init_scales
+from distill_workers.layer_data import LayerData, capture_layer
+
+ONE_STATE_ALPHA = 30.0  # softmax([-30, 30]) = (1e-26, 1): only the recency state speaks
+
+
+@dataclass
+class DistillConfig:
+    tokens_per_layer: int = 49152  # training tokens seen per layer (steps x block_size)
+    train_blocks: int = 12         # cached blocks per layer (one held out for the metric)
+    block_size: int = 512
+    lr: float = 1e-2
+    train_chunk_size: int = 16     # same math as the serving chunk size, faster on CPU
+    one_state: bool = False        # ablation: GLA-like, a single (recency) state
+    seed: int = 0
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def relative_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE over the target's mean square: comparable across layers of any scale."""
+    return (out.float() - target.float()).pow(2).mean() / target.float().pow(2).mean().clamp_min(1e-12)
+
+
+@torch.no_grad()
+def evaluate_module(module, data: LayerData, blocks) -> float:
+    losses = []
+    for i in blocks:
+        out, _, _ = module(data.x[i:i + 1], data.cos, data.sin)
+        losses.append(relative_mse(out, data.y[i:i + 1]).item())
+    return sum(losses) / max(1, len(losses))
+
+
+def _lr_at(step: int, steps: int, lr: float) -> float:
+    warm = max(1, steps // 5)  # Adam moves every weight by ~lr at once: ease off the least-squares init
+    if step < warm:
+        return lr * (step + 1) / warm
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
+def distill_layer(hybrid, layer: int, data: LayerData, cfg: DistillConfig, dsla_config=None,
+                  progress=None):
+    """Train a fresh DSLA module for `layer` on `data`; returns (module, metrics).
+
+    `progress(step, steps, loss, tokens_per_s)` is called after every step; if it returns
+    True the training stops early (the caller is shutting down)."""
+    torch.manual_seed(cfg.seed + layer)
+    module = hybrid.new_dsla_module(layer, dsla_config=dsla_config)
+    serve_cfg = module.cfg
+    module.cfg = dataclasses.replace(serve_cfg, chunk_size=cfg.train_chunk_size)
+    n = data.num_blocks
+    held_out = [n - 1] if n > 1 else [0]
+    train = list(range(n - 1)) if n > 1 else [0]
+    init_blocks = train[:2]
+    fit = init_scales(module, data.x[init_blocks], data.y[init_blocks], data.cos, data.sin)
+    if cfg.one_state:
+        with torch.no_grad():
+            module.alpha.copy_(torch.tensor([-ONE_STATE_ALPHA, ONE_STATE_ALPHA]))
+        module.alpha.requires_grad_(False)
+    rel_init = evaluate_module(module, data, held_out)
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    steps = max(1, cfg.tokens_per_layer // data.x.shape[1])
+    rng = random.Random(cfg.seed * 1000 + layer)
+    order: list[int] = []
+    t0, loss_ema = time.time(), None
+    for step in range(steps):
+        if not order:
+            order = train[:]
+            rng.shuffle(order)
+        i = order.pop()
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, steps, cfg.lr)
+        out, _, _ = module(data.x[i:i + 1], data.cos, data.sin)
+        loss = relative_mse(out, data.y[i:i + 1])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        loss_ema = loss.item() if loss_ema is None else 0.9 * loss_ema + 0.1 * loss.item()
+        if progress is not None:
+            tps = (step + 1) * data.x.shape[1] / max(1e-9, time.time() - t0)
+            if progress(step + 1, steps, loss_ema, tps):
+                break
+    module.cfg = serve_cfg
+    module.requires_grad_(False)
+    metrics = {"rel_mse_init": round(rel_init, 5), "rel_mse": round(evaluate_module(module, data, held_out), 5),
+               "train_loss": round(loss_ema, 5), "steps": step + 1, "tokens": (step + 1) * data.x.shape[1],
+               "seconds": round(time.time() - t0, 1), "history_weight": round(module.mix_weights()[0].item(), 5),
+               "init_fit": {str(k): round(v, 5) for k, v in fit.items()}}
+    return module, metrics
+
+
+def training_blocks(tokenizer, cfg: DistillConfig, stride: int = 5) -> torch.Tensor:
+    """`train_blocks` blocks spread over the training split (every `stride`-th block)."""
+    from dsla_model.corpus import token_blocks
+
+    blocks = token_blocks(tokenizer, "train", cfg.block_size, cfg.train_blocks * stride)
+    picked = blocks[::stride][:cfg.train_blocks]
+    if not picked:
+        raise ValueError("the training split holds no block of that size")
+    return torch.tensor(picked)
+
+
+def freeze_teacher(hybrid):
+    """No teacher weight ever needs a gradient: skipping them is most of the backward's cost."""
+    for p in hybrid.model.parameters():
+        p.requires_grad_(False)
+
+
+class ChainedDistiller:
+    """Distils `order[:num_layers]` into `store`, resuming after what is already published."""
+
+    def __init__(self, hybrid, tokenizer, model_id: str, store, order, cfg: DistillConfig,
+                 dsla_config=None, num_layers: int | None = None, blocks: torch.Tensor | None = None):
+        self.hybrid, self.tok, self.store, self.cfg = hybrid, tokenizer, store, cfg
+        self.blocks = blocks  # training token blocks; None = from the corpus' training split
+        self.dsla_config = dsla_config or hybrid.dsla_config
+        self.order = list(order)
+        self.num_layers = len(self.order) if num_layers is None else min(num_layers, len(self.order))
+        store.init(model_id, hybrid.fingerprint, self.order, self.dsla_config)
+        store.remove_stale_temporaries()
+        self.status = {"state": "idle", "layer": None, "step": 0, "steps": 0, "loss": None,
+                       "published": store.published_layers(), "eta_s": None}
+        self._stop = False
+        self._bar = None
+
+    def todo(self) -> list[int]:
+        done = set(self.store.published_layers())
+        return [l for l in self.order[:self.num_layers] if l not in done]
+
+    def stop(self):
+        self._stop = True
+
+    def _progress(self, step, steps, loss, tps):
+        s = self.status
+        s.update(step=step, steps=steps, loss=loss, tokens_per_s=round(tps, 1))
+        per_layer = steps * self.cfg.block_size / max(tps, 1e-9)
+        s["eta_s"] = round((steps - step) * self.cfg.block_size / max(tps, 1e-9)
+                           + per_layer * max(0, len(self.todo()) - 1))
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
+            self._bar.refresh()
+        return self._stop
+
+    def run(self, show_progress: bool = False) -> list[int]:
+        """Distil every remaining layer; returns the layers published by this call."""
+        freeze_teacher(self.hybrid)
+        # the chain continues from the store: earlier layers are DSLA with their stored weights
+        self.store.apply(self.hybrid, self.store.published_layers())
+        blocks = self.blocks if self.blocks is not None else training_blocks(self.tok, self.cfg)
+        published = []
+        for layer in self.todo():
+            if self._stop:
+                break
+            self.status.update(state="capturing", layer=layer, step=0, loss=None)
+            data = capture_layer(self.hybrid, layer, blocks)
+            self.status["state"] = "training"
+            self._bar = None
+            if show_progress:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=max(1, self.cfg.tokens_per_layer // self.cfg.block_size),
+                                 desc=f"layer {layer:2d}", leave=True)
+            module, metrics = distill_layer(self.hybrid, layer, data, self.cfg, self.dsla_config, self._progress)
+            if self._bar is not None:
+                self._bar.close()
+            if self._stop:
+                break  # an interrupted layer is never published
+            metrics["config"] = {"tokens_per_layer": self.cfg.tokens_per_layer,
+                                 "train_blocks": self.cfg.train_blocks, "one_state": self.cfg.one_state}
+            self.store.publish(layer, module.state_dict(), metrics)
+            self.hybrid.install(layer, module)
+            self.hybrid.convert(layer)
+            published.append(layer)
+            self.status["published"] = self.store.published_layers()
+        self.status["state"] = "stopped" if self._stop else "done"
+        return published

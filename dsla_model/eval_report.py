@@ -1,0 +1,58 @@
+"""Evaluation results as a markdown table and a PNG plot (docs/results/)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def markdown_table(results: list[dict], meta: dict) -> str:
+    lines = [f"# {meta.get('title', 'DSLA conversion quality')}", "",
+             " ".join(f"{k}: {v}." for k, v in meta.items() if k != "title"), "",
+             "| conversion | DSLA layers | ppl | teacher ppl | ppl ratio | top-1 agreement | KL | passkey |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        pk = r.get("passkey_accuracy")
+        pk = "-" if pk is None else f"{pk:.2f} ({', '.join(f'{k}: {v:.2f}' for k, v in r['passkey_by_context'].items())})"
+        lines.append(f"| {r['conversion']:.2f} | {len(r['dsla_layers'])} | {r['ppl']:.3f} | {r['teacher_ppl']:.3f} | "
+                     f"{r['ppl_ratio']:.4f} | {r['top1_agreement']:.4f} | {r['kl']:.4f} | {pk} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    xs = [r["conversion"] for r in results]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(xs, [r["ppl_ratio"] for r in results], "o-", label="ppl ratio")
+    ax.plot(xs, [r["top1_agreement"] for r in results], "s--", label="top-1 agreement")
+    if all("passkey_accuracy" in r for r in results):
+        ax.plot(xs, [r["passkey_accuracy"] for r in results], "^:", label="passkey accuracy")
+    ax.set_xlabel("conversion ratio (layers as DSLA)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(results: list[dict], meta: dict, out_dir, name: str = "eval") -> list[str]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    md = out / f"{name}.md"
+    md.write_text(markdown_table(results, meta))
+    paths.append(str(md))
+    js = out / f"{name}.json"
+    js.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    paths.append(str(js))
+    png = out / f"{name}.png"
+    if plot(results, png, f"{meta.get('model', '')}: {name}"):
+        paths.append(str(png))
+    return paths

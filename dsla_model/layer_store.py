@@ -1,0 +1,209 @@
+"""The layer store: distilled DSLA layers on disk, one safetensors file per layer.
+
+Layout of a store directory:
+
+    manifest.json        model id, model fingerprint, order, DSLA config, store version,
+                         and per layer: position in the order, version, metrics, sha256, time, file
+    layer_025.v3.safetensors   only the DSLA module's own tensors (gates, alpha, head scale,
+                         optional low-rank deltas): the teacher's weights are never copied
+
+Publishing writes the layer file under a temporary name and renames it, then rewrites
+the manifest the same way while holding an fcntl lock on `.lock`, so a reader sees
+either the old or the new store, never half of one. Every layer file name carries its
+version, so a reader holding an old manifest still finds the file it names until the
+next publish of that layer. Files also carry the model fingerprint in their safetensors
+metadata, so a file copied from another model's store is refused even if a manifest
+was edited to match.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+
+class LayerStoreError(Exception):
+    """The store cannot serve what was asked: missing, corrupt, or for another model."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes):
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class LayerStore:
+    def __init__(self, path):
+        self.path = Path(path)
+
+    # ---- reading -------------------------------------------------------------------
+    def exists(self) -> bool:
+        return (self.path / MANIFEST).is_file()
+
+    def read_manifest(self) -> dict:
+        p = self.path / MANIFEST
+        if not p.is_file():
+            raise LayerStoreError(f"{self.path} is not a layer store (no {MANIFEST})")
+        try:
+            m = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise LayerStoreError(f"{p} is not valid JSON: {e}") from None
+        if not isinstance(m, dict) or m.get("format") != FORMAT or "layers" not in m:
+            raise LayerStoreError(f"{p} is not a DSLA layer store manifest (format {FORMAT})")
+        return m
+
+    @property
+    def version(self) -> int:
+        return int(self.read_manifest()["version"]) if self.exists() else 0
+
+    def published_layers(self) -> list[int]:
+        """Published layers, in the order they were distilled (their position)."""
+        if not self.exists():
+            return []
+        layers = self.read_manifest()["layers"]
+        return [int(k) for k, _ in sorted(layers.items(), key=lambda kv: kv[1]["position"])]
+
+    def load_layer(self, layer: int, expected_fingerprint: str | None) -> dict:
+        """The layer's DSLA state dict, after checking its sha256 and the model fingerprint."""
+        m = self.read_manifest()
+        if expected_fingerprint is not None and m["model_fingerprint"] != expected_fingerprint:
+            raise LayerStoreError(
+                f"store {self.path} was distilled for model {m.get('model_id')!r} "
+                f"(fingerprint {m['model_fingerprint']}), not this one ({expected_fingerprint})")
+        entry = m["layers"].get(str(layer))
+        if entry is None:
+            raise LayerStoreError(f"layer {layer} is not published in {self.path} "
+                                  f"(published: {self.published_layers()})")
+        f = self.path / entry["file"]
+        if not f.is_file():
+            raise LayerStoreError(f"layer {layer}: file {f} is missing")
+        digest = _sha256(f)
+        if digest != entry["sha256"]:
+            raise LayerStoreError(f"layer {layer}: {f.name} is corrupt (sha256 {digest[:12]}... "
+                                  f"!= manifest {entry['sha256'][:12]}...)")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(f), "pt") as sf:
+                meta = sf.metadata() or {}
+            tensors = load_file(str(f))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise LayerStoreError(f"layer {layer}: {f.name} is not a readable safetensors file: {e}") from None
+        if meta.get("model_fingerprint") != m["model_fingerprint"] or meta.get("layer") != str(layer):
+            raise LayerStoreError(f"layer {layer}: {f.name} belongs to another model or layer "
+                                  f"(file says layer {meta.get('layer')}, fingerprint {meta.get('model_fingerprint')})")
+        return tensors
+
+    def dsla_config(self):
+        from dsla_model.dsla_attention import DSLAConfig
+
+        return DSLAConfig.from_dict(self.read_manifest()["dsla_config"])
+
+    def apply(self, hybrid, layers) -> None:
+        """Convert `layers` of `hybrid` to DSLA with the stored weights (all or nothing)."""
+        cfg = self.dsla_config()
+        # Load and check everything before touching the model, so a bad layer leaves it as it was.
+        modules = {i: hybrid.new_dsla_module(i, self.load_layer(i, hybrid.fingerprint), cfg) for i in layers}
+        for i, mod in modules.items():
+            hybrid.install(i, mod)
+            hybrid.convert(i)
+
+    # ---- writing -------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self):
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / ".lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def init(self, model_id: str, fingerprint: str, order: list[int], dsla_config) -> dict:
+        """Create the store, or check that an existing one is for this model and config."""
+        cfg = dsla_config.to_dict() if hasattr(dsla_config, "to_dict") else dict(dsla_config)
+        cfg = json.loads(json.dumps(cfg))  # tuples -> lists, as stored
+        with self._locked():
+            if self.exists():
+                m = self.read_manifest()
+                if m["model_fingerprint"] != fingerprint:
+                    raise LayerStoreError(f"store {self.path} holds layers of model {m['model_id']!r} "
+                                          f"(fingerprint {m['model_fingerprint']}), not of {model_id!r}")
+                if m["dsla_config"] != cfg:
+                    raise LayerStoreError(f"store {self.path} was distilled with DSLA config "
+                                          f"{m['dsla_config']}, not {cfg}")
+                return m
+            m = {"format": FORMAT, "model_id": model_id, "model_fingerprint": fingerprint,
+                 "order": list(order), "dsla_config": cfg, "version": 0, "layers": {}}
+            _atomic_write(self.path / MANIFEST, json.dumps(m, indent=1).encode())
+            return m
+
+    def publish(self, layer: int, state_dict: dict, metrics: dict) -> dict:
+        """Write one layer atomically and return its manifest entry."""
+        with self._locked():
+            m = self.read_manifest()
+            old = m["layers"].get(str(layer))
+            version = (old["version"] + 1) if old else 1
+            name = f"layer_{layer:03d}.v{version}.safetensors"
+            tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
+            tmp = self.path / f".{name}.tmp{os.getpid()}"
+            save_file(tensors, str(tmp), metadata={"model_fingerprint": m["model_fingerprint"],
+                                                   "layer": str(layer)})
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path / name)
+            order = m["order"]
+            entry = {"position": order.index(layer) if layer in order else len(m["layers"]),
+                     "version": version, "metrics": metrics, "sha256": _sha256(self.path / name),
+                     "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "file": name}
+            m["layers"][str(layer)] = entry
+            m["version"] = int(m["version"]) + 1
+            _atomic_write(self.path / MANIFEST, json.dumps(m, indent=1).encode())
+            if old and old["file"] != name:
+                # the previous version stays until now so that readers of the old manifest finish
+                with contextlib.suppress(FileNotFoundError):
+                    (self.path / old["file"]).unlink()
+            return entry
+
+    def remove_stale_temporaries(self):
+        """Temporary files of a writer that died mid-publish (never referenced by the manifest)."""
+        with self._locked():
+            for p in self.path.glob(".*.tmp*"):
+                p.unlink(missing_ok=True)
+
+
+# The store distilled for the default model ships in the repository's `layers/`.
+SHIPPED_STORE = Path(__file__).resolve().parent.parent / "layers"
+
+
+def shipped_store(fingerprint: str) -> Path | None:
+    """The repository's shipped store if it was distilled for the model with `fingerprint`."""
+    store = LayerStore(SHIPPED_STORE)
+    try:
+        if store.exists() and store.read_manifest()["model_fingerprint"] == fingerprint:
+            return SHIPPED_STORE
+    except LayerStoreError:
+        pass
+    return None

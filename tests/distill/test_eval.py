@@ -1,0 +1,90 @@
+"""Evaluation fields, the passkey prompt, and the CLI's handling of bad input."""
+import json
+
+import pytest
+import torch
+
+from dsla_model.evaluation import TeacherReference, evaluate_conversions
+from dsla_model.layer_store import LayerStore
+from dsla_model.passkey import make_prompt
+from tests.distill.conftest import tiny_blocks, tiny_hybrid
+
+FIELDS = {"conversion", "dsla_layers", "ppl", "teacher_ppl", "ppl_ratio", "top1_agreement", "kl"}
+
+
+def test_teacher_reference_scores_the_teacher_as_itself():
+    h = tiny_hybrid()
+    ref = TeacherReference(h, tiny_blocks(2))
+    m = ref.score(h)
+    assert m["kl"] == pytest.approx(0.0, abs=1e-3) and m["top1_agreement"] == 1.0
+    assert m["ppl"] == pytest.approx(ref.metrics["ppl"], rel=1e-3)
+
+
+def test_evaluate_conversions_fields(tmp_path):
+    h = tiny_hybrid()
+    order = [2, 0, 1]
+    store = LayerStore(tmp_path / "s")
+    store.init("tiny", h.fingerprint, order, h.dsla_config)
+    for layer in order:
+        store.publish(layer, h.new_dsla_module(layer).state_dict(), {})
+    res = evaluate_conversions(h, None, [0, 0.34, 1.0], order, store.apply, tiny_blocks(2))
+    assert [r["conversion"] for r in res] == [0, 0.34, 1.0]
+    assert all(FIELDS <= set(r) for r in res)
+    assert res[0]["ppl_ratio"] == 1.0 and res[0]["dsla_layers"] == [] and res[0]["kl"] == 0
+    assert res[1]["dsla_layers"] == [2] and res[2]["dsla_layers"] == [0, 1, 2]
+    assert res[2]["kl"] > 0 and h.dsla_layers == []  # the model is left all-attention
+
+
+def test_passkey_prompt_length_and_answer():
+    from transformers import AutoTokenizer
+
+    from dsla_model.loading import default_model_dir
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir())
+    for ctx in (512, 1024):
+        prompt, answer = make_prompt(tok, ctx, 12345, 0.5)
+        assert abs(len(prompt) + len(answer) - ctx) <= 2
+        assert "12345" in tok.decode(prompt) and tok.decode(answer).strip() == "12345"
+    with pytest.raises(ValueError):
+        make_prompt(tok, 20, 12345, 0.5)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "--conversion", "0,abc"], "--conversion"),
+    (["eval", "--conversion", "1.5"], "--conversion"),
+    (["eval", "--conversion", "0.5", "--blocks", "0"], "--blocks"),
+    (["eval", "--store", "/nonexistent/store", "--model", "MODEL", "--conversion", "0.5"], "not a layer store"),
+    (["distill", "--store", "STORE", "--layers", "0"], "--layers"),
+    (["distill", "--store", "STORE", "--model", "/nonexistent/dir/x", "--layers", "1"], "model"),
+])
+def test_bad_cli_input_exits_non_zero_with_a_message(argv, message, capsys, tiny_model_dir, tmp_path):
+    from deploy.cli import main
+
+    argv = [a.replace("MODEL", tiny_model_dir).replace("STORE", str(tmp_path / "s")) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "error" in err
+
+
+def test_cli_eval_json_on_a_text_file(tiny_model_dir, tmp_path, capsys):
+    from deploy.cli import main
+    from dsla_model.hybrid import HybridModel
+    from dsla_model.loading import load_model
+
+    hf, _, _ = load_model(tiny_model_dir)
+    h = HybridModel(hf)
+    store = LayerStore(tmp_path / "s")
+    store.init("tiny", h.fingerprint, [1, 0, 2], h.dsla_config)
+    store.publish(1, h.new_dsla_module(1).state_dict(), {})
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 300)
+    rc = main(["eval", "--model", tiny_model_dir, "--store", str(store.path), "--conversion", "0,0.34",
+               "--text-file", str(text), "--blocks", "2", "--json", "--out-dir", str(tmp_path / "out")])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    assert len(res) == 2 and all(FIELDS <= set(r) for r in res) and res[1]["dsla_layers"] == [1]
+    assert (tmp_path / "out" / "eval.md").exists()
+    # a conversion the store cannot serve is refused up front
+    assert main(["eval", "--model", tiny_model_dir, "--store", str(store.path), "--conversion", "1",
+                 "--text-file", str(text)]) == 2
+    assert "lacks layers" in capsys.readouterr().err

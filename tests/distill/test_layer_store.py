@@ -1,0 +1,137 @@
+"""The layer store: atomic publish, manifest, integrity and model checks, apply."""
+import json
+import multiprocessing as mp
+
+import pytest
+import torch
+
+from dsla_model.layer_store import LayerStore, LayerStoreError
+from tests.distill.conftest import tiny_blocks, tiny_hybrid
+
+
+def _store(tmp_path, hybrid, order=(2, 0, 1)):
+    st = LayerStore(tmp_path / "store")
+    st.init("tiny", hybrid.fingerprint, list(order), hybrid.dsla_config)
+    return st
+
+
+def _weights(hybrid, layer, seed=0):
+    mod = hybrid.new_dsla_module(layer)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return mod.state_dict()
+
+
+def test_publish_roundtrip_manifest_and_versions(tmp_path):
+    h = tiny_hybrid()
+    st = _store(tmp_path, h)
+    assert st.published_layers() == [] and st.version == 0
+    w = _weights(h, 0)
+    st.publish(0, w, {"rel_mse": 0.5})
+    st.publish(2, _weights(h, 2), {"rel_mse": 0.4})
+    assert st.published_layers() == [2, 0]  # in the order's positions, not publish order
+    m = st.read_manifest()
+    assert m["version"] == 2 and m["model_id"] == "tiny" and m["order"] == [2, 0, 1]
+    e = m["layers"]["0"]
+    assert set(e) >= {"position", "version", "metrics", "sha256", "time", "file"} and e["position"] == 1
+    got = st.load_layer(0, h.fingerprint)
+    assert set(got) == set(w) and all(torch.equal(got[k], w[k]) for k in w)
+    st.publish(0, _weights(h, 0, seed=1), {"rel_mse": 0.3})  # republish: version 2, old file gone
+    m = st.read_manifest()
+    assert m["layers"]["0"]["version"] == 2 and m["version"] == 3
+    files = sorted(p.name for p in st.path.iterdir() if p.suffix == ".safetensors")
+    assert files == ["layer_000.v2.safetensors", "layer_002.v1.safetensors"]
+    assert not list(st.path.glob(".*.tmp*"))  # no temporary left behind
+
+
+def test_corrupted_layer_is_refused(tmp_path):
+    h = tiny_hybrid()
+    st = _store(tmp_path, h)
+    st.publish(0, _weights(h, 0), {})
+    f = st.path / st.read_manifest()["layers"]["0"]["file"]
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(LayerStoreError, match="corrupt"):
+        st.load_layer(0, h.fingerprint)
+    f.write_bytes(b"not a safetensors file")
+    with pytest.raises(LayerStoreError, match="corrupt"):
+        st.load_layer(0, h.fingerprint)
+
+
+def test_foreign_model_or_layer_is_refused(tmp_path):
+    h, other = tiny_hybrid(seed=0), tiny_hybrid(seed=5)
+    assert h.fingerprint != other.fingerprint
+    st = _store(tmp_path, h)
+    st.publish(0, _weights(h, 0), {})
+    with pytest.raises(LayerStoreError, match="distilled for model"):
+        st.load_layer(0, other.fingerprint)
+    with pytest.raises(LayerStoreError, match="not published"):
+        st.load_layer(1, h.fingerprint)
+    # a file from another model's store, with the manifest edited to match its hash
+    foreign = LayerStore(tmp_path / "foreign")
+    foreign.init("other", other.fingerprint, [0, 1, 2], other.dsla_config)
+    fe = foreign.publish(1, _weights(other, 1), {})
+    m = st.read_manifest()
+    (st.path / fe["file"]).write_bytes((foreign.path / fe["file"]).read_bytes())
+    m["layers"]["1"] = dict(fe, position=2)
+    (st.path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(LayerStoreError, match="another model"):
+        st.load_layer(1, h.fingerprint)
+    with pytest.raises(LayerStoreError, match="holds layers of model"):
+        LayerStore(tmp_path / "store").init("other", other.fingerprint, [0, 1, 2], other.dsla_config)
+
+
+def test_not_a_store_is_a_clear_error(tmp_path):
+    with pytest.raises(LayerStoreError, match="not a layer store"):
+        LayerStore(tmp_path).read_manifest()
+    (tmp_path / "manifest.json").write_text("{broken")
+    with pytest.raises(LayerStoreError, match="not valid JSON"):
+        LayerStore(tmp_path).read_manifest()
+
+
+def _publisher(path, fingerprint, layer, n):
+    from safetensors.torch import load_file  # noqa: F401 - import in the child
+
+    st = LayerStore(path)
+    for i in range(n):
+        st.publish(layer, {"alpha": torch.full((2,), float(i))}, {"i": i})
+
+
+def test_concurrent_publishers_keep_a_consistent_manifest(tmp_path):
+    h = tiny_hybrid()
+    st = _store(tmp_path, h)
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_publisher, args=(st.path, h.fingerprint, layer, 5)) for layer in (0, 1, 2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    m = st.read_manifest()
+    assert m["version"] == 15 and sorted(m["layers"]) == ["0", "1", "2"]
+    for layer in (0, 1, 2):
+        assert m["layers"][str(layer)]["version"] == 5
+        assert torch.equal(st.load_layer(layer, h.fingerprint)["alpha"], torch.full((2,), 4.0))
+
+
+def test_apply_converts_with_stored_weights_all_or_nothing(tmp_path):
+    h = tiny_hybrid()
+    st = _store(tmp_path, h)
+    w = _weights(h, 2)
+    st.publish(2, w, {})
+    ids = tiny_blocks(1)
+    st.apply(h, [2])
+    assert h.dsla_layers == [2]
+    assert all(torch.equal(v, w[k]) for k, v in h.attention(2).dsla.state_dict().items())
+    with torch.no_grad():
+        a = h(ids)
+    h.set_dsla_layers([])
+    with pytest.raises(LayerStoreError, match="not published"):
+        st.apply(h, [2, 0])
+    assert h.dsla_layers == []  # nothing converted when one layer is missing
+    st.apply(h, [2])
+    with torch.no_grad():
+        assert torch.equal(h(ids), a)
