@@ -184,3 +184,71 @@ def add_rms_norm(x, delta, weight, eps):
     _add_rms_norm[(B,)](x, delta if delta is not None else x, weight, xo, normed, H, eps,
                         HAS_D=delta is not None, BLOCK=triton.next_power_of_2(H), num_warps=8)
     return xo, normed
+
+
+@triton.jit
+def _silu_mul(X, O, I, BLOCK: tl.constexpr):
+    r = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = c < I
+    g = tl.load(X + r * 2 * I + c, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(X + r * 2 * I + I + c, mask=ok, other=0.0).to(tl.float32)
+    tl.store(O + r * I + c, (g / (1.0 + tl.exp(-g)) * u).to(O.dtype.element_ty), mask=ok)
+
+
+def silu_mul(x):
+    """x [B, 2I] = [gate | up] -> silu(gate) * up [B, I] (the Llama MLP's middle)."""
+    B, I2 = x.shape
+    I = I2 // 2
+    o = torch.empty(B, I, device=x.device, dtype=x.dtype)
+    _silu_mul[(B, triton.cdiv(I, 1024))](x, o, I, BLOCK=1024, num_warps=4)
+    return o
+
+
+@triton.jit
+def _dsla_prep(QKV, P1, P2, Cos, Sin, QO, KO, VO, G1, G2, s_x, s_p, s_c, gate_norm, gate_floor,
+               HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)  # 0..HQ-1: query heads; then kv heads
+    half = tl.arange(0, D // 2)
+    c1 = tl.load(Cos + b * s_c + half).to(tl.float32)
+    c2 = tl.load(Cos + b * s_c + D // 2 + half).to(tl.float32)
+    s1 = tl.load(Sin + b * s_c + half).to(tl.float32)
+    s2 = tl.load(Sin + b * s_c + D // 2 + half).to(tl.float32)
+    if h < HQ:
+        src = QKV + b * s_x + h * D
+        dst = QO + (b * HQ + h) * D
+    else:
+        hk = h - HQ
+        src = QKV + b * s_x + (HQ + hk) * D
+        dst = KO + (b * HKV + hk) * D
+        d = tl.arange(0, D)
+        tl.store(VO + (b * HKV + hk) * D + d, tl.load(QKV + b * s_x + (HQ + HKV + hk) * D + d))
+        x = tl.load(P1 + b * s_p + hk * D + d).to(tl.float32)
+        ls = tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))  # logsigmoid, stable
+        tl.store(G1 + (b * HKV + hk) * D + d, tl.maximum(ls / gate_norm, gate_floor))
+        x = tl.load(P2 + b * s_p + hk * D + d).to(tl.float32)
+        ls = tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
+        tl.store(G2 + (b * HKV + hk) * D + d, tl.maximum(ls / gate_norm, gate_floor))
+    x1 = tl.load(src + half).to(tl.float32)
+    x2 = tl.load(src + D // 2 + half).to(tl.float32)
+    tl.store(dst + half, (x1 * c1 - x2 * s1).to(QO.dtype.element_ty))
+    tl.store(dst + D // 2 + half, (x2 * c2 + x1 * s2).to(QO.dtype.element_ty))
+
+
+def dsla_prep(qkv, p1, p2, cos, sin, num_heads, num_kv_heads, gate_norm, gate_floor):
+    """A DSLA layer's decode inputs in one launch: qkv [B,(Hq+2Hkv)*D] (projections side by side),
+    p1/p2 [B,Hkv*D] gate pre-activations -> q, k rotated [B,H,D]; v [B,Hkv,D]; fp32 log decays
+    g1, g2 = max(logsigmoid(p) / gate_norm, gate_floor) [B,Hkv,D]."""
+    B = qkv.shape[0]
+    D = cos.shape[1]
+    assert qkv.stride(1) == 1 and p1.stride(1) == 1 and p1.stride(0) == p2.stride(0)
+    qo = torch.empty(B, num_heads, D, device=qkv.device, dtype=qkv.dtype)
+    ko = torch.empty(B, num_kv_heads, D, device=qkv.device, dtype=qkv.dtype)
+    vo = torch.empty_like(ko)
+    g1 = torch.empty(B, num_kv_heads, D, device=qkv.device, dtype=torch.float32)
+    g2 = torch.empty_like(g1)
+    _dsla_prep[(B, num_heads + num_kv_heads)](qkv, p1, p2, cos, sin, qo, ko, vo, g1, g2, qkv.stride(0),
+                                              p1.stride(0), cos.stride(0), float(gate_norm), float(gate_floor),
+                                              HQ=num_heads, HKV=num_kv_heads, D=D, num_warps=1)
+    return qo, ko, vo, g1, g2

@@ -28,7 +28,7 @@ class DecodeGraphs:
         self.num_layers = len(runner.inner.layers)
         self.nb = math.ceil(max_model_len / runner.pool.block_size)
         self.graphs: dict = {}  # (conf id, bucket) -> (graph, static buffers)
-        self.mempool = torch.cuda.graph_pool_handle()
+        self.mempools: dict = {}  # conf id -> memory pool shared by that configuration's graphs
         self._members: dict = {}  # (conf id, bucket) -> the request ids whose tables are loaded
         self.captures = 0
 
@@ -58,7 +58,10 @@ class DecodeGraphs:
                 run()
         torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.mempool):
+        # One pool per configuration, never reused once its graphs are dropped (re-capturing
+        # into a pool whose graphs were all freed trips an allocator assert).
+        pool = self.mempools.setdefault(conf.id, torch.cuda.graph_pool_handle())
+        with torch.cuda.graph(g, pool=pool):
             st["logits"] = run()
         self.captures += 1
         return g, st
@@ -96,3 +99,4 @@ class DecodeGraphs:
         for key in [k for k in self.graphs if k[0] == conf_id]:
             del self.graphs[key]
             self._members.pop(key, None)
+        self.mempools.pop(conf_id, None)
