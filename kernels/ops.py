@@ -24,7 +24,9 @@ def _use_triton(t: torch.Tensor) -> bool:
 
 
 def dsla_prefill(q, k, v, g1, g2, w, s1=None, s2=None, scale=None, chunk_size=32):
-    """Whole-sequence (or sequence-piece) form; differentiable. See reference.py for layouts."""
+    """Whole-sequence (or sequence-piece) form; differentiable. See reference.py for layouts.
+
+    `chunk_size` only steers the reference form: the fused kernel fixes its own chunking."""
     if _use_triton(q):
         from kernels.triton_dsla import dsla_chunk_fused
 
@@ -32,8 +34,40 @@ def dsla_prefill(q, k, v, g1, g2, w, s1=None, s2=None, scale=None, chunk_size=32
     return reference.dsla_chunk(q, k, v, g1, g2, w, s1, s2, scale, chunk_size)
 
 
+def dsla_prefill_varlen(q, k, v, g1, g2, w, cu_seqlens, s1=None, s2=None, scale=None, chunk_size=32):
+    """Ragged batch packed as [1, total_T, H, D] with offsets cu_seqlens [N+1] (as in
+    flash-linear-attention); states are [N, Hkv, Dk, Dv]. Returns (o [1,total_T,Hq,Dv], s1, s2).
+    Differentiable."""
+    if _use_triton(q):
+        from kernels.triton_dsla import dsla_chunk_fused
+
+        return dsla_chunk_fused(q, k, v, g1, g2, w, s1, s2, scale, cu_seqlens=cu_seqlens)
+    bounds = cu_seqlens.tolist()
+    outs, f1, f2 = [], [], []
+    for n in range(len(bounds) - 1):
+        a, b = bounds[n], bounds[n + 1]
+        sl = lambda x: x[:, a:b]  # noqa: E731
+        st = lambda s: None if s is None else s[n:n + 1]  # noqa: E731
+        o, x1, x2 = reference.dsla_chunk(sl(q), sl(k), sl(v), sl(g1), sl(g2), w, st(s1), st(s2), scale, chunk_size)
+        outs.append(o)
+        f1.append(x1)
+        f2.append(x2)
+    if not outs:
+        z = torch.zeros(0, k.shape[2], k.shape[3], v.shape[3], dtype=torch.float32, device=q.device)
+        return q.new_zeros(1, 0, q.shape[2], v.shape[3]), z, z.clone()
+    return torch.cat(outs, 1), torch.cat(f1), torch.cat(f2)
+
+
 def dsla_decode(q, k, v, g1, g2, w, s1, s2, scale=None):
-    """One token per sequence with per-batch states; returns (o, s1, s2)."""
+    """One token per sequence with per-batch states; returns (o [B,1,Hq,Dv], s1, s2) (new states)."""
+    if _use_triton(q) and q.shape[1] == 1:
+        from kernels.triton_dsla import dsla_decode_fused
+
+        B = q.shape[0]
+        n1, n2 = s1.float().clone().contiguous(), s2.float().clone().contiguous()
+        slots = torch.arange(B, device=q.device)
+        o = dsla_decode_fused(q[:, 0], k[:, 0], v[:, 0], g1[:, 0], g2[:, 0], w, n1, n2, slots, scale)
+        return o[:, None], n1, n2
     return reference.dsla_step(q, k, v, g1, g2, w, s1, s2, scale)
 
 

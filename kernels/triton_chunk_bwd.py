@@ -11,6 +11,8 @@ dS_c = gradient w.r.t. the state at the END of chunk c, dO' = scale * dO.
   2. `_grads_bwd`: per (chunk, query head), in parallel, for both states:
          dq~_i = dO' h^T * exp(b) + intra          (unweighted by w_i; dq = sum w_i dq~_i)
          dk_i  = w_i intra + exp(b_last - b) * (v dS^T)   (state part once per group)
+     where the intra parts of dq~ and dk leave out the diagonal s = t (added on the host
+     from dpd = dO'.v, which keeps the gate gradient free of its cancelling terms)
          dv   += w_i A_i^T dO' + (k exp(b_last - b)) dS
      with the same sub-chunk reference points (and exact fallback) as the forward.
 The gate gradients are assembled from these on the host side (see triton_dsla.py):
@@ -21,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.triton_chunk_fwd import load_rows, mm, sub_cumsum
+from kernels.triton_chunk_fwd import load_rows, mm, mm_precise, pair_decay, sub_cumsum
 
 
 @triton.jit
@@ -81,7 +83,12 @@ def _states_bwd(q, g1, g2, w, do, dsT1, dsT2, dS1, dS2, ds01, ds02, cu, coff, sc
 def _one_state_bwd(q, g, h, dS, do, dq_out, dk_out, qq, kk, vv, dd, dv_acc, wi, first,
                    t, mt, t0, eos, hq, hk, Hq, Hkv, hoff, mst, scale,
                    Dk: tl.constexpr, Dv: tl.constexpr, dk, mk, dv, mv,
-                   C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
+                   C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, RANGE_MAX: tl.constexpr,
+                   IEEE: tl.constexpr):
+    # The intra-chunk products run on fp32 operands (tf32 for bf16 inputs, exact fp32 for
+    # fp32 inputs): each pair (t, s) enters the gate gradient twice, through q.dq at t and
+    # k.dk at s, and those two must round alike for their cancellation in the reverse
+    # cumsum to hold; bf16 operands left the recency gate's gradient ~10% off.
     NSUB: tl.constexpr = C // SUB
     dt = kk.dtype
     gf = load_rows(g, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
@@ -94,42 +101,44 @@ def _one_state_bwd(q, g, h, dS, do, dq_out, dk_out, qq, kk, vv, dd, dv_acc, wi, 
     subs = tl.arange(0, NSUB)
     sr = tl.arange(0, SUB)
     cols = tl.arange(0, C)
+    kf = kk.to(tl.float32)
+    vf = vv.to(tl.float32)
     base = tl.zeros_like(blast)
     for i in tl.static_range(NSUB):
         bR, bref, bl = sub_cumsum(g, t0 + i * SUB, eos, hk, Hkv, Dk, dk, mk, base, SUB)
         tr = t0 + i * SUB + sr
         mr = tr < eos
-        qR = load_rows(q, tr, mr, Hq, hq, Dk, dk, mk)
-        dR = (load_rows(do, tr, mr, Hq, hq, Dv, dv, mv).to(tl.float32) * scale).to(dt)
+        qR = load_rows(q, tr, mr, Hq, hq, Dk, dk, mk).to(tl.float32)
+        dR = load_rows(do, tr, mr, Hq, hq, Dv, dv, mv).to(tl.float32) * scale
         causal = cols[None, :] <= (i * SUB + sr)[:, None]
-        dP = tl.where(causal, mm(dR, tl.trans(vv), IEEE), 0.)
+        # dq and dk leave out the diagonal pair s = t: its terms cancel exactly in the gate
+        # gradient (q.dq - k.dk) and, kept, would drown strongly decayed gates in rounding
+        # noise. The host adds the diagonal back into dq and dk in fp32 (dpd).
+        dP = tl.where(cols[None, :] < (i * SUB + sr)[:, None], mm(dR, tl.trans(vf), IEEE), 0.)
         rng = tl.max(bref - bl, axis=0)
         if rng <= RANGE_MAX:
             ek = tl.exp(tl.minimum(bref[None, :] - b, RANGE_MAX))
-            kq = (kk * ek).to(dt)
+            kq = kf * ek
             eq = tl.exp(bR - bref[None, :])
-            qr = (qR * eq).to(dt)
+            qr = qR * eq
             A = mm(qr, tl.trans(kq), IEEE)
-            dqR = mm(dP.to(dt), kq, IEEE) * eq
-            dk_acc += ek * mm(tl.trans(dP.to(dt)), qr, IEEE)
+            dqR = mm(dP, kq, IEEE) * eq
+            dk_acc += ek * mm(tl.trans(dP), qr, IEEE)
         else:
-            # Exact row-by-row form: every exponent b_t - b_s <= 0.
+            # Exact row-by-row form: every exponent a direct sum of log decays (<= 0).
             A = tl.zeros([SUB, C], dtype=tl.float32)
             dqR = tl.zeros([SUB, BK], dtype=tl.float32)
-            kf = kk.to(tl.float32)
-            qf = qR.to(tl.float32)
             for tt in range(SUB):
                 sel = (sr == tt)[:, None]
-                bt = tl.sum(tl.where(sel, bR, 0.), axis=0)
-                qt = tl.sum(tl.where(sel, qf, 0.), axis=0)
+                qt = tl.sum(tl.where(sel, qR, 0.), axis=0)
                 pt = tl.sum(tl.where(sel, dP, 0.), axis=0)
-                e = tl.exp(tl.minimum(bt[None, :] - b, 0.))
-                e = tl.where((cols <= i * SUB + tt)[:, None], e, 0.)
+                e = pair_decay(gf, i * SUB + tt, C)
                 A = tl.where(sel, tl.sum(kf * e * qt[None, :], axis=1)[None, :], A)
+                e = tl.where((cols < i * SUB + tt)[:, None], e, 0.)  # strict, as dP
                 dqR = tl.where(sel, tl.sum(pt[:, None] * kf * e, axis=0)[None, :], dqR)
                 dk_acc += pt[:, None] * qt[None, :] * e
         A = tl.where(causal, A, 0.)
-        dv_acc += wi * mm(tl.trans(A.to(dt)), dR, IEEE)
+        dv_acc += wi * mm(tl.trans(A), dR, IEEE)
         dq3 = tl.where((subs == i)[:, None, None], dqR[None, :, :], dq3)
         base = bl
     dq = dq_inter + tl.reshape(dq3, [C, BK])
@@ -137,16 +146,18 @@ def _one_state_bwd(q, g, h, dS, do, dq_out, dk_out, qq, kk, vv, dd, dv_acc, wi, 
     dkt = wi * dk_acc
     if first:
         # the state path feeds k and v once per kv head, not once per query head
+        # fp32 dS and a near-fp32 product: k.dk from the final state cancels against the
+        # final-state term of the gate gradient (dS_T . S_T), computed in fp32
         dSS = tl.load(dS + hoff, mask=mst, other=0.)
         kd = tl.exp(blast[None, :] - b)
-        dkt += mm(vv, tl.trans(dSS.to(dt)), IEEE) * kd
+        dkt += mm_precise(vf, tl.trans(dSS), IEEE) * kd
         dv_acc += mm((kk * kd).to(dt), dSS.to(dt), IEEE)
     tl.store(dk_out + (t[:, None] * Hq + hq).to(tl.int64) * Dk + dk[None, :], dkt, mask=mt[:, None] & mk[None, :])
     return dv_acc
 
 
 @triton.jit
-def _grads_bwd(q, k, v, g1, g2, w, h1, h2, dS1, dS2, do, dq1, dq2, dk1, dk2, dvp, cu, cseq, coff, scale,
+def _grads_bwd(q, k, v, g1, g2, w, h1, h2, dS1, dS2, do, dq1, dq2, dk1, dk2, dvp, dpd, cu, cseq, coff, scale,
                Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr,
                C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
@@ -168,7 +179,10 @@ def _grads_bwd(q, k, v, g1, g2, w, h1, h2, dS1, dS2, do, dq1, dq2, dk1, dk2, dvp
     qq = load_rows(q, t, mt, Hq, hq, Dk, dk, mk)
     kk = load_rows(k, t, mt, Hkv, hk, Dk, dk, mk)
     vv = load_rows(v, t, mt, Hkv, hk, Dv, dv, mv)
-    dd = (load_rows(do, t, mt, Hq, hq, Dv, dv, mv).to(tl.float32) * scale).to(kk.dtype)
+    ddf = load_rows(do, t, mt, Hq, hq, Dv, dv, mv).to(tl.float32) * scale
+    dd = ddf.to(kk.dtype)
+    # diagonal of dP = dO'.v, in fp32: the host adds its share to dq and dk
+    tl.store(dpd + t * Hq + hq, tl.sum(ddf * vv.to(tl.float32), axis=1), mask=mt)
     dv_acc = tl.zeros([C, BV], dtype=tl.float32)
     dv_acc = _one_state_bwd(q, g1, h1, dS1, do, dq1, dk1, qq, kk, vv, dd, dv_acc, tl.load(w), first,
                             t, mt, t0, eos, hq, hk, Hq, Hkv, hoff, mst, scale,

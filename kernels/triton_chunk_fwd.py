@@ -24,21 +24,42 @@ falls back to an exact row-by-row form whose exponents are all <= 0.
 """
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
 CHUNK = 64
 SUB = 16
 RANGE_MAX = 60.0  # exp(60) ~ 1e26: far from fp32/bf16 overflow, products stay normal
+# Triton's CPU interpreter (3.9) returns garbage for tl.dot on bf16 operands (relative
+# error ~1e9 on a plain 16x16 product); under the interpreter only, products run in fp32.
+_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 @triton.jit
 def mm(a, b, IEEE: tl.constexpr):
     """Matrix product; fp32 inputs use exact fp32 (not tf32) so fp32 callers get fp32 accuracy."""
-    if IEEE:
+    if _INTERPRET:
+        if not IEEE and a.dtype == tl.float32:  # emulate tf32 operands: 10-bit mantissa, nearest
+            a = ((a.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+            b = ((b.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE:
         return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b)
+
+
+@triton.jit
+def mm_precise(a, b, IEEE: tl.constexpr):
+    """fp32 operands at ~fp32 accuracy: exact for fp32 callers, three tf32 passes otherwise."""
+    if _INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision="tf32x3")
 
 
 @triton.jit
@@ -61,10 +82,21 @@ def sub_cumsum(g_ptr, t0, eos, hk, Hkv, Dk: tl.constexpr, dk, mk, base, SUB: tl.
 
 
 @triton.jit
-def intra_scores_rows(qR, bR, bref, blast, kk, b, i, C: tl.constexpr, SUB: tl.constexpr,
+def pair_decay(gc, a, C: tl.constexpr):
+    """exp(b_a - b_s) for every key row s <= a of the chunk, [C, BK] (rows s > a: 1).
+    Summed directly over u = s+1..a, not as a difference of two long cumsums, so a pair
+    a few steps apart stays exact even when the cumsums have grown to -1000s."""
+    rows = tl.arange(0, C)
+    gm = tl.where((rows <= a)[:, None], gc, 0.)
+    return tl.exp(tl.cumsum(gm, axis=0, reverse=True) - gm)
+
+
+@triton.jit
+def intra_scores_rows(qR, bR, bref, blast, kk, b, gc, i, C: tl.constexpr, SUB: tl.constexpr,
                       RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
     """Scores A[t, s] for the SUB query rows of sub-chunk i against all C keys of the
-    chunk (causal, s <= t), one state. qR [SUB,BK], bR [SUB,BK] fp32, kk [C,BK], b [C,BK]."""
+    chunk (causal, s <= t), one state. qR [SUB,BK], bR [SUB,BK] fp32, kk [C,BK],
+    b [C,BK] (chunk cumsum), gc [C,BK] (chunk log decays)."""
     sr = tl.arange(0, SUB)
     cols = tl.arange(0, C)
     rng = tl.max(bref - blast, axis=0)
@@ -73,15 +105,14 @@ def intra_scores_rows(qR, bR, bref, blast, kk, b, i, C: tl.constexpr, SUB: tl.co
         qr = (qR * tl.exp(bR - bref[None, :])).to(kk.dtype)
         A = mm(qr, tl.trans(kq), IEEE)
     else:
-        # Exact: row by row, exponents b_t - b_s <= 0 for every kept pair.
+        # Exact: row by row, every exponent a sum of log decays (<= 0).
         A = tl.zeros([SUB, C], dtype=tl.float32)
         kf = kk.to(tl.float32)
         qf = qR.to(tl.float32)
         for tt in range(SUB):
             sel = (sr == tt)[:, None]
-            bt = tl.sum(tl.where(sel, bR, 0.), axis=0)
             qt = tl.sum(tl.where(sel, qf, 0.), axis=0)
-            e = tl.exp(tl.minimum(bt[None, :] - b, 0.))
+            e = pair_decay(gc, i * SUB + tt, C)
             at = tl.sum(kf * e * qt[None, :], axis=1)
             A = tl.where(sel, at[None, :], A)
     causal = cols[None, :] <= (i * SUB + sr)[:, None]
@@ -139,11 +170,12 @@ def _states_fwd(k, v, g1, g2, s01, s02, h1, h2, sT1, sT2, cu, coff,
 
 
 @triton.jit
-def _one_state_out(q, g, h, qq, kk, b, t0, eos, hq, hk, Hq, Hkv, hoff, mst,
+def _one_state_out(q, g, h, qq, kk, gc, t0, eos, hq, hk, Hq, Hkv, hoff, mst,
                    Dk: tl.constexpr, dk, mk, C: tl.constexpr, SUB: tl.constexpr,
                    RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
     """Inter-chunk output [C,BV] and intra-chunk scores [C,C] of one state."""
     NSUB: tl.constexpr = C // SUB
+    b = tl.cumsum(gc, axis=0)
     hh = tl.load(h + hoff, mask=mst, other=0.)
     inter = mm((qq * tl.exp(b)).to(hh.dtype), hh, IEEE)
     A3 = tl.zeros([NSUB, SUB, C], dtype=tl.float32)
@@ -154,7 +186,7 @@ def _one_state_out(q, g, h, qq, kk, b, t0, eos, hq, hk, Hq, Hkv, hoff, mst,
         bR, bref, blast = sub_cumsum(g, t0 + i * SUB, eos, hk, Hkv, Dk, dk, mk, base, SUB)
         tr = t0 + i * SUB + sr
         qR = load_rows(q, tr, tr < eos, Hq, hq, Dk, dk, mk)
-        Ai = intra_scores_rows(qR, bR, bref, blast, kk, b, i, C, SUB, RANGE_MAX, IEEE)
+        Ai = intra_scores_rows(qR, bR, bref, blast, kk, b, gc, i, C, SUB, RANGE_MAX, IEEE)
         A3 = tl.where((subs == i)[:, None, None], Ai[None, :, :], A3)
         base = blast
     return inter, tl.reshape(A3, [C, C])
@@ -186,11 +218,11 @@ def _output_fwd(q, k, v, g1, g2, w, h1, h2, o, cu, cseq, coff, scale,
     w0 = tl.load(w)
     w1 = tl.load(w + 1)
 
-    b = tl.cumsum(load_rows(g1, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32), axis=0)
-    inter1, A1 = _one_state_out(q, g1, h1, qq, kk, b, t0, eos, hq, hk, Hq, Hkv, hoff, mst,
+    gc = load_rows(g1, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
+    inter1, A1 = _one_state_out(q, g1, h1, qq, kk, gc, t0, eos, hq, hk, Hq, Hkv, hoff, mst,
                                 Dk, dk, mk, C, SUB, RANGE_MAX, IEEE)
-    b = tl.cumsum(load_rows(g2, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32), axis=0)
-    inter2, A2 = _one_state_out(q, g2, h2, qq, kk, b, t0, eos, hq, hk, Hq, Hkv, hoff, mst,
+    gc = load_rows(g2, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
+    inter2, A2 = _one_state_out(q, g2, h2, qq, kk, gc, t0, eos, hq, hk, Hq, Hkv, hoff, mst,
                                 Dk, dk, mk, C, SUB, RANGE_MAX, IEEE)
     # mix the two states' scores first: one product with v instead of two
     A = (w0 * A1 + w1 * A2).to(vv.dtype)

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import triton_alloc
+
 
 @triton.jit
 def _decode_kernel(q, k, v, g1, g2, w, s1, s2, slots, o, scale,
@@ -62,7 +64,7 @@ def dsla_decode_fused(q, k, v, g1, g2, w, s1_pool, s2_pool, slots, scale=None):
         if p.dtype != torch.float32 or not p.is_contiguous() or tuple(p.shape[1:]) != (Hkv, Dk, Dv):
             raise ValueError("state pools must be contiguous fp32 [num_slots, Hkv, Dk, Dv]")
     scale = Dk ** -0.5 if scale is None else float(scale)
-    o = torch.empty(B, Hq, Dv, dtype=q.dtype, device=q.device)
+    o = triton_alloc.empty(B, Hq, Dv, dtype=q.dtype, device=q.device)
     if B == 0:
         return o
     BK = triton.next_power_of_2(Dk)

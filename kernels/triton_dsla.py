@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from kernels import triton_alloc
 from kernels.triton_chunk_bwd import _grads_bwd, _states_bwd
 from kernels.triton_chunk_fwd import CHUNK, RANGE_MAX, SUB, _output_fwd, _states_fwd
 from kernels.triton_decode import dsla_decode_fused  # noqa: F401  (re-exported)
@@ -57,11 +58,11 @@ def _states(k, v, g1, g2, s1, s2, plan, Hkv, Dk, Dv, store_h, ieee):
     BKs, BVs, _, _ = _blocks(Dk, Dv)
     dev = k.device
     N = plan.n_seq
-    sT1 = torch.empty(N, Hkv, Dk, Dv, dtype=torch.float32, device=dev)
-    sT2 = torch.empty_like(sT1)
+    sT1 = triton_alloc.empty(N, Hkv, Dk, Dv, dtype=torch.float32, device=dev)
+    sT2 = triton_alloc.empty(*sT1.shape, dtype=sT1.dtype, device=sT1.device)
     if store_h:
-        h1 = torch.empty(plan.n_chunks, Hkv, Dk, Dv, dtype=k.dtype, device=dev)
-        h2 = torch.empty_like(h1)
+        h1 = triton_alloc.empty(plan.n_chunks, Hkv, Dk, Dv, dtype=k.dtype, device=dev)
+        h2 = triton_alloc.empty(*h1.shape, dtype=h1.dtype, device=h1.device)
     else:
         h1 = h2 = sT1  # unused
     has = s1 is not None
@@ -79,7 +80,7 @@ def _forward(q, k, v, g1, g2, w, s1, s2, scale, plan):
     h1, h2, sT1, sT2 = _states(k, v, g1, g2, s1, s2, plan, Hkv, Dk, Dv, True, ieee)
     _, _, BK, BV = _blocks(Dk, Dv)
     BV = min(BV, 128)
-    o = torch.empty(Ttot, Hq, Dv, dtype=q.dtype, device=q.device)
+    o = triton_alloc.empty(Ttot, Hq, Dv, dtype=q.dtype, device=q.device)
     grid = (plan.n_chunks, Hq, triton.cdiv(Dv, BV))
     _output_fwd[grid](q, k, v, g1, g2, w, h1, h2, o, plan.cu, plan.cseq, plan.coff, scale,
                       Hq, Hkv, G=Hq // Hkv, Dk=Dk, Dv=Dv, C=CHUNK, SUB=SUB, BK=BK, BV=BV,
@@ -111,35 +112,42 @@ def _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, scale, plan)
     if has_dst:
         dsT1 = torch.zeros_like(sT1) if dsT1 is None else dsT1.float().contiguous()
         dsT2 = torch.zeros_like(sT2) if dsT2 is None else dsT2.float().contiguous()
-    dS1 = torch.empty(plan.n_chunks, Hkv, Dk, Dv, dtype=k.dtype, device=dev)
-    dS2 = torch.empty_like(dS1)
-    ds01 = torch.empty(N, Hkv, Dk, Dv, dtype=torch.float32, device=dev)
-    ds02 = torch.empty_like(ds01)
+    dS1 = triton_alloc.empty(plan.n_chunks, Hkv, Dk, Dv, dtype=torch.float32, device=dev)  # see _one_state_bwd
+    dS2 = triton_alloc.empty(*dS1.shape, dtype=dS1.dtype, device=dS1.device)
+    ds01 = triton_alloc.empty(N, Hkv, Dk, Dv, dtype=torch.float32, device=dev)
+    ds02 = triton_alloc.empty(*ds01.shape, dtype=ds01.dtype, device=ds01.device)
     grid = (triton.cdiv(Dk, BKs), triton.cdiv(Dv, BVs), N * Hkv)
     _states_bwd[grid](q, g1, g2, w, do, dsT1 if has_dst else ds01, dsT2 if has_dst else ds02,
                       dS1, dS2, ds01, ds02, plan.cu, plan.coff, scale, Hq, Hkv, G,
                       Dk=Dk, Dv=Dv, C=CHUNK, BK=BKs, BV=BVs, HAS_DST=has_dst, IEEE=ieee, num_warps=4)
     f32 = dict(dtype=torch.float32, device=dev)
-    dq1 = torch.empty(Ttot, Hq, Dk, **f32)
-    dq2 = torch.empty_like(dq1)
-    dk1 = torch.empty_like(dq1)
-    dk2 = torch.empty_like(dq1)
-    dvp = torch.empty(Ttot, Hq, Dv, **f32)
-    _grads_bwd[(plan.n_chunks, Hq)](q, k, v, g1, g2, w, h1, h2, dS1, dS2, do, dq1, dq2, dk1, dk2, dvp,
+    dq1 = triton_alloc.empty(Ttot, Hq, Dk, **f32)
+    dq2 = triton_alloc.empty(Ttot, Hq, Dk, **f32)
+    dk1 = triton_alloc.empty(Ttot, Hq, Dk, **f32)
+    dk2 = triton_alloc.empty(Ttot, Hq, Dk, **f32)
+    dvp = triton_alloc.empty(Ttot, Hq, Dv, **f32)
+    dpd = triton_alloc.empty(Ttot, Hq, **f32)
+    _grads_bwd[(plan.n_chunks, Hq)](q, k, v, g1, g2, w, h1, h2, dS1, dS2, do, dq1, dq2, dk1, dk2, dvp, dpd,
                                     plan.cu, plan.cseq, plan.coff, scale, Hq, Hkv, G=G, Dk=Dk, Dv=Dv,
                                     C=CHUNK, SUB=SUB, BK=BK, BV=BV, RANGE_MAX=RANGE_MAX, IEEE=ieee,
                                     num_warps=8)
+    # dq1/dq2, dk1/dk2 hold everything but the diagonal pairs s = t, which cancel in
+    # the gate gradient; the diagonal enters dq, dk and dw here, in fp32.
     wf = w.float()
     qf = q.float()
-    dq = (wf[0] * dq1 + wf[1] * dq2).to(q.dtype)
+    kf = k.float()
+    grp = lambda x: x.view(Ttot, Hkv, G, x.shape[-1]).sum(2)  # noqa: E731  (sum over the GQA group)
+    kq = kf.repeat_interleave(G, dim=1)  # k of each query head's group
+    dpd = dpd[..., None]
+    dq = (wf[0] * dq1 + wf[1] * dq2 + (wf[0] + wf[1]) * dpd * kq).to(q.dtype)
     qdq1 = qf * dq1
     qdq2 = qf * dq2
-    dw = torch.stack([qdq1.sum(), qdq2.sum()]).to(w.dtype)
-    grp = lambda x: x.view(Ttot, Hkv, G, x.shape[-1]).sum(2)  # noqa: E731  (sum over the GQA group)
+    qk_diag = (dpd * qf * kq).sum()
+    dw = torch.stack([qdq1.sum() + qk_diag, qdq2.sum() + qk_diag]).to(w.dtype)
+    dq_diag = grp(dpd * qf)
     dk1, dk2 = grp(dk1), grp(dk2)
-    dk = (dk1 + dk2).to(k.dtype)
+    dk = (dk1 + dk2 + (wf[0] + wf[1]) * dq_diag).to(k.dtype)
     dv = grp(dvp).to(v.dtype)
-    kf = k.float()
     dB1 = wf[0] * grp(qdq1) - kf * dk1
     dB2 = wf[1] * grp(qdq2) - kf * dk2
     dg1 = _reverse_cumsum_per_seq(dB1, plan)
