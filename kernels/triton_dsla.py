@@ -44,6 +44,20 @@ class _Plan:
             self.tok_seq = torch.repeat_interleave(torch.arange(n_seq, device=dev), torch.tensor(lens, device=dev))
 
 
+_PLANS: dict = {}
+
+
+def _fixed_plan(B, T, dev):
+    """Plans of fixed-length batches are reused: building one costs a few small launches."""
+    key = (B, T, str(dev))
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) > 64:
+            _PLANS.clear()
+        plan = _PLANS[key] = _Plan(torch.arange(B + 1, device=dev, dtype=torch.int32) * T, B, None, B, T)
+    return plan
+
+
 def _blocks(Dk, Dv):
     BKs = max(16, min(64, triton.next_power_of_2(Dk)))  # state walk: 64x64 tiles keep 2 states in registers
     BVs = max(16, min(64, triton.next_power_of_2(Dv)))
@@ -186,7 +200,7 @@ def dsla_chunk_fused(q, k, v, g1, g2, w, s1=None, s2=None, scale=None, cu_seqlen
     scale = Dk ** -0.5 if scale is None else float(scale)
     dev = q.device
     if cu_seqlens is None:
-        plan = _Plan(torch.arange(B + 1, device=dev, dtype=torch.int32) * T, B, None, B, T)
+        plan = _fixed_plan(B, T, dev)
         N = B
     else:
         if B != 1:

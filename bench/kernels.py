@@ -1,0 +1,310 @@
+"""Benchmark of the fused DSLA kernels against their peers, on one GPU, in one run.
+
+    python bench/kernels.py [--quick] [--out bench/results]
+
+Writes kernels.json (every number) and kernels.md (tables) naming the card, the
+command and the date. Everything compared is measured in this same run:
+  ceiling  device-to-device copy bandwidth (bytes read + written)
+  decode   DSLA fused step over slot pools   vs 2x fla fused_recurrent_gla (T=1)
+           and SDPA attention decode over a KV cache of 4K / 16K context
+  prefill  DSLA fused chunked forward and backward   vs 2x fla chunk_gla (fwd, fwd+bwd)
+           and SDPA causal (flash) prefill
+32 heads, head dim 128, bf16 inputs, fp32 states and gates. Times are medians of
+CUDA-event-timed repeats after warm-up (triton.testing.do_bench, which flushes L2
+between repeats). Decode steps are captured in a CUDA graph (as the engine runs
+them) over enough rotating copies of the state pools that L2 cannot hold them.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kernels.triton_dsla import dsla_chunk_fused, dsla_decode_fused  # noqa: E402
+
+H, D = 32, 128
+DEV = "cuda"
+GiB = 1 << 30
+
+
+def bench_ms(fn, rep=100):
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def graph_ms(calls):
+    """Per-call time of `calls` (closures on distinct buffers) replayed from one CUDA graph."""
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        for c in calls:
+            c()
+    return bench_ms(g.replay) / len(calls)
+
+
+def copy_bandwidth():
+    n = 2 * GiB
+    a = torch.empty(n, dtype=torch.uint8, device=DEV).random_()
+    b = torch.empty_like(a)
+    ms = bench_ms(lambda: b.copy_(a))
+    del a, b
+    return 2 * n / ms / 1e9  # TB/s: read + write
+
+
+def gates(shape, gen=None):
+    # history gate near "remember", recency gate near "forget fast" (the model's init)
+    g1 = F.logsigmoid(torch.randn(shape, device=DEV) + 3) / 16
+    g2 = F.logsigmoid(torch.randn(shape, device=DEV) - 2)
+    return g1, g2
+
+
+def decode_rows(B, bw, fla, rows):
+    Hkv = H
+    state_bytes = 2 * B * Hkv * D * D * 4  # both states, fp32
+    io_bytes = B * H * D * 2 * 3 + B * H * D * 4 * 2 + B * H * D * 2  # q k v (bf16), g1 g2 (fp32), o
+    bytes_ = 2 * state_bytes + io_bytes  # states read and written
+    copies = max(1, math.ceil(400e6 / state_bytes))  # rotate past L2 (50-60 MB)
+    w = torch.softmax(torch.randn(2, device=DEV), 0)
+    sets = []
+    for _ in range(copies):
+        q = torch.randn(B, H, D, device=DEV, dtype=torch.bfloat16)
+        k = (torch.randn(B, Hkv, D, device=DEV) / D ** 0.5).bfloat16()
+        v = torch.randn(B, Hkv, D, device=DEV, dtype=torch.bfloat16)
+        g1, g2 = gates((B, Hkv, D))
+        p1 = torch.randn(B + 8, Hkv, D, D, device=DEV)
+        p2 = torch.randn_like(p1)
+        slots = torch.randperm(B + 8, device=DEV)[:B]
+        sets.append((q, k, v, g1, g2, p1, p2, slots))
+    ms = graph_ms([lambda s=s: dsla_decode_fused(*s[:5], w, *s[5:]) for s in sets])
+    rows.append(dict(op="decode", impl="dsla fused (both states, in place)", B=B, ms=ms, bytes=bytes_,
+                     TBps=bytes_ / ms / 1e9, floor_ms=bytes_ / bw / 1e9, pct_of_copy=100 * bytes_ / ms / 1e9 / bw,
+                     graph_copies=copies))
+    print(rows[-1], flush=True)
+    if fla is not None:
+        fsets = [(q[:, None], k[:, None], v[:, None], g1[:, None], g2[:, None], p1[:B].contiguous(),
+                  p2[:B].contiguous()) for (q, k, v, g1, g2, p1, p2, _) in sets]
+
+        def two_fla(s):
+            q, k, v, g1, g2, s1, s2 = s
+            fla.fused_recurrent_gla(q, k, v, gk=g1, initial_state=s1, output_final_state=True)
+            fla.fused_recurrent_gla(q, k, v, gk=g2, initial_state=s2, output_final_state=True)
+
+        try:
+            ms = graph_ms([lambda s=s: two_fla(s) for s in fsets])
+            how = "graph"
+        except Exception as e:  # noqa: BLE001
+            print("fla decode not capturable:", e)
+            ms = bench_ms(lambda: two_fla(fsets[0]))
+            how = "eager"
+        rows.append(dict(op="decode", impl="2x fla fused_recurrent_gla", B=B, ms=ms, bytes=bytes_,
+                         TBps=bytes_ / ms / 1e9, floor_ms=bytes_ / bw / 1e9,
+                         pct_of_copy=100 * bytes_ / ms / 1e9 / bw, timing=how))
+        print(rows[-1], flush=True)
+    del sets
+    for ctx in (4096, 16384):
+        kv_bytes = 2 * B * H * ctx * D * 2
+        if kv_bytes > 24 * GiB:
+            continue
+        copies = max(1, math.ceil(400e6 / kv_bytes))
+        asets = [(torch.randn(B, H, 1, D, device=DEV, dtype=torch.bfloat16),
+                  torch.randn(B, H, ctx, D, device=DEV, dtype=torch.bfloat16),
+                  torch.randn(B, H, ctx, D, device=DEV, dtype=torch.bfloat16)) for _ in range(copies)]
+        ms = graph_ms([lambda s=s: F.scaled_dot_product_attention(*s) for s in asets])
+        rows.append(dict(op="decode", impl=f"SDPA attention, KV cache ctx={ctx}", B=B, ms=ms, bytes=kv_bytes,
+                         TBps=kv_bytes / ms / 1e9, floor_ms=kv_bytes / bw / 1e9,
+                         pct_of_copy=100 * kv_bytes / ms / 1e9 / bw))
+        print(rows[-1], flush=True)
+        del asets
+    torch.cuda.empty_cache()
+
+
+def prefill_rows(T, bw, fla, rows, backward=True):
+    q = torch.randn(1, T, H, D, device=DEV, dtype=torch.bfloat16)
+    k = (torch.randn(1, T, H, D, device=DEV) / D ** 0.5).bfloat16()
+    v = torch.randn(1, T, H, D, device=DEV, dtype=torch.bfloat16)
+    g1, g2 = gates((1, T, H, D))
+    w = torch.softmax(torch.randn(2, device=DEV), 0)
+    bytes_ = T * H * D * (2 * 4 + 4 * 2) + 2 * H * D * D * 4  # q k v o bf16, g1 g2 fp32, final states
+    base = dict(op="prefill", T=T, bytes=bytes_, floor_ms=bytes_ / bw / 1e9)
+
+    def add(impl, ms, **kw):
+        rows.append(dict(base, impl=impl, ms=ms, TBps=bytes_ / ms / 1e9, **kw))
+        print(rows[-1], flush=True)
+
+    add("dsla fused fwd (both states)", bench_ms(lambda: dsla_chunk_fused(q, k, v, g1, g2, w)))
+    if fla is not None:
+        add("2x fla chunk_gla fwd", bench_ms(lambda: (fla.chunk_gla(q, k, v, g1, output_final_state=True),
+                                                      fla.chunk_gla(q, k, v, g2, output_final_state=True))))
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
+    add("SDPA causal (flash) fwd", bench_ms(lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)))
+    if backward:
+        xs = [x.clone().requires_grad_(True) for x in (q, k, v, g1, g2, w)]
+        do = torch.randn_like(q)
+
+        def fwd_bwd():
+            o, _, _ = dsla_chunk_fused(*xs)
+            torch.autograd.grad(o, xs, do)
+
+        add("dsla fused fwd+bwd", bench_ms(fwd_bwd, rep=50))
+        if fla is not None:
+            fx = [x.clone().requires_grad_(True) for x in (q, k, v, g1, g2)]
+
+            def fla_fwd_bwd():
+                o1, _ = fla.chunk_gla(fx[0], fx[1], fx[2], fx[3])
+                o2, _ = fla.chunk_gla(fx[0], fx[1], fx[2], fx[4])
+                torch.autograd.grad(o1 * w[0] + o2 * w[1], fx, do)
+
+            add("2x fla chunk_gla fwd+bwd", bench_ms(fla_fwd_bwd, rep=50))
+        qs, ks, vs = (x.clone().requires_grad_(True) for x in (qh, kh, vh))
+        dh = do.transpose(1, 2)
+
+        def sdpa_fwd_bwd():
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+            torch.autograd.grad(o, (qs, ks, vs), dh)
+
+        add("SDPA causal (flash) fwd+bwd", bench_ms(sdpa_fwd_bwd, rep=50))
+    del q, k, v, g1, g2
+    torch.cuda.empty_cache()
+
+
+def strong_decay_row(T, bw, rows):
+    """Cost of the exact fallback: every sub-chunk decays by more than RANGE_MAX."""
+    q = torch.randn(1, T, H, D, device=DEV, dtype=torch.bfloat16)
+    k = (torch.randn(1, T, H, D, device=DEV) / D ** 0.5).bfloat16()
+    v = torch.randn(1, T, H, D, device=DEV, dtype=torch.bfloat16)
+    g1, _ = gates((1, T, H, D))
+    g2 = torch.full((1, T, H, D), -10.0, device=DEV)
+    w = torch.softmax(torch.randn(2, device=DEV), 0)
+    bytes_ = T * H * D * (2 * 4 + 4 * 2)
+    ms = bench_ms(lambda: dsla_chunk_fused(q, k, v, g1, g2, w))
+    rows.append(dict(op="prefill", T=T, impl="dsla fused fwd, recency gate -10/step (exact path)", ms=ms,
+                     bytes=bytes_, TBps=bytes_ / ms / 1e9, floor_ms=bytes_ / bw / 1e9))
+    print(rows[-1], flush=True)
+
+
+def write(out, meta, rows):
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "kernels.json"), "w") as f:
+        json.dump(dict(meta, rows=rows), f, indent=1)
+    L = [f"# DSLA kernel benchmark on {meta['card']}", "",
+         f"- command: `{meta['command']}`", f"- date: {meta['date']}",
+         f"- torch {meta['torch']}, triton {meta['triton']}, fla {meta['fla']}",
+         f"- copy bandwidth (read + written), same run: **{meta['copy_TBps']:.2f} TB/s**",
+         "- shapes: 32 heads, head dim 128, bf16 q/k/v, fp32 gates and states; medians of do_bench", ""]
+    L += ["## Decode (one token per sequence)", "",
+          "| B | impl | time (us) | bytes moved (MB) | TB/s | % of copy | floor (us) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["op"] == "decode":
+            L.append(f"| {r['B']} | {r['impl']} | {r['ms'] * 1e3:.1f} | {r['bytes'] / 1e6:.1f} | {r['TBps']:.2f} "
+                     f"| {r['pct_of_copy']:.0f}% | {r['floor_ms'] * 1e3:.1f} |")
+    L += ["", "## Prefill (B = 1)", "",
+          "| T | impl | time (ms) | floor (ms, bytes / copy bw) |", "|---|---|---|---|"]
+    for r in rows:
+        if r["op"] == "prefill":
+            L.append(f"| {r['T']} | {r['impl']} | {r['ms']:.3f} | {r['floor_ms']:.3f} |")
+    L += ["", "## Targets (issue 3)", ""] + [f"- {t}" for t in meta.get("targets", [])]
+    with open(os.path.join(out, "kernels.md"), "w") as f:
+        f.write("\n".join(L) + "\n")
+
+
+def targets(rows, bw):
+    def get(op, impl, **kw):
+        for r in rows:
+            if r["op"] == op and r["impl"].startswith(impl) and all(r.get(a) == b for a, b in kw.items()):
+                return r
+        return None
+
+    out = []
+    for B in (64, 256):
+        r = get("decode", "dsla fused", B=B)
+        if r:
+            out.append(f"decode B={B}: {r['pct_of_copy']:.0f}% of copy bandwidth (target >= 70%): "
+                       f"{'MET' if r['pct_of_copy'] >= 70 else 'MISSED'}")
+    a, b = get("decode", "dsla fused", B=16), get("decode", "2x fla", B=16)
+    if a and b:
+        x = b["ms"] / a["ms"]
+        out.append(f"decode B=16: {x:.1f}x faster than 2x fla fused_recurrent_gla (target >= 4x): "
+                   f"{'MET' if x >= 4 else 'MISSED'}")
+    a, b, c = (get("prefill", n, T=16384) for n in ("dsla fused fwd (", "2x fla chunk_gla fwd", "SDPA causal (flash) fwd"))
+    if a and b:
+        x = b["ms"] / a["ms"]
+        out.append(f"prefill T=16K: {x:.2f}x faster than 2x fla chunk_gla (target >= 1.5x): {'MET' if x >= 1.5 else 'MISSED'}")
+    if a and c:
+        x = c["ms"] / a["ms"]
+        out.append(f"prefill T=16K: {x:.2f}x SDPA causal's speed (target > 1x): {'MET' if x > 1 else 'MISSED'}")
+    fb = get("prefill", "dsla fused fwd+bwd", T=16384)
+    if a and fb:
+        x = (fb["ms"] - a["ms"]) / a["ms"]
+        out.append(f"backward T=16K: {x:.2f}x its forward (target <= 3x): {'MET' if x <= 3 else 'MISSED'}")
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--quick", action="store_true", help="fewer sizes")
+    args = ap.parse_args()
+    try:
+        import fla.ops.gla as fla
+        import fla as fla_pkg
+
+        fla_version = getattr(fla_pkg, "__version__", "?")
+    except Exception as e:  # noqa: BLE001
+        print("fla not importable:", e)
+        fla, fla_version = None, None
+    import triton
+
+    meta = dict(card=torch.cuda.get_device_name(), command="python " + " ".join(sys.argv),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                torch=torch.__version__, triton=triton.__version__, fla=fla_version)
+    torch.manual_seed(0)
+    bw = copy_bandwidth()
+    meta["copy_TBps"] = bw
+    print(meta, flush=True)
+    rows: list = []
+    t0 = time.time()
+    for B in ((16, 64) if args.quick else (1, 16, 64, 256)):
+        try:
+            decode_rows(B, bw, fla, rows)
+        except Exception as e:  # noqa: BLE001
+            rows.append(dict(op="decode", B=B, impl="ERROR", error=repr(e)[:300], ms=float("nan"), bytes=0,
+                             TBps=0, floor_ms=0, pct_of_copy=0))
+            print("decode error", B, e, flush=True)
+        write(args.out, meta, rows)
+    for T in ((4096, 16384) if args.quick else (1024, 2048, 4096, 8192, 16384, 32768)):
+        try:
+            prefill_rows(T, bw, fla, rows, backward=T in (4096, 16384))
+        except Exception as e:  # noqa: BLE001
+            rows.append(dict(op="prefill", T=T, impl="ERROR " + repr(e)[:300], ms=float("nan"), floor_ms=0))
+            print("prefill error", T, e, flush=True)
+        write(args.out, meta, rows)
+    try:
+        strong_decay_row(4096, bw, rows)
+    except Exception as e:  # noqa: BLE001
+        print("strong decay error", e, flush=True)
+    meta["targets"] = targets(rows, bw)
+    meta["seconds"] = time.time() - t0
+    write(args.out, meta, rows)
+    print(open(os.path.join(args.out, "kernels.md")).read())
+
+
+if __name__ == "__main__":
+    main()
