@@ -137,6 +137,26 @@ def engine_step_time(eng, batch, ctx):
     return statistics.median(ts)
 
 
+def profile_steps(eng, hyb, path):
+    """Kernel time breakdown of 75%-converted decode steps at batch 4, 16K (graph replays)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    eng.set_conversion(list(range(round(0.75 * hyb.num_layers))))
+    add_prefilled(eng, 4, CONTEXTS[1], 20)
+    for _ in range(3):
+        eng.step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            eng.step()
+        torch.cuda.synchronize()
+    for rid in list(eng.requests):
+        eng.abort(rid)
+    eng.step()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    open(path, "w").write("5 engine steps, 75% conversion, batch 4, 16K context\n" + table)
+    print(table[:6000], flush=True)
+
+
 def step_bytes(weight_bytes, hyb, n_dsla, batch, ctx):
     """What one decode step must move: every weight once, each attention layer's KV once,
     each DSLA state pair read and written once."""
@@ -216,6 +236,8 @@ def run(args):
                                          "swap_ms": swap_s * 1e3})
             print(res["max_occupancy"][-1], flush=True)
     res["graph_captures"] = eng.graphs.captures if eng.graphs else 0
+    if args.profile and DEV == "cuda":
+        profile_steps(eng, hyb, os.path.join(args.out, "engine_profile.txt"))
     res["targets"] = targets(res)
     return res
 
@@ -305,6 +327,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--quick", action="store_true", help="a few configurations only (a smoke run)")
     ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="also write a kernel-time profile (engine_profile.txt)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU: checks the script runs")
     args = ap.parse_args()
     if args.cpu_smoke:

@@ -18,6 +18,7 @@ Two entry points:
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,7 @@ class ModelRunner:
         t = self.inner.layers[0].self_attn.teacher
         self.scale = getattr(t, "scaling", None) or self.D ** -0.5
         self.fused_decode = self.device.type == "cuda" and _have_fused_kernels()
+        self._consts = weakref.WeakKeyDictionary()  # DSLA module -> (mix weights, head scales)
         if self.fused_decode:
             self._fuse_weights()
 
@@ -202,6 +204,26 @@ class ModelRunner:
             return F.linear(h, w)
         return torch.cat([t.q_proj(h), t.k_proj(h), t.v_proj(h)], dim=-1)
 
+    @staticmethod
+    def _plain_gates(mod) -> bool:
+        """The fused DSLA path covers the default layer: low-rank gates with an up bias, no deltas."""
+        return mod.deltas is None and mod.gate1.up.bias is not None and mod.gate2.up.bias is not None
+
+    @staticmethod
+    def _gate_w(g):
+        return g.down.weight, g.up.weight, g.up.bias
+
+    def _frozen_consts(self, mod):
+        """Mixing weights and head scales of a served DSLA module, computed once (outside any
+        graph capture: the first eager warm-up fills this). Served modules are frozen: new
+        weights arrive as new module objects (set_conversion), never as in-place edits."""
+        c = self._consts.get(mod)
+        if c is None:
+            with torch.no_grad():
+                c = (mod.mix_weights().detach().contiguous(), mod.log_head_scale.exp().to(self.dtype).detach())
+            self._consts[mod] = c
+        return c
+
     def _forward_decode_fused(self, conf, ids, pos, tables, slots, num_splits):
         """The CUDA decode step with fused kernels (residual+RMSNorm, RoPE+cache write, paged
         attention, DSLA input prep, SiLU*up); same math as the op-by-op form, rounded once
@@ -229,12 +251,14 @@ class ModelRunner:
                                          self.pool.kv, wblk[i], woff)
                 o = paged_decode_attention(q, self.pool.kv, tables[i], lens, self.scale, num_splits)
                 a = t.o_proj(o.view(B, nq))
-            elif mod.deltas is None:
-                q, k, v, g1, g2 = dsla_prep(self._qkv_flat(i, t, h), mod.gate1(h), mod.gate2(h), cos, sin,
-                                            self.Hq, self.Hkv, GATE_NORMALIZER, GATE_FLOOR)
-                o = dsla_decode_slots(q, k, v, g1, g2, mod.mix_weights(), self.pool.s1, self.pool.s2, slots[i],
+            elif self._plain_gates(mod):
+                w, head_scale = self._frozen_consts(mod)
+                q, k, v, g1, g2 = dsla_prep(self._qkv_flat(i, t, h), h, self._gate_w(mod.gate1),
+                                            self._gate_w(mod.gate2), cos, sin, self.Hq, self.Hkv,
+                                            GATE_NORMALIZER, GATE_FLOOR)
+                o = dsla_decode_slots(q, k, v, g1, g2, w, self.pool.s1, self.pool.s2, slots[i],
                                       1.0 / math.sqrt(self.D))
-                a = mod.finish(o[:, None])[:, 0]
+                a = t.o_proj((o * head_scale[:, None]).view(B, nq))
             else:
                 q, k, v, g1, g2 = mod.project(h[:, None], cos[:, None], sin[:, None])
                 o = dsla_decode_slots(q[:, 0], k[:, 0], v[:, 0], g1[:, 0], g2[:, 0], mod.mix_weights(),
