@@ -55,7 +55,7 @@ class ConversionController:
         self.metrics = ControllerMetrics(self.num_layers)
         self.distill = DistillPool(cfg, self.store_path, self.metrics)
         self._refresh_store()
-        self.distill.start()
+        self.distill.start(serve.get_replica_context().app_name)
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     # -- called by replicas and the ingress --------------------------------

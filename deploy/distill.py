@@ -19,6 +19,7 @@ from deploy.resilience import describe
 
 log = logging.getLogger("ray.serve")
 STATUS_TIMEOUT_S = 10.0
+NAMESPACE = "dsla-serve"  # distill workers are named actors here
 
 
 class DistillPool:
@@ -32,29 +33,35 @@ class DistillPool:
         from distill_workers.worker import DistillWorker
 
         d = self.cfg.distill
-        handle = DistillWorker.options(num_cpus=d.num_cpus, num_gpus=d.num_gpus).remote(model=self.cfg.model, store=self.store_path,
-                                                      **d.worker_kwargs)
-        if hasattr(handle, "start"):
-            handle.start.remote()
+        # named, so operators (and tests) can find a worker: ray.get_actor(name, namespace=NAMESPACE)
+        handle = DistillWorker.options(name=name, namespace=NAMESPACE, num_cpus=d.num_cpus,
+                                       num_gpus=d.num_gpus).remote(
+            model=self.cfg.model, store=self.store_path, **d.worker_kwargs)
+        handle.start.remote()  # idempotent; the worker also starts itself
         return handle
 
-    def start(self):
+    def start(self, app_name: str = "app"):
         if self.cfg.distill.num_workers and not self.store_path:
             log.error("distill.num_workers is set but there is no layer store to publish into: not started")
             return
         for i in range(self.cfg.distill.num_workers):
-            self.workers[f"distill-{i}"] = self._new_worker(f"distill-{i}")
+            name = f"dsla-distill-{app_name}-{i}"
+            self.workers[name] = self._new_worker(name)
 
     async def poll(self):
         for name, handle in list(self.workers.items()):
             try:
                 st = await asyncio.wait_for(handle.status.remote(), STATUS_TIMEOUT_S)
-            except asyncio.TimeoutError:
-                continue  # busy publishing; not dead
-            except ray.exceptions.RayActorError as e:
+            except (asyncio.TimeoutError, ray.exceptions.ActorUnavailableError):
+                continue  # busy, or being restarted by Ray itself (max_restarts): not dead
+            except ray.exceptions.RayActorError as e:  # dead for good (e.g. ray.kill): replace it
                 log.warning("distill worker %s died (%s); starting a new one", name, describe(e))
                 self.status[name] = {"state": "restarting", "error": describe(e)}
-                self.workers[name] = self._new_worker(name)
+                try:
+                    self.workers[name] = self._new_worker(name)
+                except ValueError as e2:  # the dead one's name is not released yet: next poll
+                    log.warning("cannot restart %s yet: %s", name, e2)
+                    continue
                 self.restarts += 1
                 self.metrics.distill_restarts.inc(1)
                 continue
@@ -65,7 +72,7 @@ class DistillPool:
             self.metrics.distill(name, self.status[name])
 
     async def snapshot(self) -> dict:
-        return {"workers": dict(self.status), "restarts": self.restarts}
+        return {"workers": dict(self.status), "restarts": self.restarts, "namespace": NAMESPACE}
 
     def stop(self):
         for handle in self.workers.values():

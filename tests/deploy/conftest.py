@@ -92,7 +92,7 @@ def app_config(model_dir: str, store: str, **overrides) -> dict:
             "cooldown_s": 0.75, "step_layers": 1, "max_ratio": 0.75}},
     }
     for key, value in overrides.items():
-        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
     return cfg
 
 
