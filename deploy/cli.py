@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # module -> subcommands it registers
-_COMMAND_MODULES = ["deploy.commands_model", "deploy.commands_distill"]
+_COMMAND_MODULES = ["deploy.commands_model", "deploy.commands_distill", "deploy.commands_serve"]
 
 
 class CLIError(Exception):

@@ -144,14 +144,23 @@ class AppConfig(_Strict):
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None) -> AppConfig:
-    """AppConfig from a YAML file (the whole file, or its `dsla_serve:` key) plus overrides."""
+    """AppConfig from a YAML file plus dotted overrides.
+
+    The file is either the config itself or a Serve config (`serve run` / `serve
+    deploy`) whose first application's `args` hold it, so one file serves every
+    entry point.
+    """
     data: dict = {}
     if path is not None:
         with open(path) as f:
             data = yaml.safe_load(f) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping at the top level")
-        data = data.get("dsla_serve", data)
+        if "applications" in data:
+            data = dict(data["applications"][0].get("args") or {})
+            nested = data.pop("config", None)
+            if nested is not None:
+                return load_config(Path(path).parent / nested, {**data, **(overrides or {})})
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
     return AppConfig.model_validate(data)
