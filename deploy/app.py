@@ -50,8 +50,9 @@ def num_layers(cfg: AppConfig) -> int:
 def build_app(config: AppConfig | dict | None = None):
     cfg = config if isinstance(config, AppConfig) else AppConfig.model_validate(config or {})
     data = cfg.model_dump()  # plain data travels to the actors; each validates it again
-    controller = ConversionController.options(ray_actor_options={"num_cpus": cfg.controller.num_cpus}).bind(
-        data, num_layers(cfg))
+    # no access log for the controller: every replica reports to it twice a second
+    controller = ConversionController.options(ray_actor_options={"num_cpus": cfg.controller.num_cpus},
+                                              logging_config={"enable_access_log": False}).bind(data, num_layers(cfg))
     llm = LLMReplica.options(**llm_options(cfg)).bind(data, controller)
     return OpenAIIngress.options(**ingress_options(cfg)).bind(data, llm, controller)
 

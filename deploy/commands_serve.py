@@ -1,12 +1,17 @@
 """`dsla-serve run`: start (or join) Ray, deploy the application, serve until Ctrl-C."""
 from __future__ import annotations
 
+import signal
 import sys
 import time
 
 from deploy.cli import CLIError
 
 APP_NAME = "dsla"
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _config(args):
@@ -47,6 +52,8 @@ def cmd_run(args) -> int:
         "include_dashboard": not args.no_dashboard, "dashboard_host": "127.0.0.1"}
     if args.metrics_port and not args.address:
         init["_metrics_export_port"] = args.metrics_port
+    # `docker stop`, systemd and CI send SIGTERM: shut Serve and Ray down as on Ctrl-C
+    signal.signal(signal.SIGTERM, _interrupt)
     info = ray.init(**init)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})

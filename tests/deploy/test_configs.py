@@ -1,0 +1,80 @@
+"""cluster.yaml passes Ray's own cluster-config validation; the Serve configs pass Serve's
+schema and build a valid AppConfig; the CLI parses and refuses bad configs."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deploy.config import AppConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_cluster_yaml_passes_ray_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    config = prepare_config(copy.deepcopy(raw))
+    validate_config(config)  # raises on any schema error
+    types = config["available_node_types"]
+    assert types[config["head_node_type"]]["resources"].get("GPU", 0) == 0
+    gpu = [t for t in types.values() if t["resources"].get("GPU", 0) >= 1]
+    assert gpu and all(t["max_workers"] >= 1 for t in gpu)
+    setup = " ".join(config["setup_commands"])
+    assert "pip install" in setup and "-e" in setup  # installs this project
+    assert any("serve deploy deploy/serve_config_gpu.yaml" in c for c in config["head_start_ray_commands"])
+
+
+def test_cluster_yaml_with_a_typo_is_refused():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    raw["max_wrokers"] = 3
+    with pytest.raises(Exception):
+        validate_config(prepare_config(raw))
+
+
+@pytest.mark.parametrize("name", ["serve_config.yaml", "serve_config_gpu.yaml"])
+def test_serve_configs_pass_serve_schema(name):
+    from ray.serve.schema import ServeDeploySchema
+
+    path = ROOT / "deploy" / name
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    assert schema.applications[0].import_path == "deploy.app:app_builder"
+    cfg = load_config(path)
+    assert isinstance(cfg, AppConfig) and cfg.model == "default"
+
+
+def test_gpu_config_asks_for_gpus_and_autoscaling():
+    from deploy.app import ingress_options, llm_options
+
+    cfg = load_config(ROOT / "deploy" / "serve_config_gpu.yaml")
+    opts = llm_options(cfg)
+    assert opts["ray_actor_options"]["num_gpus"] == 1
+    assert opts["autoscaling_config"]["max_replicas"] == 4 and "num_replicas" not in opts
+    assert ingress_options(cfg)["backpressure_config"].retry_after_s >= 1
+
+
+def test_overrides_and_refusals(tmp_path):
+    cfg = load_config(ROOT / "deploy" / "serve_config.yaml", {"replica.num_replicas": 3, "engine.max_running": "8"})
+    assert cfg.replica.num_replicas == 3 and cfg.engine.max_running == 8
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: default\nreplica: {num_gpu: 1}\n")  # typo: refused, not ignored
+    with pytest.raises(ValueError):
+        load_config(bad)
+
+
+def test_cli_run_is_registered_and_refuses_bad_config(tmp_path, capsys):
+    from deploy.cli import build_parser, main
+
+    args = build_parser().parse_args(["run", "--config", "x.yaml", "--host", "127.0.0.1", "--port", "8001"])
+    assert args.command == "run" and args.port == 8001
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("policy: {max_ratio: 3}\n")
+    assert main(["run", "--config", str(bad)]) == 2
+    assert main(["run", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert main(["run", "--set", "replica.num_gpus=-1"]) == 2
+    assert "error" in capsys.readouterr().err
