@@ -53,6 +53,14 @@ def capture_all_layers(hybrid, blocks: torch.Tensor, layers) -> dict[int, LayerD
     return {i: LayerData(torch.cat(g["x"]), torch.cat(g["y"]), pe["cos"][:1], pe["sin"][:1]) for i, g in got.items()}
 
 
+def damage_blocks(tokenizer, cfg: DistillConfig, n: int = 2) -> torch.Tensor:
+    """Training-split blocks that distillation never trains on (offset from its stride)."""
+    from dsla_model.corpus import token_blocks
+
+    blocks = token_blocks(tokenizer, "train", cfg.block_size, cfg.train_blocks * 5 + 5)
+    return torch.tensor(blocks[2::5][:n])
+
+
 def main(argv=None) -> int:
     from dsla_model.dsla_attention import DSLAConfig
     from dsla_model.evaluation import TeacherReference, text_blocks
@@ -67,6 +75,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-blocks", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--gate-ranks", default="4,64")
+    ap.add_argument("--store", default=None, help="also publish the independently distilled layers here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     hf, tok, model_id = load_model("default")
@@ -107,29 +116,49 @@ def main(argv=None) -> int:
             json.dump(results, f, indent=1)
 
     base = DSLAConfig(**DEFAULT_DSLA)
-    quarter = layers_for_conversion(sens, 0.25)
-    # 1) configs on the first 25% of the sensitivity order (cheapest, most informative first)
-    mods_base = distil(quarter, base)
-    results["config"].append({"variant": f"DSLA (2 states), gate rank {base.gate_rank}", **score(mods_base, quarter)})
+    # 1) every layer distilled once on teacher inputs, kept in a store for reuse
+    all_mods = distil(range(n), base)
+    if args.store:
+        from dsla_model.layer_store import LayerStore
+
+        st = LayerStore(args.store)
+        st.init(model_id, hybrid.fingerprint, sens, base)
+        for i, mod in all_mods.items():
+            st.publish(i, mod.state_dict(), {"mode": "independent"})
+    # 2) measured damage: KL when a layer alone is converted, on held-out *training* text
+    #    (never the evaluation blocks), lowest first = a data-driven conversion order
+    dmg_ref = TeacherReference(hybrid, damage_blocks(tok, cfg))
+    damage = {}
+    for i in range(n):
+        hybrid.set_dsla_layers([])
+        hybrid.install(i, all_mods[i])
+        hybrid.convert(i)
+        damage[i] = round(dmg_ref.score(hybrid)["kl"], 5)
+        log(f"damage layer {i}: kl {damage[i]}")
+    hybrid.set_dsla_layers([])
+    damage_order = sorted(range(n), key=lambda i: (damage[i], i))
+    results["damage"] = {"kl_alone": damage, "order": damage_order}
     save()
-    mods_one = distil(quarter, base, one_state=True)
-    results["config"].append({"variant": "one state (GLA-like)", **score(mods_one, quarter)})
-    save()
-    for r in [int(x) for x in args.gate_ranks.split(",") if x]:
-        d = DSLAConfig(**{**DEFAULT_DSLA, "gate_rank": r})
-        results["config"].append({"variant": f"DSLA, gate rank {r}", **score(distil(quarter, d), quarter)})
-        save()
-    # 2) orders: every layer distilled once, orders differ only in which layers they pick
-    all_mods = dict(mods_base)
-    all_mods.update(distil([i for i in range(n) if i not in all_mods], base))
-    for kind in ("sensitivity", "reverse", "random"):
-        order = layer_order(kind, sens, seed=0)
+    # 3) orders: the same layers, orders differ only in which layers they pick
+    orders = {"entropy (sensitivity)": sens, "measured damage": damage_order,
+              "reverse entropy": layer_order("reverse", sens), "random": layer_order("random", sens, seed=0)}
+    for kind, order in orders.items():
         for ratio in (0.25, 0.5):
             layers = layers_for_conversion(order, ratio)
             results["order"].append({"order": kind, "conversion": ratio, "dsla_layers": layers,
                                      **score(all_mods, layers)})
             save()
             log(results["order"][-1])
+    # 4) configs on the first 25% of the entropy order, same budget
+    quarter = layers_for_conversion(sens, 0.25)
+    results["config"].append({"variant": f"DSLA (2 states), gate rank {base.gate_rank}", **score(all_mods, quarter)})
+    save()
+    results["config"].append({"variant": "one state (GLA-like)", **score(distil(quarter, base, one_state=True), quarter)})
+    save()
+    for r in [int(x) for x in args.gate_ranks.split(",") if x]:
+        d = DSLAConfig(**{**DEFAULT_DSLA, "gate_rank": r})
+        results["config"].append({"variant": f"DSLA, gate rank {r}", **score(distil(quarter, d), quarter)})
+        save()
     save()
     print(json.dumps(results, indent=1))
     return 0
