@@ -206,29 +206,24 @@ def silu_mul(x):
 
 
 @triton.jit
-def _low_rank_gate(X, Wd, Wu, Bu, G, b, hk, H, R, s_x, gate_norm, gate_floor,
-                   RP: tl.constexpr, BH: tl.constexpr, D: tl.constexpr, HKV: tl.constexpr):
-    """One kv head's log decays: max(logsigmoid(Wu[hk rows] @ (Wd @ x) + Bu) / norm, floor)."""
+def _gate_up(T, Wu, Bu, G, b, hk, R, s_t, OUT_DTYPE: tl.constexpr, RP: tl.constexpr, D: tl.constexpr,
+             HKV: tl.constexpr, gate_norm, gate_floor):
+    """One kv head's log decays from the (already computed) low-rank code t = down(x):
+    max(logsigmoid(Wu[hk rows] @ t + Bu) / norm, floor)."""
     rr = tl.arange(0, RP)
-    acc = tl.zeros([RP], tl.float32)
-    for c0 in range(0, H, BH):
-        cc = c0 + tl.arange(0, BH)
-        xv = tl.load(X + b * s_x + cc, mask=cc < H, other=0.0).to(tl.float32)
-        w = tl.load(Wd + rr[:, None] * H + cc[None, :], mask=(rr[:, None] < R) & (cc[None, :] < H), other=0.0)
-        acc += tl.sum(w.to(tl.float32) * xv[None, :], 1)
-    acc = acc.to(X.dtype.element_ty).to(tl.float32)  # the down projection's output is rounded, as in eager
+    t = tl.load(T + b * s_t + rr, mask=rr < R, other=0.0).to(tl.float32)
     d = tl.arange(0, D)
     wu = tl.load(Wu + (hk * D + d)[:, None] * R + rr[None, :], mask=rr[None, :] < R, other=0.0).to(tl.float32)
-    p = tl.sum(wu * acc[None, :], 1) + tl.load(Bu + hk * D + d).to(tl.float32)
-    p = p.to(X.dtype.element_ty).to(tl.float32)
+    p = tl.sum(wu * t[None, :], 1) + tl.load(Bu + hk * D + d).to(tl.float32)
+    p = p.to(OUT_DTYPE).to(tl.float32)  # the up projection's output is rounded, as in eager
     ls = tl.minimum(p, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(p)))  # logsigmoid, stable
     tl.store(G + (b * HKV + hk) * D + d, tl.maximum(ls / gate_norm, gate_floor))
 
 
 @triton.jit
-def _dsla_prep(QKV, X, Wd1, Wu1, Bu1, Wd2, Wu2, Bu2, Cos, Sin, QO, KO, VO, G1, G2,
-               s_qkv, s_x, s_c, H, R, gate_norm, gate_floor,
-               HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, RP: tl.constexpr, BH: tl.constexpr):
+def _dsla_prep(QKV, T, Wu1, Bu1, Wu2, Bu2, Cos, Sin, QO, KO, VO, G1, G2,
+               s_qkv, s_t, s_c, R, gate_norm, gate_floor,
+               HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, RP: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)  # 0..HQ-1: query heads; then kv heads
     half = tl.arange(0, D // 2)
@@ -245,30 +240,31 @@ def _dsla_prep(QKV, X, Wd1, Wu1, Bu1, Wd2, Wu2, Bu2, Cos, Sin, QO, KO, VO, G1, G
         dst = KO + (b * HKV + hk) * D
         d = tl.arange(0, D)
         tl.store(VO + (b * HKV + hk) * D + d, tl.load(QKV + b * s_qkv + (HQ + HKV + hk) * D + d))
-        _low_rank_gate(X, Wd1, Wu1, Bu1, G1, b, hk, H, R, s_x, gate_norm, gate_floor, RP, BH, D, HKV)
-        _low_rank_gate(X, Wd2, Wu2, Bu2, G2, b, hk, H, R, s_x, gate_norm, gate_floor, RP, BH, D, HKV)
+        _gate_up(T, Wu1, Bu1, G1, b, hk, R, s_t, QO.dtype.element_ty, RP, D, HKV, gate_norm, gate_floor)
+        _gate_up(T + R, Wu2, Bu2, G2, b, hk, R, s_t, QO.dtype.element_ty, RP, D, HKV, gate_norm, gate_floor)
     x1 = tl.load(src + half).to(tl.float32)
     x2 = tl.load(src + D // 2 + half).to(tl.float32)
     tl.store(dst + half, (x1 * c1 - x2 * s1).to(QO.dtype.element_ty))
     tl.store(dst + D // 2 + half, (x2 * c2 + x1 * s2).to(QO.dtype.element_ty))
 
 
-def dsla_prep(qkv, x, gate1, gate2, cos, sin, num_heads, num_kv_heads, gate_norm, gate_floor):
+def dsla_prep(qkv, t, up1, up2, cos, sin, num_heads, num_kv_heads, gate_norm, gate_floor):
     """A DSLA layer's decode inputs in one launch. qkv [B,(Hq+2Hkv)*D]: the q/k/v projections
-    side by side; x [B,H]: the layer's normed input; gate1/gate2: (down weight [R,H], up weight
-    [Hkv*D,R], up bias [Hkv*D]) of the two low-rank gates. Returns q, k (RoPE applied) [B,H,D],
-    v [B,Hkv,D] and the fp32 log decays g1, g2 = max(logsigmoid(gate(x)) / norm, floor) [B,Hkv,D]."""
-    B, H = x.shape
+    side by side; t [B,2R]: both low-rank gates' down projections of the layer input (one GEMV
+    over the two down weights stacked); up1/up2: (up weight [Hkv*D,R], up bias [Hkv*D]).
+    Returns q, k (RoPE applied) [B,H,D], v [B,Hkv,D] and the fp32 log decays
+    g1, g2 = max(logsigmoid(up(t)) / norm, floor) [B,Hkv,D]."""
+    B = qkv.shape[0]
     D = cos.shape[1]
-    R = gate1[0].shape[0]
-    assert qkv.stride(1) == 1 and x.stride(1) == 1 and all(t.is_contiguous() for t in (*gate1, *gate2))
+    R = up1[0].shape[1]
+    assert qkv.stride(1) == 1 and t.stride(1) == 1 and all(x.is_contiguous() for x in (*up1, *up2))
     qo = torch.empty(B, num_heads, D, device=qkv.device, dtype=qkv.dtype)
     ko = torch.empty(B, num_kv_heads, D, device=qkv.device, dtype=qkv.dtype)
     vo = torch.empty_like(ko)
     g1 = torch.empty(B, num_kv_heads, D, device=qkv.device, dtype=torch.float32)
     g2 = torch.empty_like(g1)
     _dsla_prep[(B, num_heads + num_kv_heads)](
-        qkv, x, *gate1, *gate2, cos, sin, qo, ko, vo, g1, g2, qkv.stride(0), x.stride(0), cos.stride(0),
-        H, R, float(gate_norm), float(gate_floor), HQ=num_heads, HKV=num_kv_heads, D=D,
-        RP=max(16, triton.next_power_of_2(R)), BH=256, num_warps=4)
+        qkv, t, *up1, *up2, cos, sin, qo, ko, vo, g1, g2, qkv.stride(0), t.stride(0), cos.stride(0),
+        R, float(gate_norm), float(gate_floor), HQ=num_heads, HKV=num_kv_heads, D=D,
+        RP=max(16, triton.next_power_of_2(R)), num_warps=1)
     return qo, ko, vo, g1, g2

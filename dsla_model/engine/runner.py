@@ -211,7 +211,7 @@ class ModelRunner:
 
     @staticmethod
     def _gate_w(g):
-        return g.down.weight, g.up.weight, g.up.bias
+        return g.up.weight, g.up.bias
 
     def _frozen_consts(self, mod):
         """Mixing weights and head scales of a served DSLA module, computed once (outside any
@@ -220,7 +220,9 @@ class ModelRunner:
         c = self._consts.get(mod)
         if c is None:
             with torch.no_grad():
-                c = (mod.mix_weights().detach().contiguous(), mod.log_head_scale.exp().to(self.dtype).detach())
+                c = (mod.mix_weights().detach().contiguous(), mod.log_head_scale.exp().to(self.dtype).detach(),
+                     # both gates' down projections stacked: one GEMV gives both low-rank codes
+                     torch.cat([mod.gate1.down.weight, mod.gate2.down.weight]).detach().contiguous())
             self._consts[mod] = c
         return c
 
@@ -252,8 +254,8 @@ class ModelRunner:
                 o = paged_decode_attention(q, self.pool.kv, tables[i], lens, self.scale, num_splits)
                 a = t.o_proj(o.view(B, nq))
             elif self._plain_gates(mod):
-                w, head_scale = self._frozen_consts(mod)
-                q, k, v, g1, g2 = dsla_prep(self._qkv_flat(i, t, h), h, self._gate_w(mod.gate1),
+                w, head_scale, down = self._frozen_consts(mod)
+                q, k, v, g1, g2 = dsla_prep(self._qkv_flat(i, t, h), F.linear(h, down), self._gate_w(mod.gate1),
                                             self._gate_w(mod.gate2), cos, sin, self.Hq, self.Hkv,
                                             GATE_NORMALIZER, GATE_FLOOR)
                 o = dsla_decode_slots(q, k, v, g1, g2, w, self.pool.s1, self.pool.s2, slots[i],
