@@ -8,7 +8,8 @@ dS_c = gradient w.r.t. the state at the END of chunk c, dO' = scale * dO.
      backwards carrying both dS in registers:
          dS_{c-1} = exp(b_last) dS_c + w_i sum_{group heads} (q exp(b))^T dO'
      storing dS_c for every chunk and, at the end, the initial states' gradients.
-  2. `_grads_bwd`: per (chunk, query head), in parallel, for both states:
+  2. `_dq_bwd` (per chunk, query head, sub-chunk) and `_dkv_bwd` (per chunk, query
+     head), in parallel, for both states:
          dq~_i = dO' h^T * exp(b) + intra          (unweighted by w_i; dq = sum w_i dq~_i)
          dk_i  = w_i intra + exp(b_last - b) * (v dS^T)   (state part once per group)
      where the intra parts of dq~ and dk leave out the diagonal s = t (added on the host
@@ -23,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.triton_chunk_fwd import load_rows, mm, mm_precise, pair_decay, sub_cumsum
+from kernels.triton_chunk_fwd import load_rows, mm, mm_precise, pair_decay, sub_cumsum, sub_rows
 
 
 @triton.jit
@@ -80,87 +81,121 @@ def _states_bwd(q, g1, g2, w, do, dsT1, dsT2, dS1, dS2, ds01, ds02, cu, coff, sc
 
 
 @triton.jit
-def _one_state_bwd(q, g, h, dS, do, dq_out, dk_out, qq, kk, vv, dd, dv_acc, wi, first,
-                   t, mt, t0, eos, hq, hk, Hq, Hkv, hoff, mst, scale,
-                   Dk: tl.constexpr, Dv: tl.constexpr, dk, mk, dv, mv,
-                   C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, RANGE_MAX: tl.constexpr,
-                   IEEE: tl.constexpr):
-    # The intra-chunk products run on fp32 operands (tf32 for bf16 inputs, exact fp32 for
-    # fp32 inputs): each pair (t, s) enters the gate gradient twice, through q.dq at t and
-    # k.dk at s, and those two must round alike for their cancellation in the reverse
-    # cumsum to hold; bf16 operands left the recency gate's gradient ~10% off.
-    NSUB: tl.constexpr = C // SUB
-    dt = kk.dtype
-    gf = load_rows(g, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
-    b = tl.cumsum(gf, axis=0)
-    blast = tl.sum(gf, axis=0)
+def _dq_one_state(g, h, dq_out, kf, dP, dR, t, mt, tr, mr, t0, eos, i, hq, hk, Hq, Hkv, hoff, mst,
+                  Dk: tl.constexpr, dk, mk, C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr,
+                  RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
+    """dq~ rows of sub-chunk i for one state (not weighted by w): inter + strict intra."""
+    gc = load_rows(g, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
+    b = tl.cumsum(gc, axis=0)
+    bR, bref, bl = sub_rows(g, gc, i, t0, eos, hk, Hkv, Dk, dk, mk, C, SUB)
     hh = tl.load(h + hoff, mask=mst, other=0.)
-    dq_inter = mm(dd, tl.trans(hh), IEEE) * tl.exp(b)
-    dq3 = tl.zeros([NSUB, SUB, BK], dtype=tl.float32)
-    dk_acc = tl.zeros([C, BK], dtype=tl.float32)
-    subs = tl.arange(0, NSUB)
+    dq = mm(dR.to(hh.dtype), tl.trans(hh), IEEE) * tl.exp(bR)
     sr = tl.arange(0, SUB)
     cols = tl.arange(0, C)
-    kf = kk.to(tl.float32)
-    vf = vv.to(tl.float32)
-    base = tl.zeros_like(blast)
+    if tl.max(bref - bl, axis=0) <= RANGE_MAX:
+        kq = kf * tl.exp(tl.minimum(bref[None, :] - b, RANGE_MAX))
+        dq += mm(dP, kq, IEEE) * tl.exp(bR - bref[None, :])
+    else:  # exact row by row, every exponent a direct sum of log decays
+        for tt in range(SUB):
+            sel = (sr == tt)[:, None]
+            pt = tl.sum(tl.where(sel, dP, 0.), axis=0)
+            e = tl.where((cols < i * SUB + tt)[:, None], pair_decay(gc, i * SUB + tt, C), 0.)
+            dq += tl.where(sel, tl.sum(pt[:, None] * kf * e, axis=0)[None, :], 0.)
+    tl.store(dq_out + (tr[:, None] * Hq + hq).to(tl.int64) * Dk + dk[None, :], dq, mask=mr[:, None] & mk[None, :])
+
+
+@triton.jit
+def _dq_bwd(q, k, v, g1, g2, h1, h2, do, dq1, dq2, dpd, cu, cseq, coff, scale,
+            Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr,
+            C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+            RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
+    """Per (chunk, query head, sub-chunk): dq~ of both states and the diagonal dpd = dO'.v."""
+    ic = tl.program_id(0)
+    hq = tl.program_id(1)
+    i = tl.program_id(2)
+    hk = hq // G
+    n = tl.load(cseq + ic)
+    t0 = tl.load(cu + n).to(tl.int64) + (ic - tl.load(coff + n)).to(tl.int64) * C
+    eos = tl.load(cu + n + 1).to(tl.int64)
+    t = t0 + tl.arange(0, C)
+    mt = t < eos
+    sr = tl.arange(0, SUB)
+    tr = t0 + i * SUB + sr
+    mr = tr < eos
+    dk = tl.arange(0, BK)
+    dv = tl.arange(0, BV)
+    mk = dk < Dk
+    mv = dv < Dv
+    mst = mk[:, None] & mv[None, :]
+    hoff = ((ic * Hkv + hk) * Dk + dk[:, None]).to(tl.int64) * Dv + dv[None, :]
+    kf = load_rows(k, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
+    vf = load_rows(v, t, mt, Hkv, hk, Dv, dv, mv).to(tl.float32)
+    dR = load_rows(do, tr, mr, Hq, hq, Dv, dv, mv).to(tl.float32) * scale
+    # the diagonal of dP in fp32: the host adds its share to dq and dk
+    vR = load_rows(v, tr, mr, Hkv, hk, Dv, dv, mv).to(tl.float32)
+    tl.store(dpd + tr * Hq + hq, tl.sum(dR * vR, axis=1), mask=mr)
+    # strict (s < t): the diagonal pairs cancel in the gate gradient, see the module docstring
+    cols = tl.arange(0, C)
+    dP = tl.where(cols[None, :] < (i * SUB + sr)[:, None], mm(dR, tl.trans(vf), IEEE), 0.)
+    _dq_one_state(g1, h1, dq1, kf, dP, dR, t, mt, tr, mr, t0, eos, i, hq, hk, Hq, Hkv, hoff, mst,
+                  Dk, dk, mk, C, SUB, BK, RANGE_MAX, IEEE)
+    _dq_one_state(g2, h2, dq2, kf, dP, dR, t, mt, tr, mr, t0, eos, i, hq, hk, Hq, Hkv, hoff, mst,
+                  Dk, dk, mk, C, SUB, BK, RANGE_MAX, IEEE)
+
+
+@triton.jit
+def _dk_one_state(q, g, dS, do, dk_out, kf, vf, wi, first, t, mt, t0, eos, hq, hk, Hq, Hkv, hoff, mst, scale,
+                  Dk: tl.constexpr, Dv: tl.constexpr, dk, mk, dv, mv, C: tl.constexpr, SUB: tl.constexpr,
+                  BK: tl.constexpr, RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
+    """dk of one state for one chunk and query head: w_i * strict intra (+ the state part once
+    per kv head). Loops over the query sub-chunks, accumulating the full [C, BK] tile."""
+    NSUB: tl.constexpr = C // SUB
+    gc = load_rows(g, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
+    b = tl.cumsum(gc, axis=0)
+    sr = tl.arange(0, SUB)
+    cols = tl.arange(0, C)
+    dk_acc = tl.zeros([C, BK], dtype=tl.float32)
+    base = tl.zeros_like(tl.sum(gc, axis=0))
     for i in tl.static_range(NSUB):
         bR, bref, bl = sub_cumsum(g, t0 + i * SUB, eos, hk, Hkv, Dk, dk, mk, base, SUB)
         tr = t0 + i * SUB + sr
         mr = tr < eos
         qR = load_rows(q, tr, mr, Hq, hq, Dk, dk, mk).to(tl.float32)
         dR = load_rows(do, tr, mr, Hq, hq, Dv, dv, mv).to(tl.float32) * scale
-        causal = cols[None, :] <= (i * SUB + sr)[:, None]
-        # dq and dk leave out the diagonal pair s = t: its terms cancel exactly in the gate
-        # gradient (q.dq - k.dk) and, kept, would drown strongly decayed gates in rounding
-        # noise. The host adds the diagonal back into dq and dk in fp32 (dpd).
         dP = tl.where(cols[None, :] < (i * SUB + sr)[:, None], mm(dR, tl.trans(vf), IEEE), 0.)
-        rng = tl.max(bref - bl, axis=0)
-        if rng <= RANGE_MAX:
-            ek = tl.exp(tl.minimum(bref[None, :] - b, RANGE_MAX))
-            kq = kf * ek
-            eq = tl.exp(bR - bref[None, :])
-            qr = qR * eq
-            A = mm(qr, tl.trans(kq), IEEE)
-            dqR = mm(dP, kq, IEEE) * eq
-            dk_acc += ek * mm(tl.trans(dP), qr, IEEE)
-        else:
-            # Exact row-by-row form: every exponent a direct sum of log decays (<= 0).
-            A = tl.zeros([SUB, C], dtype=tl.float32)
-            dqR = tl.zeros([SUB, BK], dtype=tl.float32)
+        if tl.max(bref - bl, axis=0) <= RANGE_MAX:
+            qr = qR * tl.exp(bR - bref[None, :])
+            dk_acc += tl.exp(tl.minimum(bref[None, :] - b, RANGE_MAX)) * mm(tl.trans(dP), qr, IEEE)
+        else:  # exact row by row
             for tt in range(SUB):
                 sel = (sr == tt)[:, None]
                 qt = tl.sum(tl.where(sel, qR, 0.), axis=0)
                 pt = tl.sum(tl.where(sel, dP, 0.), axis=0)
-                e = pair_decay(gf, i * SUB + tt, C)
-                A = tl.where(sel, tl.sum(kf * e * qt[None, :], axis=1)[None, :], A)
-                e = tl.where((cols < i * SUB + tt)[:, None], e, 0.)  # strict, as dP
-                dqR = tl.where(sel, tl.sum(pt[:, None] * kf * e, axis=0)[None, :], dqR)
+                e = tl.where((cols < i * SUB + tt)[:, None], pair_decay(gc, i * SUB + tt, C), 0.)
                 dk_acc += pt[:, None] * qt[None, :] * e
-        A = tl.where(causal, A, 0.)
-        dv_acc += wi * mm(tl.trans(A), dR, IEEE)
-        dq3 = tl.where((subs == i)[:, None, None], dqR[None, :, :], dq3)
         base = bl
-    dq = dq_inter + tl.reshape(dq3, [C, BK])
-    tl.store(dq_out + (t[:, None] * Hq + hq).to(tl.int64) * Dk + dk[None, :], dq, mask=mt[:, None] & mk[None, :])
     dkt = wi * dk_acc
     if first:
-        # the state path feeds k and v once per kv head, not once per query head
         # fp32 dS and a near-fp32 product: k.dk from the final state cancels against the
         # final-state term of the gate gradient (dS_T . S_T), computed in fp32
         dSS = tl.load(dS + hoff, mask=mst, other=0.)
-        kd = tl.exp(blast[None, :] - b)
-        dkt += mm_precise(vf, tl.trans(dSS), IEEE) * kd
-        dv_acc += mm((kk * kd).to(dt), dSS.to(dt), IEEE)
+        dkt += mm_precise(vf, tl.trans(dSS), IEEE) * tl.exp(tl.sum(gc, axis=0)[None, :] - b)
     tl.store(dk_out + (t[:, None] * Hq + hq).to(tl.int64) * Dk + dk[None, :], dkt, mask=mt[:, None] & mk[None, :])
-    return dv_acc
 
 
 @triton.jit
-def _grads_bwd(q, k, v, g1, g2, w, h1, h2, dS1, dS2, do, dq1, dq2, dk1, dk2, dvp, dpd, cu, cseq, coff, scale,
-               Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr,
-               C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-               RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
+def _dv_state_part(g, dS, kk, t, mt, hk, Hkv, hoff, mst, Dk: tl.constexpr, dk, mk, IEEE: tl.constexpr):
+    gc = load_rows(g, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
+    kd = (kk * tl.exp(tl.sum(gc, axis=0)[None, :] - tl.cumsum(gc, axis=0))).to(kk.dtype)
+    return mm(kd, tl.load(dS + hoff, mask=mst, other=0.).to(kk.dtype), IEEE)
+
+
+@triton.jit
+def _dkv_bwd(q, k, v, g1, g2, w, A, dS1, dS2, do, dk1, dk2, dvp, cu, cseq, coff, scale,
+             Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr,
+             C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+             RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
+    """Per (chunk, query head): dk of both states and dv = A^T dO' (+ state parts)."""
     ic = tl.program_id(0)
     hq = tl.program_id(1)
     hk = hq // G
@@ -176,18 +211,19 @@ def _grads_bwd(q, k, v, g1, g2, w, h1, h2, dS1, dS2, do, dq1, dq2, dk1, dk2, dvp
     mv = dv < Dv
     mst = mk[:, None] & mv[None, :]
     hoff = ((ic * Hkv + hk) * Dk + dk[:, None]).to(tl.int64) * Dv + dv[None, :]
-    qq = load_rows(q, t, mt, Hq, hq, Dk, dk, mk)
+    kf = load_rows(k, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
+    vf = load_rows(v, t, mt, Hkv, hk, Dv, dv, mv).to(tl.float32)
+    _dk_one_state(q, g1, dS1, do, dk1, kf, vf, tl.load(w), first, t, mt, t0, eos, hq, hk, Hq, Hkv, hoff, mst,
+                  scale, Dk, Dv, dk, mk, dv, mv, C, SUB, BK, RANGE_MAX, IEEE)
+    _dk_one_state(q, g2, dS2, do, dk2, kf, vf, tl.load(w + 1), first, t, mt, t0, eos, hq, hk, Hq, Hkv, hoff,
+                  mst, scale, Dk, Dv, dk, mk, dv, mv, C, SUB, BK, RANGE_MAX, IEEE)
+    # dv: the saved mixed scores give the intra part in one product
     kk = load_rows(k, t, mt, Hkv, hk, Dk, dk, mk)
-    vv = load_rows(v, t, mt, Hkv, hk, Dv, dv, mv)
-    ddf = load_rows(do, t, mt, Hq, hq, Dv, dv, mv).to(tl.float32) * scale
-    dd = ddf.to(kk.dtype)
-    # diagonal of dP = dO'.v, in fp32: the host adds its share to dq and dk
-    tl.store(dpd + t * Hq + hq, tl.sum(ddf * vv.to(tl.float32), axis=1), mask=mt)
-    dv_acc = tl.zeros([C, BV], dtype=tl.float32)
-    dv_acc = _one_state_bwd(q, g1, h1, dS1, do, dq1, dk1, qq, kk, vv, dd, dv_acc, tl.load(w), first,
-                            t, mt, t0, eos, hq, hk, Hq, Hkv, hoff, mst, scale,
-                            Dk, Dv, dk, mk, dv, mv, C, SUB, BK, RANGE_MAX, IEEE)
-    dv_acc = _one_state_bwd(q, g2, h2, dS2, do, dq2, dk2, qq, kk, vv, dd, dv_acc, tl.load(w + 1), first,
-                            t, mt, t0, eos, hq, hk, Hq, Hkv, hoff, mst, scale,
-                            Dk, Dv, dk, mk, dv, mv, C, SUB, BK, RANGE_MAX, IEEE)
+    cols = tl.arange(0, C)
+    Am = tl.load(A + (t[:, None] * Hq + hq).to(tl.int64) * C + cols[None, :], mask=mt[:, None], other=0.)
+    dd = (load_rows(do, t, mt, Hq, hq, Dv, dv, mv).to(tl.float32) * scale).to(kk.dtype)
+    dv_acc = mm(tl.trans(Am.to(kk.dtype)), dd, IEEE)
+    if first:
+        dv_acc += _dv_state_part(g1, dS1, kk, t, mt, hk, Hkv, hoff, mst, Dk, dk, mk, IEEE)
+        dv_acc += _dv_state_part(g2, dS2, kk, t, mt, hk, Hkv, hoff, mst, Dk, dk, mk, IEEE)
     tl.store(dvp + (t[:, None] * Hq + hq).to(tl.int64) * Dv + dv[None, :], dv_acc, mask=mt[:, None] & mv[None, :])

@@ -4,13 +4,18 @@ Tokens are packed as [total_T, H, D] with sequence offsets `cu` (varlen, as in
 flash-linear-attention); a fixed [B, T] batch is the special case cu = [0, T, 2T, ...].
 Chunks of C tokens never cross a sequence boundary.
 
-Two launches:
+Three launches:
   1. `_states_fwd`: per (sequence, kv head, Dk block, Dv block), walk the chunks in
      order carrying BOTH states in registers; store each chunk's starting state
      (for the output pass) and the final states.
-  2. `_output_fwd`: per (chunk, query head), in parallel: the inter-chunk part
-     q exp(b) h for both states plus the intra-chunk part, mixed by w before the
-     single product with v.
+  2. `_scores_fwd`: per (chunk, query head, sub-chunk), in parallel: the intra-chunk
+     scores of both states, mixed by w, stored as A [total_T, Hq, C] (kept for the
+     backward, which needs the same mixed scores for dv).
+  3. `_output_fwd`: per (chunk, query head, Dv block): q exp(b) h for both states
+     plus the single product A v.
+(A first version did 2 and 3 in one program, assembling the sub-chunks' scores with
+3-D selects and a reshape, and took 0.5 ms per 1K tokens on an H200:
+bench/results/kernels.run1-h200.md.)
 
 Numerical stability (decays may be strong, down to -50 per step): every exponent
 that multiplies an operand is kept <= 0, except inside a sub-chunk's own diagonal
@@ -170,33 +175,57 @@ def _states_fwd(k, v, g1, g2, s01, s02, h1, h2, sT1, sT2, cu, coff,
 
 
 @triton.jit
-def _one_state_out(q, g, h, qq, kk, gc, t0, eos, hq, hk, Hq, Hkv, hoff, mst,
-                   Dk: tl.constexpr, dk, mk, C: tl.constexpr, SUB: tl.constexpr,
-                   RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
-    """Inter-chunk output [C,BV] and intra-chunk scores [C,C] of one state."""
-    NSUB: tl.constexpr = C // SUB
-    b = tl.cumsum(gc, axis=0)
-    hh = tl.load(h + hoff, mask=mst, other=0.)
-    inter = mm((qq * tl.exp(b)).to(hh.dtype), hh, IEEE)
-    A3 = tl.zeros([NSUB, SUB, C], dtype=tl.float32)
-    subs = tl.arange(0, NSUB)
-    sr = tl.arange(0, SUB)
-    base = tl.zeros_like(tl.sum(b, axis=0))
-    for i in tl.static_range(NSUB):
-        bR, bref, blast = sub_cumsum(g, t0 + i * SUB, eos, hk, Hkv, Dk, dk, mk, base, SUB)
-        tr = t0 + i * SUB + sr
-        qR = load_rows(q, tr, tr < eos, Hq, hq, Dk, dk, mk)
-        Ai = intra_scores_rows(qR, bR, bref, blast, kk, b, gc, i, C, SUB, RANGE_MAX, IEEE)
-        A3 = tl.where((subs == i)[:, None, None], Ai[None, :, :], A3)
-        base = blast
-    return inter, tl.reshape(A3, [C, C])
+def sub_rows(g, gc, i, t0, eos, hk, Hkv, Dk: tl.constexpr, dk, mk, C: tl.constexpr, SUB: tl.constexpr):
+    """Chunk-relative cumsum rows of sub-chunk i: (b rows, b at its first row, b at its last row),
+    from the chunk's log decays gc [C,BK] (for the offset) and the sub-chunk's own rows."""
+    rows = tl.arange(0, C)
+    base = tl.sum(tl.where((rows < i * SUB)[:, None], gc, 0.), axis=0)
+    return sub_cumsum(g, t0 + i * SUB, eos, hk, Hkv, Dk, dk, mk, base, SUB)
 
 
 @triton.jit
-def _output_fwd(q, k, v, g1, g2, w, h1, h2, o, cu, cseq, coff, scale,
+def _scores_one_state(g, qR, kk, t, mt, t0, eos, i, hk, Hkv, Dk: tl.constexpr, dk, mk,
+                      C: tl.constexpr, SUB: tl.constexpr, RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
+    gc = load_rows(g, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
+    b = tl.cumsum(gc, axis=0)
+    bR, bref, blast = sub_rows(g, gc, i, t0, eos, hk, Hkv, Dk, dk, mk, C, SUB)
+    return intra_scores_rows(qR, bR, bref, blast, kk, b, gc, i, C, SUB, RANGE_MAX, IEEE)
+
+
+@triton.jit
+def _scores_fwd(q, k, g1, g2, w, A, cu, cseq, coff,
+                Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr,
+                BK: tl.constexpr, RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
+    """Mixed intra-chunk scores w0 A1 + w1 A2 for the SUB query rows of one sub-chunk,
+    written to A [total_T, Hq, C] (row t holds the scores against its chunk's C keys)."""
+    ic = tl.program_id(0)
+    hq = tl.program_id(1)
+    i = tl.program_id(2)
+    hk = hq // G
+    n = tl.load(cseq + ic)
+    t0 = tl.load(cu + n).to(tl.int64) + (ic - tl.load(coff + n)).to(tl.int64) * C
+    eos = tl.load(cu + n + 1).to(tl.int64)
+    t = t0 + tl.arange(0, C)
+    mt = t < eos
+    tr = t0 + i * SUB + tl.arange(0, SUB)
+    mr = tr < eos
+    dk = tl.arange(0, BK)
+    mk = dk < Dk
+    kk = load_rows(k, t, mt, Hkv, hk, Dk, dk, mk)
+    qR = load_rows(q, tr, mr, Hq, hq, Dk, dk, mk)
+    A1 = _scores_one_state(g1, qR, kk, t, mt, t0, eos, i, hk, Hkv, Dk, dk, mk, C, SUB, RANGE_MAX, IEEE)
+    A2 = _scores_one_state(g2, qR, kk, t, mt, t0, eos, i, hk, Hkv, Dk, dk, mk, C, SUB, RANGE_MAX, IEEE)
+    Am = tl.load(w) * A1 + tl.load(w + 1) * A2
+    cols = tl.arange(0, C)
+    tl.store(A + (tr[:, None] * Hq + hq).to(tl.int64) * C + cols[None, :], Am.to(A.dtype.element_ty),
+             mask=mr[:, None])
+
+
+@triton.jit
+def _output_fwd(q, v, g1, g2, w, h1, h2, A, o, cu, cseq, coff, scale,
                 Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr,
-                C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
+                C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr):
+    """o = scale (w0 (q exp(b1)) h1 + w1 (q exp(b2)) h2 + A v) for one chunk, query head, Dv block."""
     ic = tl.program_id(0)
     hq = tl.program_id(1)
     iv = tl.program_id(2)
@@ -213,19 +242,15 @@ def _output_fwd(q, k, v, g1, g2, w, h1, h2, o, cu, cseq, coff, scale,
     mst = mk[:, None] & mv[None, :]
     hoff = ((ic * Hkv + hk) * Dk + dk[:, None]).to(tl.int64) * Dv + dv[None, :]
     qq = load_rows(q, t, mt, Hq, hq, Dk, dk, mk)
-    kk = load_rows(k, t, mt, Hkv, hk, Dk, dk, mk)
     vv = load_rows(v, t, mt, Hkv, hk, Dv, dv, mv)
-    w0 = tl.load(w)
-    w1 = tl.load(w + 1)
-
-    gc = load_rows(g1, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
-    inter1, A1 = _one_state_out(q, g1, h1, qq, kk, gc, t0, eos, hq, hk, Hq, Hkv, hoff, mst,
-                                Dk, dk, mk, C, SUB, RANGE_MAX, IEEE)
-    gc = load_rows(g2, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
-    inter2, A2 = _one_state_out(q, g2, h2, qq, kk, gc, t0, eos, hq, hk, Hq, Hkv, hoff, mst,
-                                Dk, dk, mk, C, SUB, RANGE_MAX, IEEE)
-    # mix the two states' scores first: one product with v instead of two
-    A = (w0 * A1 + w1 * A2).to(vv.dtype)
-    out = (w0 * inter1 + w1 * inter2 + mm(A, vv, IEEE)) * scale
-    tl.store(o + (t[:, None] * Hq + hq).to(tl.int64) * Dv + dv[None, :], out.to(o.dtype.element_ty),
+    b = tl.cumsum(load_rows(g1, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32), axis=0)
+    hh = tl.load(h1 + hoff, mask=mst, other=0.)
+    acc = tl.load(w) * mm((qq * tl.exp(b)).to(hh.dtype), hh, IEEE)
+    b = tl.cumsum(load_rows(g2, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32), axis=0)
+    hh = tl.load(h2 + hoff, mask=mst, other=0.)
+    acc += tl.load(w + 1) * mm((qq * tl.exp(b)).to(hh.dtype), hh, IEEE)
+    cols = tl.arange(0, C)
+    Am = tl.load(A + (t[:, None] * Hq + hq).to(tl.int64) * C + cols[None, :], mask=mt[:, None], other=0.)
+    acc += mm(Am.to(vv.dtype), vv, IEEE)
+    tl.store(o + (t[:, None] * Hq + hq).to(tl.int64) * Dv + dv[None, :], (acc * scale).to(o.dtype.element_ty),
              mask=mt[:, None] & mv[None, :])

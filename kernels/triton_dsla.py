@@ -13,8 +13,8 @@ import torch
 import triton
 
 from kernels import triton_alloc
-from kernels.triton_chunk_bwd import _grads_bwd, _states_bwd
-from kernels.triton_chunk_fwd import CHUNK, RANGE_MAX, SUB, _output_fwd, _states_fwd
+from kernels.triton_chunk_bwd import _dkv_bwd, _dq_bwd, _states_bwd
+from kernels.triton_chunk_fwd import CHUNK, RANGE_MAX, SUB, _output_fwd, _scores_fwd, _states_fwd
 from kernels.triton_decode import dsla_decode_fused  # noqa: F401  (re-exported)
 
 
@@ -44,6 +44,9 @@ class _Plan:
             self.tok_seq = torch.repeat_interleave(torch.arange(n_seq, device=dev), torch.tensor(lens, device=dev))
 
 
+# num_warps per kernel (bench/kernels.py sweeps these and reports what it measured): the
+# fp32 [64, 128] tiles these kernels hold want 8 warps to stay clear of local memory.
+LAUNCH = dict(states_fwd=8, scores=8, output=8, output_bv=64, states_bwd=8, dq=8, dkv=8)
 _PLANS: dict = {}
 
 
@@ -83,7 +86,7 @@ def _states(k, v, g1, g2, s1, s2, plan, Hkv, Dk, Dv, store_h, ieee):
     grid = (triton.cdiv(Dk, BKs), triton.cdiv(Dv, BVs), N * Hkv)
     _states_fwd[grid](k, v, g1, g2, s1 if has else sT1, s2 if has else sT2, h1, h2, sT1, sT2,
                       plan.cu, plan.coff, Hkv, Dk=Dk, Dv=Dv, C=CHUNK, BK=BKs, BV=BVs,
-                      HAS_S0=has, STORE_H=store_h, IEEE=ieee, num_warps=4)
+                      HAS_S0=has, STORE_H=store_h, IEEE=ieee, num_warps=LAUNCH["states_fwd"])
     return h1, h2, sT1, sT2
 
 
@@ -93,13 +96,18 @@ def _forward(q, k, v, g1, g2, w, s1, s2, scale, plan):
     ieee = q.dtype == torch.float32
     h1, h2, sT1, sT2 = _states(k, v, g1, g2, s1, s2, plan, Hkv, Dk, Dv, True, ieee)
     _, _, BK, BV = _blocks(Dk, Dv)
-    BV = min(BV, 128)
+    G = Hq // Hkv
+    # mixed intra-chunk scores, kept for the backward (dv needs exactly these)
+    A = triton_alloc.empty(Ttot, Hq, CHUNK, dtype=v.dtype, device=q.device)
+    _scores_fwd[(plan.n_chunks, Hq, CHUNK // SUB)](q, k, g1, g2, w, A, plan.cu, plan.cseq, plan.coff,
+                                                   Hq, Hkv, G=G, Dk=Dk, C=CHUNK, SUB=SUB, BK=BK,
+                                                   RANGE_MAX=RANGE_MAX, IEEE=ieee, num_warps=LAUNCH["scores"])
     o = triton_alloc.empty(Ttot, Hq, Dv, dtype=q.dtype, device=q.device)
-    grid = (plan.n_chunks, Hq, triton.cdiv(Dv, BV))
-    _output_fwd[grid](q, k, v, g1, g2, w, h1, h2, o, plan.cu, plan.cseq, plan.coff, scale,
-                      Hq, Hkv, G=Hq // Hkv, Dk=Dk, Dv=Dv, C=CHUNK, SUB=SUB, BK=BK, BV=BV,
-                      RANGE_MAX=RANGE_MAX, IEEE=ieee, num_warps=8 if BK * BV >= 128 * 64 else 4)
-    return o, sT1, sT2
+    BVo = min(BV, LAUNCH["output_bv"])
+    _output_fwd[(plan.n_chunks, Hq, triton.cdiv(Dv, BVo))](q, v, g1, g2, w, h1, h2, A, o, plan.cu, plan.cseq,
+                                                           plan.coff, scale, Hq, Hkv, G=G, Dk=Dk, Dv=Dv,
+                                                           C=CHUNK, BK=BK, BV=BVo, IEEE=ieee, num_warps=LAUNCH["output"])
+    return o, sT1, sT2, A
 
 
 def _reverse_cumsum_per_seq(x, plan):
@@ -112,7 +120,7 @@ def _reverse_cumsum_per_seq(x, plan):
     return (suf[:-1] - suf[eos]).float()
 
 
-def _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, scale, plan):
+def _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, scale, plan):
     Ttot, Hq, Dk = q.shape
     Hkv, Dv = k.shape[1], v.shape[2]
     G = Hq // Hkv
@@ -133,7 +141,8 @@ def _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, scale, plan)
     grid = (triton.cdiv(Dk, BKs), triton.cdiv(Dv, BVs), N * Hkv)
     _states_bwd[grid](q, g1, g2, w, do, dsT1 if has_dst else ds01, dsT2 if has_dst else ds02,
                       dS1, dS2, ds01, ds02, plan.cu, plan.coff, scale, Hq, Hkv, G,
-                      Dk=Dk, Dv=Dv, C=CHUNK, BK=BKs, BV=BVs, HAS_DST=has_dst, IEEE=ieee, num_warps=4)
+                      Dk=Dk, Dv=Dv, C=CHUNK, BK=BKs, BV=BVs, HAS_DST=has_dst, IEEE=ieee,
+                      num_warps=LAUNCH["states_bwd"])
     f32 = dict(dtype=torch.float32, device=dev)
     dq1 = triton_alloc.empty(Ttot, Hq, Dk, **f32)
     dq2 = triton_alloc.empty(Ttot, Hq, Dk, **f32)
@@ -141,10 +150,11 @@ def _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, scale, plan)
     dk2 = triton_alloc.empty(Ttot, Hq, Dk, **f32)
     dvp = triton_alloc.empty(Ttot, Hq, Dv, **f32)
     dpd = triton_alloc.empty(Ttot, Hq, **f32)
-    _grads_bwd[(plan.n_chunks, Hq)](q, k, v, g1, g2, w, h1, h2, dS1, dS2, do, dq1, dq2, dk1, dk2, dvp, dpd,
-                                    plan.cu, plan.cseq, plan.coff, scale, Hq, Hkv, G=G, Dk=Dk, Dv=Dv,
-                                    C=CHUNK, SUB=SUB, BK=BK, BV=BV, RANGE_MAX=RANGE_MAX, IEEE=ieee,
-                                    num_warps=8)
+    common = dict(G=G, Dk=Dk, Dv=Dv, C=CHUNK, SUB=SUB, BK=BK, BV=BV, RANGE_MAX=RANGE_MAX, IEEE=ieee)
+    _dq_bwd[(plan.n_chunks, Hq, CHUNK // SUB)](q, k, v, g1, g2, h1, h2, do, dq1, dq2, dpd, plan.cu, plan.cseq,
+                                               plan.coff, scale, Hq, Hkv, num_warps=LAUNCH["dq"], **common)
+    _dkv_bwd[(plan.n_chunks, Hq)](q, k, v, g1, g2, w, A, dS1, dS2, do, dk1, dk2, dvp, plan.cu, plan.cseq,
+                                  plan.coff, scale, Hq, Hkv, num_warps=LAUNCH["dkv"], **common)
     # dq1/dq2, dk1/dk2 hold everything but the diagonal pairs s = t, which cancel in
     # the gate gradient; the diagonal enters dq, dk and dw here, in fp32.
     wf = w.float()
@@ -177,15 +187,15 @@ def _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, scale, plan)
 class _ChunkFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g1, g2, w, s1, s2, scale, plan):
-        o, sT1, sT2 = _forward(q, k, v, g1, g2, w, s1, s2, scale, plan)
-        ctx.save_for_backward(q, k, v, g1, g2, w, s1, s2, sT1, sT2)
+        o, sT1, sT2, A = _forward(q, k, v, g1, g2, w, s1, s2, scale, plan)
+        ctx.save_for_backward(q, k, v, g1, g2, w, s1, s2, sT1, sT2, A)
         ctx.scale, ctx.plan = scale, plan
         return o, sT1, sT2
 
     @staticmethod
     def backward(ctx, do, dsT1, dsT2):
-        q, k, v, g1, g2, w, s1, s2, sT1, sT2 = ctx.saved_tensors
-        grads = _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, ctx.scale, ctx.plan)
+        q, k, v, g1, g2, w, s1, s2, sT1, sT2, A = ctx.saved_tensors
+        grads = _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, ctx.scale, ctx.plan)
         return (*grads, None, None)
 
 
