@@ -109,6 +109,9 @@ class Engine:
             req.cache.free()
             req.cache = None
         self.requests.pop(req.id, None)
+        if (self.graphs is not None and req.conf is not self.conf
+                and not any(r.conf is req.conf for r in self.requests.values())):
+            self.graphs.drop(req.conf.id)  # the last request of a swapped-out configuration
         if reason != "abort" and req.first_token_at is not None:
             self._ttft.append(req.first_token_at - req.arrival)
             if req.num_generated > 1:

@@ -260,7 +260,9 @@ class ModelRunner:
                                             GATE_NORMALIZER, GATE_FLOOR)
                 o = dsla_decode_slots(q, k, v, g1, g2, w, self.pool.s1, self.pool.s2, slots[i],
                                       1.0 / math.sqrt(self.D))
-                a = t.o_proj((o * head_scale[:, None]).view(B, nq))
+                a = t.o_proj((o * head_scale[:, None]).view(B, nq))  # = mod.finish, minus its head-scale ops
+                if getattr(mod, "out_bias", None) is not None:
+                    a = a + mod.out_bias.to(a.dtype)
             else:
                 q, k, v, g1, g2 = mod.project(h[:, None], cos[:, None], sin[:, None])
                 o = dsla_decode_slots(q[:, 0], k[:, 0], v[:, 0], g1[:, 0], g2[:, 0], mod.mix_weights(),

@@ -1,0 +1,60 @@
+"""Run under TRITON_INTERPRET=1 (CPU): the CUDA decode step (fused Triton kernels, fused weight
+views) against the general piece-wise forward, for attention layers and every DSLA layer form.
+Started in a subprocess by test_fused_decode.py, since the interpreter must be chosen before
+triton is imported."""
+import sys
+
+import torch
+
+from dsla_model.dsla_attention import DSLAConfig
+from dsla_model.engine import Engine, EngineConfig, SamplingParams
+from tests.engine.conftest import random_prompts, tiny_hybrid
+
+
+def main():
+    torch.set_num_threads(1)
+    h = tiny_hybrid(dsla_layers=(1,), heads=4, kv_heads=2, hidden=128)
+    # layer 2: output bias; layer 3: low-rank deltas (the op-by-op fallback)
+    for layer, cfg in ((2, DSLAConfig(output_bias=True)), (3, DSLAConfig(delta_rank=4))):
+        mod = h.new_dsla_module(layer, dsla_config=cfg)
+        with torch.no_grad():
+            for p in mod.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        h.install(layer, mod)
+        h.attention(layer).use_dsla = True
+    eng = Engine(h, None, EngineConfig(cache_memory_bytes=4 << 20))
+    for p in random_prompts(3, 256, seed=3, hi=40):
+        eng.add_request(p, SamplingParams(max_tokens=8, temperature=0))
+    eng.step()
+    items = eng.scheduler.schedule()
+    conf = items[0].req.conf
+    saved = [t.clone() for t in (eng.pool.s1, eng.pool.s2, eng.pool.kv)]
+    ref = eng.runner.forward_pieces(conf, items, list(range(len(items))))
+    after_ref = [t.clone() for t in (eng.pool.s1, eng.pool.s2, eng.pool.kv)]
+    for t, s in zip((eng.pool.s1, eng.pool.s2, eng.pool.kv), saved):
+        t.copy_(s)
+    L, nb = len(conf.modules), max(it.req.cache.table.shape[1] for it in items)
+    tables = torch.zeros(L, len(items) + 1, nb, dtype=torch.int64)  # one padding row -> scratch
+    slots = torch.zeros(L, len(items) + 1, dtype=torch.int64)
+    for i, it in enumerate(items):
+        tables[:, i, :it.req.cache.table.shape[1]] = it.req.cache.table
+        slots[:, i] = it.req.cache.slots
+    ids = torch.tensor([it.req.tokens[it.start] for it in items] + [0])
+    pos = torch.tensor([it.start for it in items] + [0])
+    r = eng.runner
+    r.fused_decode = True
+    r._fuse_weights()
+    out = r.forward_decode(conf, ids, pos, tables, slots)
+    torch.testing.assert_close(out[:len(items)], ref, rtol=1e-4, atol=1e-4)
+    skip = eng.pool.blocks_per_pair  # group 0 is scratch: padding rows write there
+    torch.testing.assert_close(eng.pool.kv[skip:], after_ref[2][skip:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(eng.pool.s1[2:], after_ref[0][2:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(eng.pool.s2[2:], after_ref[1][2:], rtol=1e-5, atol=1e-5)
+    t = h.decoder_layers[0].self_attn.teacher
+    assert t.q_proj.weight.data_ptr() == r.qkv_w[0].data_ptr()  # fused weights are views, not copies
+    print("fused decode matches")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
