@@ -28,7 +28,7 @@ DISTILL_POLL_S = 2.0
 
 def load_of(stats: dict) -> Load:
     return Load(queue=stats.get("waiting", 0), waiting_tokens=stats.get("waiting_prompt_tokens", 0),
-                cache_usage=stats.get("cache_usage", 0.0), tpot_s=stats.get("tpot_s"),
+                cache_usage=stats.get("cache_usage", 0.0), tpot_s=stats.get("recent_tpot_s"),
                 running=stats.get("running", 0))
 
 
@@ -80,7 +80,8 @@ class ConversionController:
                 "waiting_prompt_tokens": s.get("waiting_prompt_tokens", 0), "running": s.get("running", 0),
                 "cache_usage": s.get("cache_usage", 0.0), "capacity_4k": s.get("capacity_4k"),
                 "swaps": s.get("swaps", 0), "generated_tokens": s.get("generated_tokens", 0),
-                "ttft_s": s.get("ttft_s"), "tpot_s": s.get("tpot_s"), "actor_name": s.get("actor_name"),
+                "ttft_s": s.get("ttft_s"), "tpot_s": s.get("tpot_s"), "recent_tpot_s": s.get("recent_tpot_s"),
+                "actor_name": s.get("actor_name"),
                 "layer_errors": s.get("layer_errors", {}), "report_age_s": round(now - t, 3)}
         target = self.target_layers()
         return {

@@ -55,7 +55,8 @@ class ResponseBuilder:
         if fr is not None:
             c.finish_reason = fr
         if delta or fr is not None:
-            lp = self._logprobs(index, [ev["token_id"]], [ev.get("logprob")]) if ev.get("token_id") is not None else None
+            has_token = ev.get("token_id") is not None
+            lp = self._logprobs(index, [ev["token_id"]], [ev.get("logprob")]) if has_token else None
             body = {"content": delta} if self.chat and delta else ({} if self.chat else delta)
             chunks.append(self._chunk(index, body, fr, lp))
         return chunks

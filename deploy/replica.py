@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 
 import ray
 from ray import serve
@@ -20,6 +21,7 @@ from deploy.layer_preload import PreloadedLayers
 from deploy.metrics import ReplicaMetrics
 
 log = logging.getLogger("ray.serve")
+TPOT_WINDOW_S = 10.0
 
 
 def _dtype(cfg: AppConfig):
@@ -56,6 +58,7 @@ class LLMReplica:
         self.engine = AsyncEngine(self.hybrid, tok, EngineConfig(**cfg.engine.model_dump()))
         self.installed: dict[int, int] = {}  # layer -> layer version of its installed DSLA module
         self.metrics = ReplicaMetrics(self.replica_id, self.hybrid.num_layers)
+        self.recent_tpot: deque = deque(maxlen=1024)  # (finish time, time per output token)
         if cfg.controller.initial_layers:
             await self._apply(self.layers.order[:cfg.controller.initial_layers])
         self._last_store_poll = time.monotonic()
@@ -114,6 +117,8 @@ class LLMReplica:
                             n = item.num_generated_tokens
                             tpot = (last_at - first_at) / (n - 1) if first_at and n > 1 else None
                             self.metrics.request_done(item.finish_reason, first_at and first_at - t0, tpot)
+                            if tpot is not None:
+                                self.recent_tpot.append((last_at, tpot))
                 if batch:
                     yield batch
                 if done:
@@ -146,9 +151,18 @@ class LLMReplica:
         if target is not None:
             await self._apply(target["dsla_layers"])
 
+    def recent_tpot_s(self):
+        """Mean time per output token of requests finished in the last TPOT_WINDOW_S. The
+        engine's own mean covers its last requests however old they are: after a busy
+        period it would stay high forever and the controller could never revert."""
+        now = time.monotonic()
+        recent = [t for at, t in self.recent_tpot if now - at <= TPOT_WINDOW_S]
+        return sum(recent) / len(recent) if recent else None
+
     def report(self, stats: dict | None = None) -> dict:
         stats = dict(stats or self.engine.stats())
-        stats.update(replica_id=self.replica_id, actor_name=self.actor_name, num_layers=self.hybrid.num_layers,
+        stats.update(recent_tpot_s=self.recent_tpot_s(), replica_id=self.replica_id, actor_name=self.actor_name,
+                     num_layers=self.hybrid.num_layers,
                      loaded_layers=list(self.layers.order), loaded_store_version=self.layers.store_version,
                      layer_errors={str(k): v for k, v in self.layers.errors.items()})
         return stats

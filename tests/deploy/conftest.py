@@ -96,7 +96,9 @@ def app_config(model_dir: str, store: str, **overrides) -> dict:
     return cfg
 
 
-@pytest.fixture(scope="session")
+# package scope: Ray goes down when tests/deploy ends, before other packages' tests start
+# their own Ray in the same pytest run
+@pytest.fixture(scope="package")
 def ray_session():
     import ray
     from ray import serve
@@ -109,11 +111,12 @@ def ray_session():
     try:
         yield {"http_port": http_port, "metrics_port": metrics_port}
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        if ray.is_initialized():  # serve.shutdown() would otherwise start a Ray to shut down
+            serve.shutdown()
+            ray.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def server(ray_session, tiny_model_dir, tiny_store):
     """The main application, at http://127.0.0.1:<port>."""
     from ray import serve
@@ -127,7 +130,7 @@ def server(ray_session, tiny_model_dir, tiny_store):
             "model_dir": tiny_model_dir, "store": tiny_store}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def client(server):
     from openai import OpenAI
 

@@ -120,3 +120,28 @@ def test_status_route(server):
     for r in s["replicas"].values():
         for key in ("dsla_layers", "store_version", "queue", "running", "capacity_4k"):
             assert key in r
+
+
+def test_client_disconnect_frees_the_engine(server, client):
+    import time
+
+    def generated():
+        return sum(r["generated_tokens"] for r in get_json(server["base"] + "/status")["replicas"].values())
+    time.sleep(0.6)  # replicas report twice a second
+    before = generated()
+    stream = client.completions.create(model=MODEL_NAME, prompt="a long story", max_tokens=250, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    for i, _ in enumerate(stream):
+        if i == 2:
+            break
+    stream.close()  # the client goes away mid-stream
+
+    def idle():
+        s = get_json(server["base"] + "/status")
+        return all(r["running"] == 0 and r["queue"] == 0 for r in s["replicas"].values())
+    deadline = time.monotonic() + 20
+    while not idle():
+        assert time.monotonic() < deadline, "the abandoned request still runs"
+        time.sleep(0.2)
+    time.sleep(0.6)
+    assert generated() - before < 250  # aborted, not run to its max_tokens

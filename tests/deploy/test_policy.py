@@ -131,3 +131,10 @@ def test_bad_bands_are_refused():
         PolicySettings(queue_low=5, queue_high=1)
     with pytest.raises(ValueError):
         PolicySettings(tpot_high_s=0.1)
+
+
+def test_no_recent_tpot_counts_as_low():
+    # a replica with no request finished lately reports no TPOT: that must not block a revert
+    p = PolicySettings(tpot_high_s=0.05, tpot_low_s=0.02, down_patience=1, cooldown_s=0)
+    d = decide(p, PolicyState(layers=4), Load(tpot_s=None), 0, 30, 30)
+    assert d.action == "revert"
