@@ -27,7 +27,7 @@ def cmd_distill(args) -> int:
     kwargs = dict(model=args.model, store=args.store, layers=args.layers, tokens_per_layer=args.tokens_per_layer,
                   train_blocks=args.train_blocks, order=args.order, seed=args.seed, gate_rank=args.gate_rank,
                   delta_rank=args.delta_rank, output_bias=None if not args.no_output_bias else False,
-                  one_state=args.one_state)
+                  one_state=args.one_state, kl_steps=args.kl_steps)
     try:
         if args.ray:
             return _distill_ray(args, kwargs)
@@ -132,6 +132,7 @@ def add_parsers(sub):
     p.add_argument("--layers", type=int, default=None, help="distil the first N layers of the order (default: all)")
     p.add_argument("--tokens-per-layer", type=int, default=None, help="training tokens per layer")
     p.add_argument("--train-blocks", type=int, default=None, help="cached 512-token training blocks per layer")
+    p.add_argument("--kl-steps", type=int, default=None, help="logits-KL steps per layer after the MSE phase")
     p.add_argument("--order", choices=["sensitivity", "reverse", "random"], default="sensitivity")
     p.add_argument("--gate-rank", type=int, default=None)
     p.add_argument("--delta-rank", type=int, default=None)

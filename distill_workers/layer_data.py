@@ -23,6 +23,8 @@ class LayerData:
     y: torch.Tensor    # [N, T, hidden] the teacher attention's output on x
     cos: torch.Tensor  # [1, T, D] rotary tables for positions 0..T-1
     sin: torch.Tensor
+    resid: torch.Tensor | None = None  # [K, T, hidden] residual stream entering decoder layer l
+                                       # (first K blocks only: the logits-KL phase replays from it)
 
     @property
     def num_blocks(self) -> int:
@@ -30,9 +32,10 @@ class LayerData:
 
 
 @torch.no_grad()
-def capture_layer(hybrid, layer: int, blocks: torch.Tensor, batch: int = 2) -> LayerData:
+def capture_layer(hybrid, layer: int, blocks: torch.Tensor, batch: int = 2, resid_blocks: int = 0) -> LayerData:
     """Run `blocks` [N, T] through `hybrid` as it is (its DSLA layers included) with `layer`
-    itself in teacher form, and keep what enters and leaves that layer's attention."""
+    itself in teacher form, and keep what enters and leaves that layer's attention (and,
+    for the first `resid_blocks` blocks, the residual stream entering the decoder layer)."""
     sw = hybrid.attention(layer)
     was_dsla = sw.use_dsla
     sw.use_dsla = False
@@ -47,9 +50,13 @@ def capture_layer(hybrid, layer: int, blocks: torch.Tensor, batch: int = 2) -> L
         got["y"] = out[0].detach().clone()
         raise _Stop
 
+    def pre_layer(_mod, args, kwargs):
+        got["r"] = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).detach().clone()
+
     h1 = sw.register_forward_pre_hook(pre, with_kwargs=True)
     h2 = sw.register_forward_hook(post, with_kwargs=True)
-    xs, ys, pe = [], [], None
+    h3 = hybrid.decoder_layers[layer].register_forward_pre_hook(pre_layer, with_kwargs=True)
+    xs, ys, rs, pe = [], [], [], None
     try:
         for i in range(0, blocks.shape[0], batch):
             try:
@@ -58,10 +65,13 @@ def capture_layer(hybrid, layer: int, blocks: torch.Tensor, batch: int = 2) -> L
                 pass
             xs.append(got["x"])
             ys.append(got["y"])
+            rs.append(got["r"])
             pe = got["pe"]
     finally:
         h1.remove()
         h2.remove()
+        h3.remove()
         sw.use_dsla = was_dsla
     cos, sin = pe
-    return LayerData(torch.cat(xs), torch.cat(ys), cos[:1].clone(), sin[:1].clone())
+    resid = torch.cat(rs)[:resid_blocks] if resid_blocks else None
+    return LayerData(torch.cat(xs), torch.cat(ys), cos[:1].clone(), sin[:1].clone(), resid)

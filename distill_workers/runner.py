@@ -29,6 +29,7 @@ def build_distiller(model: str = "default", store: str = "", layers: int | None 
                     block_size: int | None = None, order: str = "sensitivity", seed: int = 0,
                     gate_rank: int | None = None, delta_rank: int | None = None,
                     output_bias: bool | None = None, one_state: bool = False, lr: float | None = None,
+                    kl_steps: int | None = None,
                     loaded=None) -> ChainedDistiller:
     """`loaded` = (model, tokenizer, model_id) skips loading (tests, repeated runs)."""
     from dsla_model.hybrid import HybridModel
@@ -50,7 +51,7 @@ def build_distiller(model: str = "default", store: str = "", layers: int | None 
         layer_seq = layer_order(order, cached_order(hybrid, tok)[0], seed)
     cfg = DistillConfig(seed=seed, one_state=one_state)
     for key, value in (("tokens_per_layer", tokens_per_layer), ("train_blocks", train_blocks),
-                       ("block_size", block_size), ("lr", lr)):
+                       ("block_size", block_size), ("lr", lr), ("kl_steps", kl_steps)):
         if value is not None:
             setattr(cfg, key, value)
     return ChainedDistiller(hybrid, tok, model_id, st, layer_seq, cfg, dsla_config, layers)

@@ -23,12 +23,15 @@ ONE_STATE_ALPHA = 30.0  # softmax([-30, 30]) = (1e-26, 1): only the recency stat
 
 @dataclass
 class DistillConfig:
-    tokens_per_layer: int = 49152  # training tokens seen per layer (steps x block_size)
-    train_blocks: int = 12         # cached blocks per layer (one held out for the metric)
+    tokens_per_layer: int = 15360  # MSE-phase training tokens per layer (steps x block_size)
+    train_blocks: int = 8          # cached blocks per layer (one held out for the metric)
     block_size: int = 512
     lr: float = 1e-2
     train_chunk_size: int = 16     # same math as the serving chunk size, faster on CPU
     one_state: bool = False        # ablation: GLA-like, a single (recency) state
+    kl_steps: int = 10             # logits-KL steps after the MSE phase (0 = MSE only)
+    kl_blocks: int = 2             # training blocks the KL phase replays
+    kl_lr: float = 3e-3
     seed: int = 0
 
     def to_dict(self):
@@ -57,7 +60,7 @@ def _lr_at(step: int, steps: int, lr: float) -> float:
 
 
 def distill_layer(hybrid, layer: int, data: LayerData, cfg: DistillConfig, dsla_config=None,
-                  progress=None):
+                  progress=None, teacher_lp=None):
     """Train a fresh DSLA module for `layer` on `data`; returns (module, metrics).
 
     `progress(step, steps, loss, tokens_per_s)` is called after every step; if it returns
@@ -100,9 +103,14 @@ def distill_layer(hybrid, layer: int, data: LayerData, cfg: DistillConfig, dsla_
             tps = (step + 1) * data.x.shape[1] / max(1e-9, time.time() - t0)
             if progress(step + 1, steps, loss_ema, tps):
                 break
+    kl = {}
+    if cfg.kl_steps and teacher_lp is not None and data.resid is not None:
+        from distill_workers.kl_phase import kl_phase
+
+        kl = kl_phase(hybrid, layer, module, data, teacher_lp, cfg.kl_steps, cfg.kl_lr)
     module.cfg = serve_cfg
     module.requires_grad_(False)
-    metrics = {"rel_mse_init": round(rel_init, 5), "rel_mse": round(evaluate_module(module, data, held_out), 5),
+    metrics = {**kl, "rel_mse_init": round(rel_init, 5), "rel_mse": round(evaluate_module(module, data, held_out), 5),
                "train_loss": round(loss_ema, 5), "steps": step + 1, "tokens": (step + 1) * data.x.shape[1],
                "seconds": round(time.time() - t0, 1), "history_weight": round(module.mix_weights()[0].item(), 5),
                "init_fit": {str(k): round(v, 5) for k, v in fit.items()}}
@@ -167,13 +175,20 @@ class ChainedDistiller:
         freeze_teacher(self.hybrid)
         # the chain continues from the store: earlier layers are DSLA with their stored weights
         self.store.apply(self.hybrid, self.store.published_layers())
+        for p in self.hybrid.dsla_parameters():
+            p.requires_grad_(False)  # earlier layers are frozen: no gradient work for them
         blocks = self.blocks if self.blocks is not None else training_blocks(self.tok, self.cfg)
+        teacher_lp = None
+        if self.cfg.kl_steps:
+            from distill_workers.kl_phase import teacher_logprobs
+
+            teacher_lp = teacher_logprobs(self.hybrid, blocks[:self.cfg.kl_blocks])
         published = []
         for layer in self.todo():
             if self._stop:
                 break
             self.status.update(state="capturing", layer=layer, step=0, loss=None)
-            data = capture_layer(self.hybrid, layer, blocks)
+            data = capture_layer(self.hybrid, layer, blocks, resid_blocks=self.cfg.kl_blocks if self.cfg.kl_steps else 0)
             self.status["state"] = "training"
             self._bar = None
             if show_progress:
@@ -181,13 +196,15 @@ class ChainedDistiller:
 
                 self._bar = tqdm(total=max(1, self.cfg.tokens_per_layer // self.cfg.block_size),
                                  desc=f"layer {layer:2d}", leave=True)
-            module, metrics = distill_layer(self.hybrid, layer, data, self.cfg, self.dsla_config, self._progress)
+            module, metrics = distill_layer(self.hybrid, layer, data, self.cfg, self.dsla_config, self._progress,
+                                            teacher_lp)
             if self._bar is not None:
                 self._bar.close()
             if self._stop:
                 break  # an interrupted layer is never published
             metrics["config"] = {"tokens_per_layer": self.cfg.tokens_per_layer,
-                                 "train_blocks": self.cfg.train_blocks, "one_state": self.cfg.one_state}
+                                 "train_blocks": self.cfg.train_blocks, "one_state": self.cfg.one_state,
+                                 "kl_steps": self.cfg.kl_steps}
             self.store.publish(layer, module.state_dict(), metrics)
             self.hybrid.install(layer, module)
             self.hybrid.convert(layer)

@@ -7,7 +7,7 @@ from distill_workers.trainer import ChainedDistiller, DistillConfig, distill_lay
 from dsla_model.layer_store import LayerStore
 from tests.distill.conftest import tiny_blocks, tiny_hybrid
 
-CFG = DistillConfig(tokens_per_layer=48 * 40, train_blocks=4, block_size=48, lr=2e-2, train_chunk_size=8)
+CFG = DistillConfig(tokens_per_layer=48 * 40, train_blocks=4, block_size=48, lr=2e-2, train_chunk_size=8, kl_steps=2)
 
 
 def test_capture_gives_teacher_attention_on_the_hybrid_input():
