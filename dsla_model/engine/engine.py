@@ -84,6 +84,8 @@ class Engine:
         if self.pool.blocks_for(len(c.attn_layers), len(c.dsla_layers), total) > self.pool.usable_blocks:
             raise ValueError(f"a sequence of {total} tokens does not fit the cache budget "
                              f"({self.pool.budget_bytes} bytes) under the current conversion")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need an engine with a tokenizer")
         request_id = str(request_id) if request_id is not None else uuid.uuid4().hex
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -229,7 +231,15 @@ class Engine:
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError("one SamplingParams per prompt, or a single one for all")
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        ids = []
+        try:
+            for p, sp in zip(prompts, plist):
+                ids.append(self.add_request(p, sp))
+        except ValueError:
+            for rid in ids:  # all or nothing: a refused prompt leaves nothing behind
+                self.abort(rid)
+            self._events = [e for e in self._events if e.request_id not in ids]
+            raise
         out = {i: [] for i in ids}
         while any(i in self.requests for i in ids):
             for ev in self.step():

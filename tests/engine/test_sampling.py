@@ -135,5 +135,10 @@ def test_bad_requests(hybrid):
     eng.add_request([1, 2], sp, request_id="x")
     with pytest.raises(ValueError, match="already in use"):
         eng.add_request([1, 2], sp, request_id="x")
+    with pytest.raises(ValueError, match="tokenizer"):
+        eng.add_request([1, 2], SamplingParams(stop=["x"]))
+    with pytest.raises(ValueError, match="max_model_len"):
+        eng.generate([[1, 2], [1] * 62], sp)
+    assert eng.stats()["waiting"] == 1  # only "x"; generate() left nothing behind
     with pytest.raises(ValueError, match="max_batched_tokens"):
         Engine(hybrid, None, EngineConfig(max_running=8, max_batched_tokens=4))
