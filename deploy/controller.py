@@ -89,7 +89,7 @@ class ConversionController:
             "controller": {
                 "enabled": self.cfg.controller.enabled, "target_layers": len(target), "target_dsla_layers": target,
                 "target_ratio": len(target) / max(1, self.num_layers),
-                "max_layers": max_layers(self.policy, self.num_layers, len(self.published)),
+                "max_layers": max_layers(self.policy, self.num_layers, self.available_layers()),
                 "last_decision": self.last_decision, "decisions": dict(self.counts),
                 "history": list(self.history)[-20:]},
             "store": {"path": self.store_path, "version": self.store_version, "published_layers": self.published},
@@ -120,9 +120,7 @@ class ConversionController:
         self.metrics.load(load.queue, len(loads), len(self.published))
         if not self.cfg.controller.enabled or not loads:
             return
-        # a replica cannot convert a layer it has not loaded yet: count only layers all hold
-        held = min(len(s.get("loaded_layers", self.published)) for _, s in self.reports.values())
-        d = decide(self.policy, self.state, load, now, self.num_layers, min(held, len(self.published)))
+        d = decide(self.policy, self.state, load, now, self.num_layers, self.available_layers())
         self.state = d.state
         self.last_decision = {"action": d.action, "layers": d.layers, "reason": d.reason, "queue": load.queue,
                               "waiting_tokens": load.waiting_tokens, "cache_usage": round(load.cache_usage, 4),
@@ -132,6 +130,15 @@ class ConversionController:
             self.counts[d.action] += 1
             self.history.append(self.last_decision)
             log.info("conversion %s to %d layers: %s", d.action, d.layers, d.reason)
+
+    def available_layers(self) -> int:
+        """Length of the store's order that every replica has loaded: a replica cannot
+        convert a layer it does not hold (not yet read, or refused as corrupt)."""
+        n = len(self.published)
+        for _, s in self.reports.values():
+            loaded = set(s.get("loaded_layers", self.published))
+            n = min(n, next((i for i, layer in enumerate(self.published) if layer not in loaded), n))
+        return n
 
     async def _loop(self):
         last_distill = 0.0

@@ -130,6 +130,8 @@ class OpenAIIngress:
                     builder.add(index, ev)
             except Exception as e:
                 raise self._as_api_error(e) from None
+            finally:  # also on cancellation (client gone): stop the replicas' work now
+                await events.aclose()
             return builder.final()
         # Pull the first event before answering 200, so that backpressure and a dead
         # fleet still get their status code rather than an error inside a stream.
