@@ -44,9 +44,11 @@ class _Plan:
             self.tok_seq = torch.repeat_interleave(torch.arange(n_seq, device=dev), torch.tensor(lens, device=dev))
 
 
-# num_warps per kernel (bench/kernels.py sweeps these and reports what it measured): the
-# fp32 [64, 128] tiles these kernels hold want 8 warps to stay clear of local memory.
-LAUNCH = dict(states_fwd=8, scores=8, output=8, output_bv=64, states_bwd=8, dq=8, dkv=8)
+# num_warps per kernel and the output kernel's Dv block. bench/kernels.py sweeps some of
+# these; on an H200 at T=16K (bench/results/kernels.md) states_fwd 4 vs 8 was within noise
+# (7.38 vs 7.48 ms) and output_bv 128 beat 64 (6.92 vs 7.37 ms). The rest are untuned:
+# 8 warps because these kernels hold fp32 [64, 128] tiles (244-255 registers, no spills).
+LAUNCH = dict(states_fwd=4, scores=8, output=8, output_bv=128, states_bwd=8, dq=8, dkv=8)
 _PLANS: dict = {}
 
 
