@@ -191,7 +191,7 @@ def prefill_rows(T, bw, fla, rows, backward=True):
 
 
 # first value = the default (already compiled); each other value costs one compile
-SWEEP = (("states_fwd", (8, 4)), ("output_bv", (64, 128)))
+SWEEP = (("scores_per_chunk", (False, True)), ("states_fwd", (4, 8)), ("output_bv", (128, 64)))
 
 
 def forward_parts(T, rows, sweep):
@@ -225,6 +225,9 @@ def forward_parts(T, rows, sweep):
     parts = {
         "states walk (_states_fwd)": lambda: td._states(kf, vf, g1f, g2f, None, None, plan, H, D, D, True, False),
         "intra scores (_scores_fwd)": lambda: td._scores_fwd[(plan.n_chunks, H, CHUNK // SUB)](
+            qf, kf, g1f, g2f, w, A, plan.cu, plan.cseq, plan.coff, H, H, G=1, Dk=D, C=CHUNK, SUB=SUB, BK=D,
+            RANGE_MAX=RANGE_MAX, IEEE=False, num_warps=td.LAUNCH["scores"]),
+        "intra scores, one program per chunk (_scores_fwd_chunk)": lambda: td._scores_fwd_chunk[(plan.n_chunks, H)](
             qf, kf, g1f, g2f, w, A, plan.cu, plan.cseq, plan.coff, H, H, G=1, Dk=D, C=CHUNK, SUB=SUB, BK=D,
             RANGE_MAX=RANGE_MAX, IEEE=False, num_warps=td.LAUNCH["scores"]),
         "output (_output_fwd)": lambda: td._output_fwd[(plan.n_chunks, H, D // BV)](

@@ -254,3 +254,45 @@ def _output_fwd(q, v, g1, g2, w, h1, h2, A, o, cu, cseq, coff, scale,
     acc += mm(Am.to(vv.dtype), vv, IEEE)
     tl.store(o + (t[:, None] * Hq + hq).to(tl.int64) * Dv + dv[None, :], (acc * scale).to(o.dtype.element_ty),
              mask=mt[:, None] & mv[None, :])
+
+
+@triton.jit
+def _scores_fwd_chunk(q, k, g1, g2, w, A, cu, cseq, coff,
+                      Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr,
+                      BK: tl.constexpr, RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
+    """Same output as `_scores_fwd`, one program per (chunk, query head) for all sub-chunks:
+    the chunk's k, gates and cumsums are loaded and computed once instead of once per
+    sub-chunk. Not yet measured on a GPU (selected by LAUNCH["scores_per_chunk"])."""
+    ic = tl.program_id(0)
+    hq = tl.program_id(1)
+    hk = hq // G
+    n = tl.load(cseq + ic)
+    t0 = tl.load(cu + n).to(tl.int64) + (ic - tl.load(coff + n)).to(tl.int64) * C
+    eos = tl.load(cu + n + 1).to(tl.int64)
+    t = t0 + tl.arange(0, C)
+    mt = t < eos
+    dk = tl.arange(0, BK)
+    mk = dk < Dk
+    sr = tl.arange(0, SUB)
+    cols = tl.arange(0, C)
+    kk = load_rows(k, t, mt, Hkv, hk, Dk, dk, mk)
+    gc1 = load_rows(g1, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
+    gc2 = load_rows(g2, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
+    b1 = tl.cumsum(gc1, axis=0)
+    b2 = tl.cumsum(gc2, axis=0)
+    w0 = tl.load(w)
+    w1 = tl.load(w + 1)
+    base1 = tl.zeros_like(tl.sum(gc1, axis=0))
+    base2 = tl.zeros_like(base1)
+    for i in tl.static_range(C // SUB):
+        tr = t0 + i * SUB + sr
+        mr = tr < eos
+        qR = load_rows(q, tr, mr, Hq, hq, Dk, dk, mk)
+        bR, bref, bl = sub_cumsum(g1, t0 + i * SUB, eos, hk, Hkv, Dk, dk, mk, base1, SUB)
+        Am = w0 * intra_scores_rows(qR, bR, bref, bl, kk, b1, gc1, i, C, SUB, RANGE_MAX, IEEE)
+        base1 = bl
+        bR, bref, bl = sub_cumsum(g2, t0 + i * SUB, eos, hk, Hkv, Dk, dk, mk, base2, SUB)
+        Am += w1 * intra_scores_rows(qR, bR, bref, bl, kk, b2, gc2, i, C, SUB, RANGE_MAX, IEEE)
+        base2 = bl
+        tl.store(A + (tr[:, None] * Hq + hq).to(tl.int64) * C + cols[None, :], Am.to(A.dtype.element_ty),
+                 mask=mr[:, None])

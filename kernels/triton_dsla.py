@@ -14,7 +14,7 @@ import triton
 
 from kernels import triton_alloc
 from kernels.triton_chunk_bwd import _dkv_bwd, _dq_bwd, _states_bwd
-from kernels.triton_chunk_fwd import CHUNK, RANGE_MAX, SUB, _output_fwd, _scores_fwd, _states_fwd
+from kernels.triton_chunk_fwd import CHUNK, RANGE_MAX, SUB, _output_fwd, _scores_fwd, _scores_fwd_chunk, _states_fwd
 from kernels.triton_decode import dsla_decode_fused  # noqa: F401  (re-exported)
 
 
@@ -48,7 +48,9 @@ class _Plan:
 # these; on an H200 at T=16K (bench/results/kernels.md) states_fwd 4 vs 8 was within noise
 # (7.38 vs 7.48 ms) and output_bv 128 beat 64 (6.92 vs 7.37 ms). The rest are untuned:
 # 8 warps because these kernels hold fp32 [64, 128] tiles (244-255 registers, no spills).
-LAUNCH = dict(states_fwd=4, scores=8, output=8, output_bv=128, states_bwd=8, dq=8, dkv=8)
+# scores_per_chunk picks `_scores_fwd_chunk` (one program per chunk; unmeasured) over
+# `_scores_fwd` (one per sub-chunk; the measured 4.4 ms of the 6.9 ms forward at T=16K).
+LAUNCH = dict(states_fwd=4, scores=8, output=8, output_bv=128, states_bwd=8, dq=8, dkv=8, scores_per_chunk=False)
 _PLANS: dict = {}
 
 
@@ -101,9 +103,14 @@ def _forward(q, k, v, g1, g2, w, s1, s2, scale, plan):
     G = Hq // Hkv
     # mixed intra-chunk scores, kept for the backward (dv needs exactly these)
     A = triton_alloc.empty(Ttot, Hq, CHUNK, dtype=v.dtype, device=q.device)
-    _scores_fwd[(plan.n_chunks, Hq, CHUNK // SUB)](q, k, g1, g2, w, A, plan.cu, plan.cseq, plan.coff,
-                                                   Hq, Hkv, G=G, Dk=Dk, C=CHUNK, SUB=SUB, BK=BK,
-                                                   RANGE_MAX=RANGE_MAX, IEEE=ieee, num_warps=LAUNCH["scores"])
+    if LAUNCH["scores_per_chunk"]:
+        _scores_fwd_chunk[(plan.n_chunks, Hq)](q, k, g1, g2, w, A, plan.cu, plan.cseq, plan.coff,
+                                               Hq, Hkv, G=G, Dk=Dk, C=CHUNK, SUB=SUB, BK=BK,
+                                               RANGE_MAX=RANGE_MAX, IEEE=ieee, num_warps=LAUNCH["scores"])
+    else:
+        _scores_fwd[(plan.n_chunks, Hq, CHUNK // SUB)](q, k, g1, g2, w, A, plan.cu, plan.cseq, plan.coff,
+                                                       Hq, Hkv, G=G, Dk=Dk, C=CHUNK, SUB=SUB, BK=BK,
+                                                       RANGE_MAX=RANGE_MAX, IEEE=ieee, num_warps=LAUNCH["scores"])
     o = triton_alloc.empty(Ttot, Hq, Dv, dtype=q.dtype, device=q.device)
     BVo = min(BV, LAUNCH["output_bv"])
     _output_fwd[(plan.n_chunks, Hq, triton.cdiv(Dv, BVo))](q, v, g1, g2, w, h1, h2, A, o, plan.cu, plan.cseq,

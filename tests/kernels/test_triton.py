@@ -104,6 +104,16 @@ def test_prefill_forward(shape, dtype):
     assert _rel(s1.cpu(), r1) < _tol(dtype) and _rel(s2.cpu(), r2) < _tol(dtype)
 
 
+def test_prefill_scores_per_chunk_variant(monkeypatch):
+    """The one-program-per-chunk scores kernel computes the same function."""
+    from kernels import triton_dsla as td
+
+    monkeypatch.setitem(td.LAUNCH, "scores_per_chunk", True)
+    args = _inputs(1, 70, 2, 1, 16, 16, torch.float32, seed=8)
+    o, _, _ = dsla_chunk_fused(*args)
+    assert _rel(o.cpu(), _ref_fp64(args)[0]) < 2e-5
+
+
 def test_prefill_strong_decay_is_exact():
     """Decays of -5..-50 per step take the exact row-by-row path; no inf, no NaN."""
     args = _inputs(1, 70, 1, 1, 16, 16, torch.float32, seed=5, strong=True)
