@@ -15,6 +15,7 @@ import logging
 import time
 from collections import Counter, deque
 
+import ray
 from ray import serve
 
 from deploy.config import AppConfig
@@ -53,6 +54,7 @@ class ConversionController:
         self.history: deque = deque(maxlen=100)  # decisions that changed the target
         self.counts: Counter = Counter()
         self.metrics = ControllerMetrics(self.num_layers)
+        self.actor_name = ray.get_runtime_context().get_actor_name()
         self.distill = DistillPool(cfg, self.store_path, self.metrics)
         self._refresh_store()
         self.distill.start(serve.get_replica_context().app_name)
@@ -87,7 +89,7 @@ class ConversionController:
         return {
             "num_layers": self.num_layers,
             "controller": {
-                "enabled": self.cfg.controller.enabled, "target_layers": len(target), "target_dsla_layers": target,
+                "actor_name": self.actor_name, "enabled": self.cfg.controller.enabled, "target_layers": len(target), "target_dsla_layers": target,
                 "target_ratio": len(target) / max(1, self.num_layers),
                 "max_layers": max_layers(self.policy, self.num_layers, self.available_layers()),
                 "last_decision": self.last_decision, "decisions": dict(self.counts),

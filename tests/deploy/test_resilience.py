@@ -1,4 +1,5 @@
-"""Killing an LLM replica mid-stream loses no accepted request (the client retries at most once)."""
+"""Killing an LLM replica mid-stream loses no accepted request (the client retries at most once);
+killing the conversion controller does not stop serving and Serve brings it back."""
 from __future__ import annotations
 
 import asyncio
@@ -68,3 +69,20 @@ def test_killing_a_replica_loses_no_request(server):
         reps = get_json(server["base"] + "/status")["replicas"]
         return len(reps) == 2 and victim_id not in reps
     wait_for(replaced, 180, interval=1.0, what="a replacement replica")
+
+
+def test_killing_the_controller_keeps_serving_and_the_new_one_adopts_the_fleet(server, client):
+    s = get_json(server["base"] + "/status")
+    old = s["controller"]["actor_name"]
+    ray.kill(ray.get_actor(old, namespace="serve"))
+    # replicas keep serving with the layers they have while Serve restarts the controller
+    for i in range(3):
+        r = client.completions.create(model=MODEL_NAME, prompt=f"no controller {i}", max_tokens=4,
+                                      extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 4
+
+    def restarted():
+        st = get_json(server["base"] + "/status")
+        return st if st["controller"]["actor_name"] != old and len(st["replicas"]) == 2 else None
+    st = wait_for(restarted, 180, interval=1.0, what="a restarted controller hearing from both replicas")
+    assert st["store"]["published_layers"] == [2, 0, 3, 1]
