@@ -191,7 +191,8 @@ def prefill_rows(T, bw, fla, rows, backward=True):
 
 
 # first value = the default (already compiled); each other value costs one compile
-SWEEP = (("scores_per_chunk", (False, True)), ("states_fwd", (4, 8)), ("output_bv", (128, 64)))
+SWEEP = (("scores_per_chunk", (False, True)), ("states_bv", (64, 32)), ("states_fwd", (4, 8)),
+         ("output_bv", (128, 64)))
 
 
 def forward_parts(T, rows, sweep):

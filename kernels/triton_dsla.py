@@ -50,7 +50,8 @@ class _Plan:
 # 8 warps because these kernels hold fp32 [64, 128] tiles (244-255 registers, no spills).
 # scores_per_chunk picks `_scores_fwd_chunk` (one program per chunk; unmeasured) over
 # `_scores_fwd` (one per sub-chunk; the measured 4.4 ms of the 6.9 ms forward at T=16K).
-LAUNCH = dict(states_fwd=4, scores=8, output=8, output_bv=128, states_bwd=8, dq=8, dkv=8, scores_per_chunk=False)
+LAUNCH = dict(states_fwd=4, scores=8, output=8, output_bv=128, states_bwd=8, dq=8, dkv=8, scores_per_chunk=False,
+              states_bk=64, states_bv=64)
 _PLANS: dict = {}
 
 
@@ -66,8 +67,10 @@ def _fixed_plan(B, T, dev):
 
 
 def _blocks(Dk, Dv):
-    BKs = max(16, min(64, triton.next_power_of_2(Dk)))  # state walk: 64x64 tiles keep 2 states in registers
-    BVs = max(16, min(64, triton.next_power_of_2(Dv)))
+    # state walks: 64x64 tiles keep both states in registers; smaller tiles give more programs
+    # (the walk is sequential over chunks, so parallelism comes only from heads and tiles)
+    BKs = max(16, min(LAUNCH["states_bk"], triton.next_power_of_2(Dk)))
+    BVs = max(16, min(LAUNCH["states_bv"], triton.next_power_of_2(Dv)))
     BK = max(16, triton.next_power_of_2(Dk))  # chunk-parallel kernels hold the whole Dk
     BV = max(16, triton.next_power_of_2(Dv))
     if BK > 256 or BV > 256:
