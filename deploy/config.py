@@ -62,7 +62,7 @@ class ReplicaSettings(_Strict):
 
 class IngressSettings(_Strict):
     num_replicas: int = Field(1, ge=1)
-    num_cpus: float = Field(0.5, ge=0)
+    num_cpus: float = Field(0.25, ge=0)
     max_ongoing_requests: int = Field(512, ge=1)
     max_queued_requests: int = Field(1024, ge=-1)
     retry_after_s: float = Field(1.0, ge=0)
@@ -113,7 +113,8 @@ class ControllerSettings(_Strict):
 class DistillSettings(_Strict):
     """Background distillation actors (engineer C's DistillWorker)."""
     num_workers: int = Field(0, ge=0)  # 0: no distillation, serve what the store holds
-    num_cpus: float = Field(1.0, ge=0)
+    # defaults sum (with one replica) to under 2 CPUs, so a 2-core laptop can run everything
+    num_cpus: float = Field(0.5, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     worker_kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to DistillWorker
 
