@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deploy.config import AppConfig
 from deploy.openai_format import ResponseBuilder, sse
 from deploy.openai_protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body
-from deploy.request_plan import Job, Limits, Plan, plan_chat, plan_completion
+from deploy.request_plan import Job, Limits, Plan, check_model, plan_chat, plan_completion
 from deploy.resilience import BACKPRESSURE, RETRYABLE, ReplicaAborted, describe
 
 log = logging.getLogger("ray.serve")
@@ -97,11 +97,18 @@ class OpenAIIngress:
     async def health(self):
         return {"status": "ok"}
 
+    def _model_card(self) -> dict:
+        return {"id": self.limits.model_name, "object": "model", "created": 0, "owned_by": "dsla-serve",
+                "root": self.cfg.model, "max_model_len": self.limits.max_model_len}
+
     @app.get("/v1/models")
     async def models(self):
-        return {"object": "list", "data": [{"id": self.limits.model_name, "object": "model", "created": 0,
-                                            "owned_by": "dsla-serve", "root": self.cfg.model,
-                                            "max_model_len": self.limits.max_model_len}]}
+        return {"object": "list", "data": [self._model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str):
+        check_model(model_id, self.limits)
+        return self._model_card()
 
     @app.get("/status")
     async def status(self):

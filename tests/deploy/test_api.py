@@ -11,6 +11,7 @@ pytestmark = pytest.mark.usefixtures("server")
 def test_models_and_health(server, client):
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL_NAME]
+    assert client.models.retrieve(MODEL_NAME).id == MODEL_NAME
     assert get_json(server["base"] + "/health")["status"] == "ok"
 
 

@@ -85,6 +85,11 @@ def test_unknown_model(server, client):
         client.chat.completions.create(model="gpt-99", messages=[{"role": "user", "content": "x"}])
 
 
+def test_unknown_model_card(client):
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-99")
+
+
 def test_unknown_route_and_method(server):
     assert_openai_error(httpx.get(server["base"] + "/v1/nothing-here"), 404)
     assert_openai_error(httpx.get(server["base"] + "/v1/completions"), 405)
