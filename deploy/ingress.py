@@ -4,10 +4,13 @@ The ingress tokenizes and validates, so a bad request is answered with a 4xx and
 OpenAI error body before any replica sees it. Every generation, streamed to the
 client or not, goes through one path: a streaming call to a replica, resumed once
 on another replica if the first dies (see `_job_stream`).
+
+No `from __future__ import annotations` here: FastAPI reads the route signatures
+(`request: Request`) at class decoration, and with string annotations inside a
+Serve ingress class it took `request` for a query parameter.
 """
 
 import asyncio
-import json
 import logging
 import math
 import uuid

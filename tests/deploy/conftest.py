@@ -8,7 +8,6 @@ on 127.0.0.1 ports picked here, and shut down at the end of the session.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
 import urllib.request

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
-import time
 import urllib.request
 
 from tests.deploy.conftest import MODEL_NAME, get_json, wait_for
@@ -50,7 +49,7 @@ class Load:
                     model=MODEL_NAME, prompt=f"worker {w} request {i} " * 4, max_tokens=MAX_TOKENS,
                     temperature=0, stream=True, stream_options={"include_usage": True},
                     extra_body={"ignore_eos": True})
-                finish, usage, n = None, None, 0
+                finish, usage = None, None
                 async for chunk in stream:
                     if chunk.choices:
                         finish = chunk.choices[0].finish_reason or finish
