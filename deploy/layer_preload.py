@@ -16,12 +16,13 @@ log = logging.getLogger("ray.serve")
 
 
 class PreloadedLayers:
-    def __init__(self, store_path: Optional[str], fingerprint: str):
+    def __init__(self, store_path: Optional[str], fingerprint: Optional[str] = None):
         self.store = None
         if store_path:
             from dsla_model.layer_store import LayerStore
 
             self.store = LayerStore(store_path)
+        # the teacher's fingerprint; set once the model is built (it needs our dsla_config first)
         self.fingerprint = fingerprint
         self.weights: dict[int, dict] = {}
         self.versions: dict[int, int] = {}  # layer -> version of the weights held
@@ -41,6 +42,8 @@ class PreloadedLayers:
         """Load what was published since the last call; returns the layers (re)loaded."""
         if self.store is None or not self.store.exists():
             return []
+        if self.fingerprint is None:  # never load layers unchecked against the model
+            raise RuntimeError("PreloadedLayers.fingerprint must be set before refresh()")
         from dsla_model.layer_store import LayerStoreError
 
         with self._lock:

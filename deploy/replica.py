@@ -51,7 +51,7 @@ class LLMReplica:
         self.replica_id = ctx.replica_id.unique_id
         self.actor_name = ray.get_runtime_context().get_actor_name()
         model, tok, self.model_id = await asyncio.to_thread(load_model, cfg.model, _dtype(cfg), cfg.device())
-        self.layers = PreloadedLayers(cfg.store_path(), "")
+        self.layers = PreloadedLayers(cfg.store_path())
         self.hybrid = HybridModel(model, self.layers.dsla_config())
         self.layers.fingerprint = self.hybrid.fingerprint
         await asyncio.to_thread(self.layers.refresh)

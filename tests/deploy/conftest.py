@@ -1,9 +1,9 @@
-"""One Ray + Serve instance for the whole deploy test session, serving a tiny model.
+"""One Ray + Serve instance for all of tests/deploy, serving a tiny model.
 
 The model is a tiny random Llama with the default model's tokenizer (so chat
 templates and real text work) and a layer store of fresh DSLA layers for every
 layer, so conversion can go as far as the policy allows. Ray is started once,
-on 127.0.0.1 ports picked here, and shut down at the end of the session.
+on 127.0.0.1 ports picked here, and shut down when tests/deploy ends.
 """
 from __future__ import annotations
 
