@@ -1,0 +1,66 @@
+"""A replica's preloading of the layer store (no Ray): new and republished layers are read
+once, a corrupt layer is refused and never offered, the fingerprint is always checked."""
+from __future__ import annotations
+
+import pytest
+
+from deploy.layer_preload import PreloadedLayers
+from tests.conftest import tiny_model
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    from dsla_model.hybrid import HybridModel
+    from dsla_model.layer_store import LayerStore
+
+    hybrid = HybridModel(tiny_model(layers=4))
+    store = LayerStore(tmp_path / "store")
+    store.init("tiny", hybrid.fingerprint, [3, 1, 0, 2], hybrid.dsla_config)
+    return hybrid, store
+
+
+def publish(hybrid, store, layer):
+    return store.publish(layer, hybrid.new_dsla_module(layer).state_dict(), {})
+
+
+def test_new_layers_are_loaded_once_in_order(setup):
+    hybrid, store = setup
+    pre = PreloadedLayers(str(store.path), hybrid.fingerprint)
+    assert pre.refresh() == [] and pre.order == []
+    publish(hybrid, store, 3)
+    publish(hybrid, store, 1)
+    assert pre.refresh() == [3, 1]
+    assert pre.order == [3, 1] and pre.store_version == 2
+    assert pre.refresh() == []  # nothing new
+    assert set(pre.weights_for([3, 1], {})) == {3, 1}
+    assert pre.weights_for([3, 1], {3: 1, 1: 1}) == {}  # installed already
+    publish(hybrid, store, 3)  # republished: version 2 of layer 3
+    assert pre.refresh() == [3]
+    assert set(pre.weights_for([3, 1], {3: 1, 1: 1})) == {3}
+
+
+def test_a_corrupt_layer_is_refused_and_never_offered(setup):
+    hybrid, store = setup
+    publish(hybrid, store, 3)
+    entry = publish(hybrid, store, 1)
+    path = store.path / entry["file"]
+    data = bytearray(path.read_bytes())
+    data[-8:] = bytes(b ^ 0xFF for b in data[-8:])  # flip bits (the tail may be zeros already)
+    path.write_bytes(bytes(data))
+    pre = PreloadedLayers(str(store.path), hybrid.fingerprint)
+    assert pre.refresh() == [3]
+    assert 1 in pre.errors and pre.usable([3, 1]) == [3]
+
+
+def test_another_models_store_is_refused(setup):
+    hybrid, store = setup
+    publish(hybrid, store, 3)
+    pre = PreloadedLayers(str(store.path), "not-this-model")
+    assert pre.refresh() == [] and 3 in pre.errors
+    with pytest.raises(RuntimeError):
+        PreloadedLayers(str(store.path)).refresh()  # no fingerprint: refuses to load unchecked
+
+
+def test_no_store(tmp_path):
+    assert PreloadedLayers(None, "x").refresh() == []
+    assert PreloadedLayers(str(tmp_path / "missing"), "x").refresh() == []
