@@ -71,7 +71,7 @@ def test_killing_a_replica_loses_no_request(server):
     wait_for(replaced, 180, interval=1.0, what="a replacement replica")
 
 
-def test_killing_the_controller_keeps_serving_and_the_new_one_adopts_the_fleet(server, client):
+def test_killing_the_controller_keeps_serving_and_serve_restarts_it(server, client):
     s = get_json(server["base"] + "/status")
     old = s["controller"]["actor_name"]
     ray.kill(ray.get_actor(old, namespace="serve"))
