@@ -27,7 +27,7 @@ def cmd_distill(args) -> int:
     kwargs = dict(model=args.model, store=args.store, layers=args.layers, tokens_per_layer=args.tokens_per_layer,
                   train_blocks=args.train_blocks, order=args.order, seed=args.seed, gate_rank=args.gate_rank,
                   delta_rank=args.delta_rank, output_bias=None if not args.no_output_bias else False,
-                  one_state=args.one_state, kl_steps=args.kl_steps)
+                  one_state=args.one_state, kl_steps=args.kl_steps, device=args.device)
     try:
         if args.ray:
             return _distill_ray(args, kwargs)
@@ -140,6 +140,7 @@ def add_parsers(sub):
     p.add_argument("--one-state", action="store_true", help="ablation: a single (GLA-like) state")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast and the fused kernels on cuda)")
     p.add_argument("--ray", action="store_true", help="run in a DistillWorker Ray actor")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_distill)

@@ -38,8 +38,8 @@ def init_scales(module, x, y, cos, sin) -> dict:
     with_bias = module.out_bias is not None
     yf = y.reshape(-1).float()
     ynorm = yf.pow(2).sum()
-    z1 = _per_head_contributions(module, x, cos, sin, torch.tensor([1.0, 0.0])).float()
-    z2 = _per_head_contributions(module, x, cos, sin, torch.tensor([0.0, 1.0])).float()
+    z1 = _per_head_contributions(module, x, cos, sin, torch.tensor([1.0, 0.0], device=x.device)).float()
+    z2 = _per_head_contributions(module, x, cos, sin, torch.tensor([0.0, 1.0], device=x.device)).float()
     if with_bias:
         # the bias absorbs each output dim's mean: fit the scales on centred data, then the bias
         y_mean = y.reshape(-1, hidden).float().mean(0)
@@ -52,7 +52,7 @@ def init_scales(module, x, y, cos, sin) -> dict:
     best, report = None, {}
     for w1 in HISTORY_WEIGHTS:
         A = w1 * z1 + (1 - w1) * z2
-        gram = A @ A.T + 1e-6 * torch.eye(A.shape[0]) * A.pow(2).sum() / A.shape[0]
+        gram = A @ A.T + 1e-6 * torch.eye(A.shape[0], device=A.device) * A.pow(2).sum() / A.shape[0]
         c = torch.linalg.solve(gram, A @ yf)
         c = c.clamp_min(1e-3 * c.abs().max())  # a scale must stay positive (it is a log)
         rel = ((c @ A - yf).pow(2).sum() / ynorm).item()
@@ -62,6 +62,6 @@ def init_scales(module, x, y, cos, sin) -> dict:
     _, w1, c = best
     if with_bias:
         module.out_bias.copy_(y_mean - c @ (w1 * z_means[0] + (1 - w1) * z_means[1]))
-    module.alpha.copy_(torch.tensor([math.log(w1), math.log(1 - w1)]))
+    module.alpha.copy_(torch.tensor([math.log(w1), math.log(1 - w1)], device=module.alpha.device))
     module.log_head_scale.copy_(c.log().to(module.log_head_scale.dtype))
     return report

@@ -29,7 +29,7 @@ def build_distiller(model: str = "default", store: str = "", layers: int | None 
                     block_size: int | None = None, order: str = "sensitivity", seed: int = 0,
                     gate_rank: int | None = None, delta_rank: int | None = None,
                     output_bias: bool | None = None, one_state: bool = False, lr: float | None = None,
-                    kl_steps: int | None = None,
+                    kl_steps: int | None = None, device: str = "cpu",
                     loaded=None) -> ChainedDistiller:
     """`loaded` = (model, tokenizer, model_id) skips loading (tests, repeated runs)."""
     from dsla_model.hybrid import HybridModel
@@ -37,7 +37,7 @@ def build_distiller(model: str = "default", store: str = "", layers: int | None 
     from dsla_model.loading import load_model
     from dsla_model.order_cache import cached_order
 
-    hf, tok, model_id = loaded if loaded is not None else load_model(model)
+    hf, tok, model_id = loaded if loaded is not None else load_model(model, device=device)
     dsla = dict(DEFAULT_DSLA)
     for key, value in (("gate_rank", gate_rank), ("delta_rank", delta_rank), ("output_bias", output_bias)):
         if value is not None:

@@ -52,6 +52,15 @@ def evaluate_module(module, data: LayerData, blocks) -> float:
     return sum(losses) / max(1, len(losses))
 
 
+def _autocast(x: torch.Tensor):
+    """bf16 autocast on GPU (the fused kernels run there); plain fp32 on CPU."""
+    import contextlib
+
+    if x.is_cuda:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def _lr_at(step: int, steps: int, lr: float) -> float:
     warm = max(1, steps // 5)  # Adam moves every weight by ~lr at once: ease off the least-squares init
     if step < warm:
@@ -76,7 +85,7 @@ def distill_layer(hybrid, layer: int, data: LayerData, cfg: DistillConfig, dsla_
     fit = init_scales(module, data.x[init_blocks], data.y[init_blocks], data.cos, data.sin)
     if cfg.one_state:
         with torch.no_grad():
-            module.alpha.copy_(torch.tensor([-ONE_STATE_ALPHA, ONE_STATE_ALPHA]))
+            module.alpha.copy_(torch.tensor([-ONE_STATE_ALPHA, ONE_STATE_ALPHA], device=module.alpha.device))
         module.alpha.requires_grad_(False)
     rel_init = evaluate_module(module, data, held_out)
     params = [p for p in module.parameters() if p.requires_grad]
@@ -92,7 +101,8 @@ def distill_layer(hybrid, layer: int, data: LayerData, cfg: DistillConfig, dsla_
         i = order.pop()
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, cfg.lr)
-        out, _, _ = module(data.x[i:i + 1], data.cos, data.sin)
+        with _autocast(data.x):
+            out, _, _ = module(data.x[i:i + 1], data.cos, data.sin)
         loss = relative_mse(out, data.y[i:i + 1])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -178,6 +188,7 @@ class ChainedDistiller:
         for p in self.hybrid.dsla_parameters():
             p.requires_grad_(False)  # earlier layers are frozen: no gradient work for them
         blocks = self.blocks if self.blocks is not None else training_blocks(self.tok, self.cfg)
+        blocks = blocks.to(next(self.hybrid.model.parameters()).device)
         teacher_lp = None
         if self.cfg.kl_steps:
             from distill_workers.kl_phase import teacher_logprobs

@@ -38,7 +38,8 @@ class TeacherReference:
         hybrid.set_dsla_layers([])
         try:
             self.blocks = blocks
-            self.logprobs = [torch.log_softmax(hybrid(blocks[i:i + 1])[0, :-1].float(), -1).half()
+            dev = next(hybrid.parameters()).device
+            self.logprobs = [torch.log_softmax(hybrid(blocks[i:i + 1].to(dev))[0, :-1].float(), -1).half().cpu()
                              for i in range(blocks.shape[0])]
         finally:
             for layer in saved:
@@ -59,7 +60,8 @@ class TeacherReference:
     @torch.no_grad()
     def score(self, hybrid) -> dict:
         """ppl, top-1 agreement and KL(teacher || hybrid) per token of the hybrid as it is."""
-        lps = [torch.log_softmax(hybrid(self.blocks[i:i + 1])[0, :-1].float(), -1)
+        dev = next(hybrid.parameters()).device
+        lps = [torch.log_softmax(hybrid(self.blocks[i:i + 1].to(dev))[0, :-1].float(), -1).cpu()
                for i in range(self.blocks.shape[0])]
         return self._score(lps)
 

@@ -35,6 +35,10 @@ def make_prompt(tokenizer, context: int, key: int, depth: float) -> tuple[list[i
     return prompt, answer
 
 
+def _device(model):
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def passkey_accuracy(model, tokenizer, contexts=(512, 1024, 2048), trials: int = 4, seed: int = 0) -> dict:
     """{context: fraction retrieved} over `trials` keys at spread depths, plus 'mean'.
@@ -47,11 +51,11 @@ def passkey_accuracy(model, tokenizer, contexts=(512, 1024, 2048), trials: int =
             key = rng.randrange(10000, 100000)
             depth = (t + 0.5) / trials
             prompt, answer = make_prompt(tokenizer, ctx, key, depth)
-            ids = torch.tensor([prompt + answer])
+            ids = torch.tensor([prompt + answer], device=_device(model))
             logits = model(ids)[0]
             n = len(answer)
             pred = logits[-n - 1:-1].argmax(-1)
-            hits += int(torch.equal(pred, torch.tensor(answer)))
+            hits += int(torch.equal(pred.cpu(), torch.tensor(answer)))
         out[str(ctx)] = hits / trials
     out["mean"] = sum(out[str(c)] for c in contexts) / len(contexts)
     return out
