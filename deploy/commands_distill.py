@@ -133,7 +133,9 @@ def add_parsers(sub):
     p.add_argument("--tokens-per-layer", type=int, default=None, help="training tokens per layer")
     p.add_argument("--train-blocks", type=int, default=None, help="cached 512-token training blocks per layer")
     p.add_argument("--kl-steps", type=int, default=None, help="logits-KL steps per layer after the MSE phase")
-    p.add_argument("--order", choices=["sensitivity", "reverse", "random"], default="sensitivity")
+    p.add_argument("--order", default="sensitivity",
+                   help="sensitivity | reverse | random | a JSON file with the order (e.g. the measured-damage "
+                        "order in docs/results/ablations.json)")
     p.add_argument("--gate-rank", type=int, default=None)
     p.add_argument("--delta-rank", type=int, default=None)
     p.add_argument("--no-output-bias", action="store_true")

@@ -1,6 +1,8 @@
 """Build a ready-to-run `ChainedDistiller` from plain arguments (CLI, Ray actor, tests)."""
 from __future__ import annotations
 
+import json
+import os
 import random
 
 from dsla_model.dsla_attention import DSLAConfig
@@ -13,6 +15,16 @@ DEFAULT_DSLA = {"gate_rank": 16, "delta_rank": 8, "output_bias": True}
 
 
 def layer_order(kind: str, sensitivity: list[int], seed: int = 0) -> list[int]:
+    """`kind` is an order name, or a JSON file holding {"order": [...]} or
+    {"damage": {"order": [...]}} (the measured-damage order written by distill_workers.ablation)."""
+    if os.path.isfile(kind):
+        with open(kind) as f:
+            d = json.load(f)
+        order = d.get("order") if isinstance(d.get("order"), list) and d["order"] and isinstance(d["order"][0], int) \
+            else d.get("damage", {}).get("order")
+        if sorted(order or []) != sorted(sensitivity):
+            raise ValueError(f"{kind} holds no permutation of the model's {len(sensitivity)} layers")
+        return list(order)
     if kind == "sensitivity":
         return list(sensitivity)
     if kind == "reverse":
