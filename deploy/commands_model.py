@@ -64,21 +64,31 @@ def _store_order(args):
 
 
 def apply_layers(hybrid, layers: list[int], layers_dir: str | None):
-    from dsla_model.layer_store import shipped_store
+    """Convert `layers`. An explicit --layers-dir must hold every one of them. Without it, a
+    model the shipped store was distilled for takes the layers that store holds, and the rest
+    start from their (untrained) initialisation, with a note on stderr."""
+    from dsla_model.layer_store import LayerStore, LayerStoreError, shipped_store
 
-    # Without --layers-dir, a model the shipped store was distilled for uses it (fresh,
-    # untrained DSLA layers otherwise).
+    implicit = layers_dir is None
     layers_dir = layers_dir or shipped_store(hybrid.fingerprint)
-    if layers_dir:
-        from dsla_model.layer_store import LayerStore, LayerStoreError
-
-        try:
-            LayerStore(layers_dir).apply(hybrid, layers)
-        except (LayerStoreError, OSError) as e:
-            raise CLIError(str(e)) from None
-    else:
+    if not layers_dir:
         for i in layers:
             hybrid.convert(i)
+        return
+    try:
+        store = LayerStore(layers_dir)
+        stored = [i for i in layers if i in set(store.published_layers())] if implicit else layers
+        store.apply(hybrid, stored)
+        fresh = [i for i in layers if i not in stored]
+        if fresh:
+            cfg = store.dsla_config()
+            for i in fresh:
+                hybrid.install(i, hybrid.new_dsla_module(i, None, cfg))
+                hybrid.convert(i)
+            print(f"note: layers {fresh} are not in the shipped store {layers_dir}; "
+                  "they run with untrained DSLA weights", file=sys.stderr)
+    except (LayerStoreError, OSError) as e:
+        raise CLIError(str(e)) from None
 
 
 def cmd_generate(args) -> int:
