@@ -13,7 +13,7 @@ for path in sys.argv[1:]:
     for r in json.load(open(path)):
         rows[r["conversion"]] = r
 results = [rows[c] for c in sorted(rows)]
-meta = {"title": "Shipped layer store (layers/), SmolLM2-135M-Instruct",
+meta = {"title": "Shipped layer store (layers/), SmolLM2-135M-Instruct", "model": "SmolLM2-135M-Instruct",
         "text": "corpus validation split, 8 blocks x 512 tokens", "passkey": "3 keys per context (512, 1024, 2048)"}
 print(write_report(results, meta, "docs/results", "eval"))
 
