@@ -29,7 +29,8 @@ def make_prompt(tokenizer, context: int, key: int, depth: float) -> tuple[list[i
     if room < len(filler_unit):
         raise ValueError(f"context {context} is too short for a passkey prompt")
     filler = (filler_unit * (room // len(filler_unit) + 1))[:room]
-    # cut at a sentence end so the needle is not glued into a word
+    # the needle goes in at a token boundary (it may split a filler sentence, which is harmless:
+    # the needle is its own sentences, starting a new line is not required)
     cut = int(depth * len(filler))
     prompt = intro + filler[:cut] + needle + filler[cut:] + question
     return prompt, answer

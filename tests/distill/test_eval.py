@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from dsla_model.evaluation import TeacherReference, evaluate_conversions
 from dsla_model.layer_store import LayerStore

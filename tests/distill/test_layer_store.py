@@ -93,8 +93,6 @@ def test_not_a_store_is_a_clear_error(tmp_path):
 
 
 def _publisher(path, fingerprint, layer, n):
-    from safetensors.torch import load_file  # noqa: F401 - import in the child
-
     st = LayerStore(path)
     for i in range(n):
         st.publish(layer, {"alpha": torch.full((2,), float(i))}, {"i": i})
