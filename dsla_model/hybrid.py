@@ -55,6 +55,8 @@ class HybridModel(nn.Module):
         self.fingerprint = model_fingerprint(model)  # of the untouched teacher
         self.model = model
         self.dsla_config = dsla_config
+        # transformers renamed past_key_values to cache in 5.x; look it up once, not per forward
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         c = model.config
         self.num_layers = c.num_hidden_layers
         self.num_heads = c.num_attention_heads
@@ -126,14 +128,12 @@ class HybridModel(nn.Module):
 
     def forward(self, input_ids, cache: HybridCache | None = None, attention_mask=None, **kwargs):
         """Logits [B,T,V]; with a cache, continues the sequence it holds."""
-        kw = {"cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values": cache}
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=cache is not None,
-                         **kw, **kwargs)
+                         **{self._cache_kw: cache}, **kwargs)
         return out.logits
 
     @torch.no_grad()
     def generate(self, input_ids, **kwargs):
         """HF `generate` with a hybrid cache pinned to the current configuration."""
-        name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-        kwargs.setdefault(name, self.new_cache())
+        kwargs.setdefault(self._cache_kw, self.new_cache())
         return self.model.generate(input_ids=input_ids, **kwargs)
