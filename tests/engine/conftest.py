@@ -40,3 +40,18 @@ def default_hybrid():
 
     model, tok, _ = load_model("default")
     return HybridModel(model), tok
+
+
+def padded_decode_inputs(items, num_layers, pad_rows):
+    """The static-shape decode inputs (what a captured graph takes) for scheduled items, plus
+    `pad_rows` padding rows that point at the pool's scratch group (index 0)."""
+    nb = max(it.req.cache.table.shape[1] for it in items)
+    rows = len(items) + pad_rows
+    tables = torch.zeros(num_layers, rows, nb, dtype=torch.int64)
+    slots = torch.zeros(num_layers, rows, dtype=torch.int64)
+    for i, it in enumerate(items):
+        tables[:, i, :it.req.cache.table.shape[1]] = it.req.cache.table
+        slots[:, i] = it.req.cache.slots
+    ids = torch.tensor([it.req.tokens[it.start] for it in items] + [0] * pad_rows)
+    pos = torch.tensor([it.start for it in items] + [0] * pad_rows)
+    return ids, pos, tables, slots

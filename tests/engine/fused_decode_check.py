@@ -8,7 +8,7 @@ import torch
 
 from dsla_model.dsla_attention import DSLAConfig
 from dsla_model.engine import Engine, EngineConfig, SamplingParams
-from tests.engine.conftest import random_prompts, tiny_hybrid
+from tests.engine.conftest import padded_decode_inputs, random_prompts, tiny_hybrid
 
 
 def main():
@@ -33,14 +33,7 @@ def main():
     after_ref = [t.clone() for t in (eng.pool.s1, eng.pool.s2, eng.pool.kv)]
     for t, s in zip((eng.pool.s1, eng.pool.s2, eng.pool.kv), saved):
         t.copy_(s)
-    L, nb = len(conf.modules), max(it.req.cache.table.shape[1] for it in items)
-    tables = torch.zeros(L, len(items) + 1, nb, dtype=torch.int64)  # one padding row -> scratch
-    slots = torch.zeros(L, len(items) + 1, dtype=torch.int64)
-    for i, it in enumerate(items):
-        tables[:, i, :it.req.cache.table.shape[1]] = it.req.cache.table
-        slots[:, i] = it.req.cache.slots
-    ids = torch.tensor([it.req.tokens[it.start] for it in items] + [0])
-    pos = torch.tensor([it.start for it in items] + [0])
+    ids, pos, tables, slots = padded_decode_inputs(items, len(conf.modules), pad_rows=1)
     r = eng.runner
     r.fused_decode = True
     r._fuse_weights()

@@ -4,7 +4,7 @@ import torch
 
 from dsla_model.engine import Engine, EngineConfig, SamplingParams
 from dsla_model.generate import generate_ids
-from tests.engine.conftest import random_prompts, tiny_hybrid
+from tests.engine.conftest import padded_decode_inputs, random_prompts, tiny_hybrid
 
 
 def run_staggered(engine, prompts, params, arrivals):
@@ -49,14 +49,7 @@ def test_decode_form_matches_piece_form():
     s1, s2, kv = eng.pool.s1.clone(), eng.pool.s2.clone(), eng.pool.kv.clone()
     ref = eng.runner.forward_pieces(conf, items, list(range(len(items))))
     eng.pool.s1.copy_(s1), eng.pool.s2.copy_(s2), eng.pool.kv.copy_(kv)
-    L, nb = len(conf.modules), max(it.req.cache.table.shape[1] for it in items)
-    tables = torch.zeros(L, len(items) + 2, nb, dtype=torch.int64)  # two padding rows -> scratch
-    slots = torch.zeros(L, len(items) + 2, dtype=torch.int64)
-    for i, it in enumerate(items):
-        tables[:, i, :it.req.cache.table.shape[1]] = it.req.cache.table
-        slots[:, i] = it.req.cache.slots
-    ids = torch.tensor([it.req.tokens[it.start] for it in items] + [0, 0])
-    pos = torch.tensor([it.start for it in items] + [0, 0])
+    ids, pos, tables, slots = padded_decode_inputs(items, len(conf.modules), pad_rows=2)
     out = eng.runner.forward_decode(conf, ids, pos, tables, slots)
     torch.testing.assert_close(out[:len(items)], ref, rtol=1e-4, atol=1e-4)
 
