@@ -190,19 +190,32 @@ class ModelRunner:
             ok = hasattr(mlp, "gate_proj") and getattr(mlp.config, "hidden_act", "silu") == "silu"
             self.gate_up_w.append(fuse([mlp.gate_proj, mlp.up_proj]) if ok else None)
 
+    @staticmethod
+    def _proj(mod, x, **prologue):
+        """A bias-free nn.Linear through the skinny-GEMM dispatch (Triton or cuBLAS, per shape)."""
+        from kernels.triton_gemv import linear
+
+        y = linear(x, mod.weight, **prologue)
+        return y if mod.bias is None else y + mod.bias
+
     def _mlp(self, i, layer, h):
-        from kernels.triton_paged_attention import silu_mul
+        from kernels.triton_gemv import linear
 
         w = self.gate_up_w[i]
         if w is None:
             return layer.mlp(h)
-        return layer.mlp.down_proj(silu_mul(F.linear(h, w)))
+        # silu(gate) * up is the down projection's prologue: computed as it loads its input
+        return self._proj(layer.mlp.down_proj, linear(h, w), silu=True)
 
-    def _qkv_flat(self, i, t, h):
+    def _qkv_flat(self, i, t, h, w2=None):
+        """[q|k|v] projections of h; with w2 also h @ w2.T (returned second)."""
+        from kernels.triton_gemv import linear
+
         w = self.qkv_w[i]
         if w is not None:
-            return F.linear(h, w)
-        return torch.cat([t.q_proj(h), t.k_proj(h), t.v_proj(h)], dim=-1)
+            return linear(h, w, w2)
+        qkv = torch.cat([t.q_proj(h), t.k_proj(h), t.v_proj(h)], dim=-1)
+        return qkv if w2 is None else (qkv, F.linear(h, w2))
 
     @staticmethod
     def _plain_gates(mod) -> bool:
@@ -220,7 +233,8 @@ class ModelRunner:
         c = self._consts.get(mod)
         if c is None:
             with torch.no_grad():
-                c = (mod.mix_weights().detach().contiguous(), mod.log_head_scale.exp().to(self.dtype).detach(),
+                c = (mod.mix_weights().detach().contiguous(),
+                     mod.log_head_scale.exp().to(self.dtype).detach().reshape(-1).contiguous(),
                      # both gates' down projections stacked: one GEMV gives both low-rank codes
                      torch.cat([mod.gate1.down.weight, mod.gate2.down.weight]).detach().contiguous())
             self._consts[mod] = c
@@ -252,15 +266,17 @@ class ModelRunner:
                 q = rope_and_cache_write(qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:], cos, sin,
                                          self.pool.kv, wblk[i], woff)
                 o = paged_decode_attention(q, self.pool.kv, tables[i], lens, self.scale, num_splits)
-                a = t.o_proj(o.view(B, nq))
+                a = self._proj(t.o_proj, o.view(B, nq))
             elif self._plain_gates(mod):
                 w, head_scale, down = self._frozen_consts(mod)
-                q, k, v, g1, g2 = dsla_prep(self._qkv_flat(i, t, h), F.linear(h, down), self._gate_w(mod.gate1),
-                                            self._gate_w(mod.gate2), cos, sin, self.Hq, self.Hkv,
-                                            GATE_NORMALIZER, GATE_FLOOR)
+                # q/k/v and both gates' down projections share h: one launch reads all their weights
+                qkv, code = self._qkv_flat(i, t, h, down)
+                q, k, v, g1, g2 = dsla_prep(qkv, code, self._gate_w(mod.gate1), self._gate_w(mod.gate2), cos, sin,
+                                            self.Hq, self.Hkv, GATE_NORMALIZER, GATE_FLOOR)
                 o = dsla_decode_slots(q, k, v, g1, g2, w, self.pool.s1, self.pool.s2, slots[i],
                                       1.0 / math.sqrt(self.D))
-                a = t.o_proj((o * head_scale[:, None]).view(B, nq))  # = mod.finish, minus its head-scale ops
+                # = mod.finish, minus its head-scale ops: the scales are the o projection's prologue
+                a = self._proj(t.o_proj, o.view(B, nq), scale=head_scale, group=self.D)
                 if getattr(mod, "out_bias", None) is not None:
                     a = a + mod.out_bias.to(a.dtype)
             else:
@@ -272,4 +288,4 @@ class ModelRunner:
             x, h = add_rms_norm(x, a, ln.weight, ln.variance_epsilon)
             ln = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.inner.norm
             x, h = add_rms_norm(x, self._mlp(i, layer, h), ln.weight, ln.variance_epsilon)
-        return self.lm_head(h)
+        return self._proj(self.lm_head, h)
