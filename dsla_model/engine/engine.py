@@ -5,6 +5,16 @@ abort requests and change the layer configuration; a configuration change only
 affects requests added after it (each request is pinned to the `LayerConfig`
 it was added with). A step runs one forward per configuration present in the
 batch, so a swap never mixes caches of different layouts.
+
+Pipelined decode (CUDA graphs only): when a step is decode only, one layer
+configuration and greedy without logprobs, its tokens stay on the device and
+the step returns without waiting for them. The next step, if the batch is
+unchanged, replays the next graph at once ("chained": the graph wrote its own
+next inputs) and only then reads the previous step's tokens and emits them, so
+the host's work overlaps the running step instead of leaving the GPU idle. Any
+other step first collects the step in flight, then runs as usual. Events come
+one step late; a request that finishes on a token collected late has had one
+more step computed, inside its own reserved cache, whose token is dropped.
 """
 from __future__ import annotations
 
@@ -22,7 +32,7 @@ from dsla_model.engine.outputs import TokenEvent
 from dsla_model.engine.request import Request
 from dsla_model.engine.runner import ModelRunner
 from dsla_model.engine.sampler import sample
-from dsla_model.engine.scheduler import Scheduler
+from dsla_model.engine.scheduler import Scheduler, WorkItem
 
 _RECENT = 256  # requests in the ttft / tpot means
 
@@ -53,6 +63,7 @@ class Engine:
         self.conf = LayerConfig.snapshot(hybrid, next(self._conf_ids))
         self.requests: dict[str, Request] = {}
         self._events: list[TokenEvent] = []  # abort events, emitted by the next step
+        self._inflight = None  # (group, tokens getter) of a launched step whose tokens are not read yet
         eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
         self.eos_ids = [eos] if eos is not None else []
         self._ttft, self._tpot = deque(maxlen=_RECENT), deque(maxlen=_RECENT)
@@ -102,7 +113,7 @@ class Engine:
                                            req.num_prompt, req.num_generated))
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests) or bool(self._events)
+        return bool(self.requests) or bool(self._events) or self._inflight is not None
 
     def _finish(self, req, reason):
         req.finish_reason = reason
@@ -123,6 +134,11 @@ class Engine:
     @torch.no_grad()
     def step(self) -> list[TokenEvent]:
         events, self._events = self._events, []
+        if self._inflight is not None:
+            if self._can_chain():
+                return events + self._chain()
+            events += self._collect(self._inflight)
+            self._inflight = None
         items = self.scheduler.schedule()
         groups: dict[int, list] = {}
         for it in items:
@@ -131,7 +147,10 @@ class Engine:
             conf = group[0].req.conf
             want = [i for i, it in enumerate(group) if it.samples]
             if self.graphs is not None and all(it.n == 1 for it in group):
-                logits = self.graphs.run(conf, group)
+                if len(groups) == 1 and self._greedy_only(group):
+                    self._launch(conf, group, chained=False)  # its tokens come with the next step
+                    continue
+                logits = self.graphs.run(conf, group)[0]
             else:
                 logits = self.runner.forward_pieces(conf, group, want)  # runs even if nothing samples: it fills the cache
             for it in group:
@@ -146,6 +165,41 @@ class Engine:
             for req, tok, lp in zip(reqs, tokens, logprobs):
                 events.append(self._emit(req, tok, lp, now))
         return events
+
+    # ---- pipelined decode (see the module docstring) ----------------------------------
+    @staticmethod
+    def _greedy_only(group) -> bool:
+        return all(it.req.params.temperature <= 0 and not it.req.params.logprobs for it in group)
+
+    def _launch(self, conf, group, chained):
+        """Replay the decode graph for `group`; its tokens become the step in flight. Returns the
+        step that was in flight before (or None)."""
+        _, tokens = self.graphs.run(conf, group, chained)
+        for it in group:
+            it.req.num_computed += 1
+        prev, self._inflight = self._inflight, (group, self.graphs.fetch(tokens))
+        return prev
+
+    def _can_chain(self) -> bool:
+        """The step in flight can be followed without looking at its tokens: the scheduler would
+        give the same decode batch (nobody aborted, admitted or due to finish by length)."""
+        group = self._inflight[0]
+        s = self.scheduler
+        if len(s.running) != len(group) or s.admits_next():
+            return False
+        return all(r is it.req and r.num_generated + 1 < r.params.max_tokens for r, it in zip(s.running, group))
+
+    def _chain(self) -> list[TokenEvent]:
+        group = self._inflight[0]
+        prev = self._launch(group[0].req.conf, [WorkItem(it.req, it.start + 1, 1) for it in group], chained=True)
+        return self._collect(prev)
+
+    def _collect(self, inflight) -> list[TokenEvent]:
+        """Wait for a launched step's tokens and emit them (not for requests finished since)."""
+        group, get = inflight
+        tokens = get()
+        now = time.perf_counter()
+        return [self._emit(it.req, tok, None, now) for it, tok in zip(group, tokens) if it.req.finish_reason is None]
 
     def _emit(self, req, tok, logprob, now) -> TokenEvent:
         req.tokens.append(tok)

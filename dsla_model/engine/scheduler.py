@@ -47,6 +47,11 @@ class Scheduler:
         c = req.conf
         return self.pool.can_allocate(len(c.attn_layers), len(c.dsla_layers), req.max_len)
 
+    def admits_next(self) -> bool:
+        """Whether the next schedule() would admit a waiting request."""
+        return (bool(self.waiting) and len(self.running) < self.config.max_running
+                and self.config.max_batched_tokens > len(self.running) and self.fits(self.waiting[0]))
+
     def schedule(self) -> list[WorkItem]:
         budget = self.config.max_batched_tokens
         items = []

@@ -55,3 +55,15 @@ def padded_decode_inputs(items, num_layers, pad_rows):
     ids = torch.tensor([it.req.tokens[it.start] for it in items] + [0] * pad_rows)
     pos = torch.tensor([it.start for it in items] + [0] * pad_rows)
     return ids, pos, tables, slots
+
+
+def pipelined(engine):
+    """Give a CPU engine the pipelined decode path of CUDA graphs, run eagerly (capture=False)."""
+    from dsla_model.engine.cuda_graphs import DecodeGraphs
+
+    engine.graphs = DecodeGraphs(engine.runner, engine.config.max_running, engine.max_model_len, capture=False)
+    chains = []
+    chain = engine._chain
+    engine._chain = lambda: chains.append(1) or chain()
+    engine.chained_steps = chains  # tests check the chained path really ran
+    return engine

@@ -4,7 +4,7 @@ import torch
 
 from dsla_model.engine import Engine, EngineConfig, SamplingParams
 from dsla_model.generate import generate_ids
-from tests.engine.conftest import padded_decode_inputs, random_prompts, tiny_hybrid
+from tests.engine.conftest import padded_decode_inputs, pipelined, random_prompts, tiny_hybrid
 
 
 def run_staggered(engine, prompts, params, arrivals):
@@ -20,14 +20,18 @@ def run_staggered(engine, prompts, params, arrivals):
     return [out[i] for i in range(len(prompts))]
 
 
-def test_16_staggered_greedy_requests_match_alone_tiny():
+@pytest.mark.parametrize("pipe", [False, True], ids=["plain", "pipelined"])
+def test_16_staggered_greedy_requests_match_alone_tiny(pipe):
     h = tiny_hybrid(dsla_layers=(0, 2))
     prompts = random_prompts(16, 256, lo=2, hi=90, seed=1)
     params = [SamplingParams(max_tokens=4 + (i * 7) % 17, temperature=0) for i in range(16)]
     arrivals = [(i * 3) % 11 for i in range(16)]
     # a small token budget forces chunked prefill; a small running cap forces queueing
     eng = Engine(h, None, EngineConfig(max_running=6, max_batched_tokens=40, cache_memory_bytes=4 << 20))
+    if pipe:
+        pipelined(eng)
     got = run_staggered(eng, prompts, params, arrivals)
+    assert not pipe or eng.chained_steps
     for p, sp, g in zip(prompts, params, got):
         alone = Engine(h, None, EngineConfig(cache_memory_bytes=4 << 20)).generate([p], sp)[0]
         assert g == alone

@@ -15,8 +15,11 @@ def test_cuda_graph_engine_matches_reference():
     prompts = random_prompts(12, 256, lo=3, hi=120, seed=4)
     sp = SamplingParams(max_tokens=24, temperature=0)
     eng = Engine(h, None, EngineConfig(max_running=8, max_batched_tokens=128, cache_memory_bytes=64 << 20))
+    chains, chain = [], eng._chain
+    eng._chain = lambda: chains.append(1) or chain()
     got = eng.generate(prompts, sp)
     assert eng.graphs is not None and eng.graphs.captures >= 1
+    assert chains  # the pipelined path (graph writes its own next inputs) ran
     same = sum(g == generate_ids(h, p, 24, 0.0) for p, g in zip(prompts, got))
     assert same == len(prompts), f"{same}/{len(prompts)} equal"
     eng.set_conversion([0, 1, 2, 3])

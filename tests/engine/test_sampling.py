@@ -3,7 +3,7 @@ import pytest
 
 from dsla_model.engine import Engine, EngineConfig, SamplingParams
 from dsla_model.generate import generate_ids
-from tests.engine.conftest import random_prompts, tiny_hybrid
+from tests.engine.conftest import pipelined, random_prompts, tiny_hybrid
 
 
 @pytest.fixture(scope="module")
@@ -18,6 +18,12 @@ def tok():
 def text_hybrid(tok):
     """A tiny random model over the real tokenizer's vocabulary, so there is text to stop on."""
     return tiny_hybrid(dsla_layers=(1,), vocab=len(tok))
+
+
+@pytest.fixture(params=[False, True], ids=["plain", "pipelined"])
+def make_engine(request):
+    """Engine factory; the pipelined variant runs greedy decode through the pipelined graph path."""
+    return lambda *a, **kw: pipelined(Engine(*a, **kw)) if request.param else Engine(*a, **kw)
 
 
 def events_of(eng, prompt, sp):
@@ -49,8 +55,8 @@ def test_top_k_1_is_greedy_and_top_p_small_is_greedy(hybrid):
     assert eng.generate([p], SamplingParams(max_tokens=8, temperature=1.5, top_p=1e-6, seed=1))[0] == greedy
 
 
-def test_stop_strings_never_reach_the_stream(text_hybrid, tok):
-    eng = Engine(text_hybrid, tok, EngineConfig(cache_memory_bytes=16 << 20))
+def test_stop_strings_never_reach_the_stream(text_hybrid, tok, make_engine):
+    eng = make_engine(text_hybrid, tok, EngineConfig(cache_memory_bytes=16 << 20))
     prompt = tok("Hello there, this is", add_special_tokens=False)["input_ids"]
     base = events_of(eng, prompt, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
     full = "".join(e.text for e in base)
@@ -66,9 +72,9 @@ def test_stop_strings_never_reach_the_stream(text_hybrid, tok):
     assert [e.token_id for e in evs] == [e.token_id for e in base[:len(evs)]]
 
 
-def test_stop_token_ids_and_max_tokens_and_logprobs(hybrid):
+def test_stop_token_ids_and_max_tokens_and_logprobs(hybrid, make_engine):
     p = random_prompts(1, 256, seed=9)[0]
-    eng = Engine(hybrid, None, EngineConfig(cache_memory_bytes=4 << 20))
+    eng = make_engine(hybrid, None, EngineConfig(cache_memory_bytes=4 << 20))
     base = events_of(eng, p, SamplingParams(max_tokens=10, temperature=0, logprobs=True))
     assert [e.num_generated_tokens for e in base] == list(range(1, 11))
     assert all(e.logprob is not None and e.logprob <= 0 for e in base)
@@ -80,24 +86,24 @@ def test_stop_token_ids_and_max_tokens_and_logprobs(hybrid):
     assert [e.token_id for e in short] == [e.token_id for e in base[:3]] and short[-1].finish_reason == "length"
 
 
-def test_eos_stops_unless_ignored(hybrid):
+def test_eos_stops_unless_ignored(hybrid, make_engine):
     p = random_prompts(1, 256, seed=9)[0]
     class Tok:  # noqa: E306 - the smallest tokenizer the engine accepts
         eos_token_id = None
 
         def decode(self, ids, **kw):
             return "".join(chr(65 + i % 26) for i in ids)
-    base = Engine(hybrid, Tok(), EngineConfig(cache_memory_bytes=4 << 20)).generate(
+    base = make_engine(hybrid, Tok(), EngineConfig(cache_memory_bytes=4 << 20)).generate(
         [p], SamplingParams(max_tokens=10, temperature=0))[0]
     t = Tok()
     t.eos_token_id = base[3]
-    eng = Engine(hybrid, t, EngineConfig(cache_memory_bytes=4 << 20))
+    eng = make_engine(hybrid, t, EngineConfig(cache_memory_bytes=4 << 20))
     assert eng.generate([p], SamplingParams(max_tokens=10, temperature=0))[0] == base[:base.index(base[3]) + 1]
     assert eng.generate([p], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0] == base
 
 
-def test_abort_frees_and_reports(hybrid):
-    eng = Engine(hybrid, None, EngineConfig(cache_memory_bytes=4 << 20))
+def test_abort_frees_and_reports(hybrid, make_engine):
+    eng = make_engine(hybrid, None, EngineConfig(cache_memory_bytes=4 << 20))
     ps = random_prompts(3, 256, seed=10)
     ids = [eng.add_request(p, SamplingParams(max_tokens=50, temperature=0)) for p in ps]
     eng.step()

@@ -1,9 +1,10 @@
 """Hot swaps under load: in-flight requests finish under the configuration they were admitted with."""
+import pytest
 import torch
 
 from dsla_model.engine import Engine, EngineConfig, SamplingParams
 from dsla_model.generate import generate_ids
-from tests.engine.conftest import random_prompts, tiny_hybrid
+from tests.engine.conftest import pipelined, random_prompts, tiny_hybrid
 
 
 def random_weights(hybrid, layer, seed):
@@ -24,9 +25,12 @@ def alone_under(hybrid, conf, prompt, max_tokens):
     return generate_ids(hybrid, prompt, max_tokens, 0.0)
 
 
-def test_requests_in_flight_during_10_swaps_match_their_pinned_config():
+@pytest.mark.parametrize("pipe", [False, True], ids=["plain", "pipelined"])
+def test_requests_in_flight_during_10_swaps_match_their_pinned_config(pipe):
     h = tiny_hybrid(dsla_layers=())
     eng = Engine(h, None, EngineConfig(max_running=8, max_batched_tokens=48, cache_memory_bytes=4 << 20))
+    if pipe:
+        pipelined(eng)
     prompts = random_prompts(30, 256, lo=3, hi=50, seed=5)
     schedules = [[1], [1, 3], [0, 1, 3], [3], [], [0, 2], [0, 1, 2, 3], [2], [1, 2], [0, 3]]
     sp = SamplingParams(max_tokens=10, temperature=0)
@@ -49,6 +53,7 @@ def test_requests_in_flight_during_10_swaps_match_their_pinned_config():
         for ev in eng.step():
             done.setdefault(ev.request_id, []).append(ev)
     assert eng.swaps == 10
+    assert not pipe or eng.chained_steps
     assert set(done) == set(rid_to)
     for rid, evs in done.items():
         assert evs[-1].finish_reason == "length" and all(e.finish_reason is None for e in evs[:-1])
