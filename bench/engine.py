@@ -33,7 +33,7 @@ RESERVE = 3e9  # activations, graph pools, logits, block tables
 CONTEXTS = (4096, 16384, 32768)
 BATCHES = (1, 4, 16)
 CONVERSIONS = (0.0, 0.25, 0.5, 0.75)
-STEPS, WARM = 12, 3
+STEPS, WARM, WINDOWS = 12, 3, 3
 
 
 DEV = "cuda"  # --cpu-smoke switches everything to a tiny model on the CPU (checks the script, not speed)
@@ -129,10 +129,12 @@ def add_prefilled(eng, batch, ctx, gen):
 
 
 def engine_step_time(eng, batch, ctx):
-    add_prefilled(eng, batch, ctx, WARM + STEPS + 2)
+    """Wall time per step of STEPS consecutive engine steps (median of WINDOWS windows): a serving
+    loop's steady state, in which the pipelined engine launches step N+1 before it reads step N."""
+    add_prefilled(eng, batch, ctx, WARM + WINDOWS * STEPS + 2)
     for _ in range(WARM):
         eng.step()
-    ts = [sync_time(eng.step) for _ in range(STEPS)]
+    ts = [sync_time(lambda: [eng.step() for _ in range(STEPS)]) / STEPS for _ in range(WINDOWS)]
     for rid in list(eng.requests):
         eng.abort(rid)
     eng.step()
@@ -157,6 +159,56 @@ def profile_steps(eng, hyb, path):
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
     open(path, "w").write("5 engine steps, 75% conversion, batch 4, 16K context\n" + table)
     print(table[:6000], flush=True)
+
+
+GEMV_SHAPES = (("qkv", 12288, 4096, 0, False), ("qkv+gate_down", 12288, 4096, 32, False), ("o", 4096, 4096, 0, False),
+               ("o*head_scale", 4096, 4096, 0, "scale"), ("gate_up", 22016, 4096, 0, False),
+               ("down", 4096, 11008, 0, False), ("silu*up->down", 4096, 11008, 0, "silu"),
+               ("lm_head", 32000, 4096, 0, False))
+
+
+def gemv_bench(out):
+    """The 7B decode projections at M = 1, 4, 16: cuBLAS (prologue through torch / silu_mul as the
+    engine did) against each Triton config, same run; TB/s = weight bytes / time."""
+    from triton.testing import do_bench
+
+    from kernels import triton_gemv as tg
+
+    bw = copy_bandwidth()
+    big = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)  # 2 GB
+    read_bw = 2 * big.numel() / (do_bench(lambda: big.amax(), warmup=5, rep=50, return_mode="median") * 1e-3)
+    del big
+    rows, L = [], [f"# Skinny GEMM (decode projections), {torch.cuda.get_device_name()}\n",
+                   f"copy (read + write) {bw / 1e12:.2f} TB/s; read-only (amax over 2 GB) {read_bw / 1e12:.2f} TB/s. "
+                   "Weight-bytes bandwidth in TB/s, median of do_bench (L2 cleared between runs).\n",
+                   "| shape | M | cuBLAS | " + " | ".join("BN%d BK%d w%d s%d" % c for c in tg.CONFIGS) + " | best |",
+                   "| --- " * (len(tg.CONFIGS) + 4) + "|"]
+    for name, N, K, n2, pro in GEMV_SHAPES:
+        wb = (N + n2) * K * 2
+        for M in (1, 4, 16):
+            g = torch.Generator(device="cuda").manual_seed(M)
+            kx = 2 * K if pro == "silu" else K
+            x = torch.randn(M, kx, device="cuda", dtype=torch.bfloat16, generator=g)
+            w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=g) * K ** -0.5
+            w2 = torch.randn(n2, K, device="cuda", dtype=torch.bfloat16, generator=g) if n2 else None
+            scale = torch.rand(K // 128, device="cuda", dtype=torch.bfloat16) + 0.5 if pro == "scale" else None
+            args = (x, w, w2, scale, 128, pro == "silu")
+            ts = {"cublas": do_bench(lambda: tg._cublas(*args), warmup=5, rep=30, return_mode="median")}
+            for cfg in tg.CONFIGS:
+                try:
+                    ts[cfg] = do_bench(lambda: tg.gemv_triton(*args, cfg), warmup=5, rep=30, return_mode="median")
+                except Exception as e:  # noqa: BLE001
+                    print("config failed", cfg, repr(e)[:200], flush=True)
+                    ts[cfg] = float("nan")
+            best = min(ts, key=lambda k: ts[k] if ts[k] == ts[k] else 1e9)
+            tb = {k: wb / (t * 1e-3) / 1e12 for k, t in ts.items()}
+            rows.append({"shape": name, "N": N, "K": K, "N2": n2, "M": M, "ms": {str(k): t for k, t in ts.items()},
+                         "best": str(best)})
+            L.append(f"| {name} {N}x{K} | {M} | " + " | ".join(f"{tb[k]:.2f}" for k in ts) + f" | {best} |")
+            print(L[-1], flush=True)
+    open(os.path.join(out, "engine_gemv.md"), "w").write("\n".join(L) + "\n")
+    json.dump({"card": torch.cuda.get_device_name(), "copy_Bps": bw, "read_Bps": read_bw, "rows": rows},
+              open(os.path.join(out, "engine_gemv.json"), "w"), indent=1)
 
 
 def step_bytes(weight_bytes, hyb, n_dsla, batch, ctx):
@@ -219,7 +271,7 @@ def run(args):
         swap_s = time.perf_counter() - t0
         grid = [(1, c0), (4, c1)] if args.quick else [(b, c) for c in CONTEXTS for b in BATCHES]
         for batch, ctx in grid:
-            if eng.capacity(ctx + WARM + STEPS + 2) < batch:
+            if eng.capacity(ctx + WARM + WINDOWS * STEPS + 2) < batch:
                 res["decode"].append({"conversion": conv, "batch": batch, "context": ctx, "fits": False})
                 continue
             t = engine_step_time(eng, batch, ctx)
@@ -229,7 +281,7 @@ def run(args):
                                   "x_floor": t / floor})
             print(res["decode"][-1], flush=True)
         ctx = max(CONTEXTS)
-        cap = min(eng.capacity(ctx + WARM + STEPS + 2), 64)
+        cap = min(eng.capacity(ctx + WARM + WINDOWS * STEPS + 2), 64)
         if cap >= 1 and (not args.quick or conv in (0.0, 0.75)):
             t = engine_step_time(eng, cap, ctx)
             floor = step_bytes(read_bytes, hyb, n, cap, ctx) / bw
@@ -238,6 +290,10 @@ def run(args):
                                          "swap_ms": swap_s * 1e3})
             print(res["max_occupancy"][-1], flush=True)
     res["graph_captures"] = eng.graphs.captures if eng.graphs else 0
+    if DEV == "cuda":
+        from kernels.triton_gemv import choices
+
+        res["gemv_choices"] = choices()
     if args.profile and DEV == "cuda":
         profile_steps(eng, hyb, os.path.join(args.out, "engine_profile.txt"))
     res["targets"] = targets(res)
@@ -276,7 +332,9 @@ def write_md(res, path):
          f"Llama-2-7B shape, random bf16 weights ({res['weight_bytes'] / 1e9:.2f} GB incl. all DSLA modules); "
          f"budget {res['budget_bytes'] / 1e9:.0f} GB = weights + {res['cache_budget_bytes'] / 1e9:.1f} GB cache pool "
          f"+ reserve. Copy bandwidth (read + write) {res['copy_bandwidth_Bps'] / 1e12:.2f} TB/s. "
-         f"Each time is the median of {STEPS} engine steps (CUDA graphs, wall clock, sampling included).\n",
+         f"Each time is wall clock per step over {STEPS} consecutive engine steps, median of {WINDOWS} such "
+         "windows (CUDA graphs, sampling included; greedy decode steps are pipelined: the host launches step "
+         "N+1 before it reads step N's tokens).\n",
          "## Targets\n", "| target | value | goal | met |", "| --- | --- | --- | --- |"]
     for k, t in res["targets"].items():
         L.append(f"| {k} | {t['value']:.2f} | {t['target']} | {'yes' if t['met'] else 'no'} |")
@@ -300,6 +358,9 @@ def write_md(res, path):
             L.append(f"| {r['batch']} | {r['context']} | {r['step_ms']:.2f} | {r['tokens_per_s']:.1f} |")
         else:
             L.append(f"| {r['batch']} | {r['context']} | {r.get('error')} | |")
+    if res.get("gemv_choices"):
+        L += ["\n## Skinny-GEMM dispatch (measured per shape at first use, this run)\n", "| shape | kernel |",
+              "| --- | --- |"] + [f"| {k} | {v} |" for k, v in sorted(res["gemv_choices"].items())]
     open(path, "w").write("\n".join(L) + "\n")
 
 
@@ -330,6 +391,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="a few configurations only (a smoke run)")
     ap.add_argument("--plot-only", action="store_true")
     ap.add_argument("--profile", action="store_true", help="also write a kernel-time profile (engine_profile.txt)")
+    ap.add_argument("--gemv", action="store_true", help="GPU: the skinny-GEMM micro-benchmark (engine_gemv.*)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU: checks the script runs")
     ap.add_argument("--cpu-throughput", action="store_true",
                     help="default model on the CPU: 16 requests, engine vs HF generate one by one")
@@ -339,6 +401,9 @@ def main():
 
         os.makedirs(args.out, exist_ok=True)
         return cpu_throughput(args.out)
+    if args.gemv:
+        os.makedirs(args.out, exist_ok=True)
+        return gemv_bench(args.out)
     if args.cpu_smoke:
         global DEV, BUDGET, RESERVE, CONTEXTS, BATCHES, STEPS
         DEV, BUDGET, RESERVE, CONTEXTS, BATCHES, STEPS = "cpu", 40e6, 0, (64, 128, 256), (1, 4, 16), 3
