@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -13,6 +14,15 @@ def _positive(name, value):
         raise CLIError(f"{name} must be >= 1, got {value}")
 
 
+def _check_device(device: str):
+    import torch
+
+    if device != "cpu" and not device.startswith("cuda"):
+        raise CLIError(f"--device must be cpu or cuda[:N], got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {device}: no CUDA device is available on this machine")
+
+
 def cmd_distill(args) -> int:
     from dsla_model.layer_store import LayerStoreError
     from dsla_model.loading import ModelNotFoundError
@@ -20,6 +30,13 @@ def cmd_distill(args) -> int:
     _positive("--layers", args.layers)
     _positive("--tokens-per-layer", args.tokens_per_layer)
     _positive("--train-blocks", args.train_blocks)
+    _positive("--batch-blocks", args.batch_blocks)
+    _check_device(args.device)
+    _positive("--kl-blocks", args.kl_blocks)
+    if args.text_file and not os.path.isfile(args.text_file):
+        raise CLIError(f"--text-file {args.text_file}: no such file")
+    if args.lr is not None and not args.lr > 0:
+        raise CLIError(f"--lr must be > 0, got {args.lr}")
     if args.threads:
         import torch
 
@@ -27,7 +44,8 @@ def cmd_distill(args) -> int:
     kwargs = dict(model=args.model, store=args.store, layers=args.layers, tokens_per_layer=args.tokens_per_layer,
                   train_blocks=args.train_blocks, order=args.order, seed=args.seed, gate_rank=args.gate_rank,
                   delta_rank=args.delta_rank, output_bias=None if not args.no_output_bias else False,
-                  one_state=args.one_state, kl_steps=args.kl_steps, device=args.device)
+                  one_state=args.one_state, kl_steps=args.kl_steps, kl_blocks=args.kl_blocks,
+                  batch_blocks=args.batch_blocks, lr=args.lr, text_file=args.text_file, device=args.device)
     try:
         if args.ray:
             return _distill_ray(args, kwargs)
@@ -79,21 +97,20 @@ def _parse_conversions(text: str) -> list[float]:
 
 
 def cmd_eval(args) -> int:
-    import os
-
     from deploy.commands_model import load_hybrid
     from dsla_model.evaluation import evaluate_conversions, text_blocks
     from dsla_model.layer_store import LayerStore, LayerStoreError, shipped_store
 
     conversions = _parse_conversions(args.conversion)
     _positive("--blocks", args.blocks)
+    _check_device(args.device)
     if args.text_file and not os.path.isfile(args.text_file):
         raise CLIError(f"--text-file {args.text_file}: no such file")
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    hybrid, tok, model_id = load_hybrid(args.model)
+    hybrid, tok, model_id = load_hybrid(args.model, device=args.device)
     store_path = args.store or shipped_store(hybrid.fingerprint)
     if store_path is None:
         raise CLIError("no --store given and no shipped layer store for this model")
@@ -133,6 +150,11 @@ def add_parsers(sub):
     p.add_argument("--tokens-per-layer", type=int, default=None, help="training tokens per layer")
     p.add_argument("--train-blocks", type=int, default=None, help="cached 512-token training blocks per layer")
     p.add_argument("--kl-steps", type=int, default=None, help="logits-KL steps per layer after the MSE phase")
+    p.add_argument("--kl-blocks", type=int, default=None, help="training blocks the logits-KL phase replays")
+    p.add_argument("--batch-blocks", type=int, default=None, help="512-token blocks per optimiser step")
+    p.add_argument("--lr", type=float, default=None, help="MSE-phase learning rate")
+    p.add_argument("--text-file", default=None,
+                   help="train on 512-token blocks spread over this file instead of the corpus' training split")
     p.add_argument("--order", default="sensitivity",
                    help="sensitivity | reverse | random | a JSON file with the order (e.g. the measured-damage "
                         "order in docs/results/ablations.json)")
@@ -156,6 +178,7 @@ def add_parsers(sub):
     p.add_argument("--passkey", action="store_true", help="also passkey retrieval at 512/1024/2048 tokens")
     p.add_argument("--passkey-trials", type=int, default=4)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--out-dir", default="docs/results", help="where the PNG and markdown go ('' for nowhere)")
     p.add_argument("--name", default="eval", help="file name stem of the report")
     p.add_argument("--json", action="store_true", help="one-line JSON output")

@@ -18,12 +18,12 @@ def add_model_args(p):
     p.add_argument("--model", default="default", help="'default', an HF model directory or a hub id")
 
 
-def load_hybrid(model_spec: str):
+def load_hybrid(model_spec: str, device: str = "cpu"):
     from dsla_model.hybrid import HybridModel
     from dsla_model.loading import ModelNotFoundError, load_model
 
     try:
-        model, tok, model_id = load_model(model_spec)
+        model, tok, model_id = load_model(model_spec, device=device)
     except ModelNotFoundError as e:
         raise CLIError(str(e)) from None
     return HybridModel(model), tok, model_id

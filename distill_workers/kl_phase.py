@@ -44,8 +44,10 @@ def kl_to_teacher(logits: torch.Tensor, teacher_lp: torch.Tensor) -> torch.Tenso
     return (t.exp() * (t - lp)).sum(-1).mean()
 
 
-def kl_phase(hybrid, layer: int, module, data, teacher_lp: torch.Tensor, steps: int, lr: float) -> dict:
-    """Train `module` (installed as layer `layer`'s DSLA form meanwhile) on the logits KL."""
+def kl_phase(hybrid, layer: int, module, data, teacher_lp: torch.Tensor, steps: int, lr: float,
+             batch: int = 1) -> dict:
+    """Train `module` (installed as layer `layer`'s DSLA form meanwhile) on the logits KL,
+    `batch` replayed blocks per step."""
     sw = hybrid.attention(layer)
     prev_mod, prev_flag = sw.dsla, sw.use_dsla
     hybrid.install(layer, module)
@@ -53,23 +55,29 @@ def kl_phase(hybrid, layer: int, module, data, teacher_lp: torch.Tensor, steps: 
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     K = data.resid.shape[0]
+    # with enough blocks, judge the phase on blocks it never trained on
+    n_train = K - K // 4 if K >= 4 else K
+    held = list(range(n_train, K)) if K >= 4 else list(range(K))
+
+    def held_out_kl():
+        return sum(kl_to_teacher(tail_logits(hybrid, layer, data.resid[i:i + 1], data.cos, data.sin),
+                                 teacher_lp[i:i + 1]).item() for i in held) / len(held)
     saved = {k: v.detach().clone() for k, v in module.state_dict().items()}
     try:
         with torch.no_grad():
-            before = sum(kl_to_teacher(tail_logits(hybrid, layer, data.resid[i:i + 1], data.cos, data.sin),
-                                       teacher_lp[i:i + 1]).item() for i in range(K)) / K
+            before = held_out_kl()
         last = before
+        batch = max(1, min(batch, n_train))
         for step in range(steps):
-            i = step % K
-            loss = kl_to_teacher(tail_logits(hybrid, layer, data.resid[i:i + 1], data.cos, data.sin), teacher_lp[i:i + 1])
+            idx = [(step * batch + j) % n_train for j in range(batch)]
+            loss = kl_to_teacher(tail_logits(hybrid, layer, data.resid[idx], data.cos, data.sin), teacher_lp[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             last = loss.item()
         with torch.no_grad():
-            after = sum(kl_to_teacher(tail_logits(hybrid, layer, data.resid[i:i + 1], data.cos, data.sin),
-                                      teacher_lp[i:i + 1]).item() for i in range(K)) / K
+            after = held_out_kl()
         if after > before:  # a few noisy steps made it worse: keep the MSE-trained weights
             with torch.no_grad():
                 for p, v in zip(module.state_dict().values(), saved.values()):

@@ -41,8 +41,8 @@ def build_distiller(model: str = "default", store: str = "", layers: int | None 
                     block_size: int | None = None, order: str = "sensitivity", seed: int = 0,
                     gate_rank: int | None = None, delta_rank: int | None = None,
                     output_bias: bool | None = None, one_state: bool = False, lr: float | None = None,
-                    kl_steps: int | None = None, device: str = "cpu",
-                    loaded=None) -> ChainedDistiller:
+                    kl_steps: int | None = None, kl_blocks: int | None = None, batch_blocks: int | None = None,
+                    text_file: str | None = None, device: str = "cpu", loaded=None) -> ChainedDistiller:
     """`loaded` = (model, tokenizer, model_id) skips loading (tests, repeated runs)."""
     from dsla_model.hybrid import HybridModel
     from dsla_model.layer_store import LayerStore
@@ -59,11 +59,19 @@ def build_distiller(model: str = "default", store: str = "", layers: int | None 
     st = LayerStore(store)
     if st.exists():
         layer_seq = st.read_manifest()["order"]  # a resumed run keeps the order it started with
+    elif os.path.isfile(order):  # an explicit order needs no calibration pass (nor the corpus)
+        layer_seq = layer_order(order, list(range(hybrid.num_layers)))
     else:
         layer_seq = layer_order(order, cached_order(hybrid, tok)[0], seed)
     cfg = DistillConfig(seed=seed, one_state=one_state)
     for key, value in (("tokens_per_layer", tokens_per_layer), ("train_blocks", train_blocks),
-                       ("block_size", block_size), ("lr", lr), ("kl_steps", kl_steps)):
+                       ("block_size", block_size), ("lr", lr), ("kl_steps", kl_steps), ("kl_blocks", kl_blocks),
+                       ("batch_blocks", batch_blocks)):
         if value is not None:
             setattr(cfg, key, value)
-    return ChainedDistiller(hybrid, tok, model_id, st, layer_seq, cfg, dsla_config, layers)
+    blocks = None
+    if text_file is not None:
+        from distill_workers.trainer import training_blocks
+
+        blocks = training_blocks(tok, cfg, text_file=text_file)
+    return ChainedDistiller(hybrid, tok, model_id, st, layer_seq, cfg, dsla_config, layers, blocks=blocks)

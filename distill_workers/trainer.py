@@ -32,6 +32,7 @@ class DistillConfig:
     kl_steps: int = 10             # logits-KL steps after the MSE phase (0 = MSE only)
     kl_blocks: int = 2             # training blocks the KL phase replays
     kl_lr: float = 3e-3
+    batch_blocks: int = 1          # blocks per optimiser step (MSE and KL phases); >1 pays off on GPUs
     seed: int = 0
 
     def to_dict(self):
@@ -90,45 +91,54 @@ def distill_layer(hybrid, layer: int, data: LayerData, cfg: DistillConfig, dsla_
     rel_init = evaluate_module(module, data, held_out)
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr)
-    steps = max(1, cfg.tokens_per_layer // data.x.shape[1])
+    batch = max(1, min(cfg.batch_blocks, len(train)))
+    step_tokens = batch * data.x.shape[1]
+    steps = max(1, cfg.tokens_per_layer // step_tokens)
     rng = random.Random(cfg.seed * 1000 + layer)
     order: list[int] = []
     t0, loss_ema = time.time(), None
     for step in range(steps):
-        if not order:
-            order = train[:]
+        if len(order) < batch:
+            order = train[:]  # a fresh epoch: every block is seen once before any repeats
             rng.shuffle(order)
-        i = order.pop()
+        idx = [order.pop() for _ in range(batch)]
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, cfg.lr)
         with _autocast(data.x):
-            out, _, _ = module(data.x[i:i + 1], data.cos, data.sin)
-        loss = relative_mse(out, data.y[i:i + 1])
+            out, _, _ = module(data.x[idx], data.cos, data.sin)
+        loss = relative_mse(out, data.y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         loss_ema = loss.item() if loss_ema is None else 0.9 * loss_ema + 0.1 * loss.item()
         if progress is not None:
-            tps = (step + 1) * data.x.shape[1] / max(1e-9, time.time() - t0)
+            tps = (step + 1) * step_tokens / max(1e-9, time.time() - t0)
             if progress(step + 1, steps, loss_ema, tps):
                 break
     kl = {}
     if cfg.kl_steps and teacher_lp is not None and data.resid is not None:
         from distill_workers.kl_phase import kl_phase
 
-        kl = kl_phase(hybrid, layer, module, data, teacher_lp, cfg.kl_steps, cfg.kl_lr)
+        kl = kl_phase(hybrid, layer, module, data, teacher_lp, cfg.kl_steps, cfg.kl_lr, cfg.batch_blocks)
     module.cfg = serve_cfg
     module.requires_grad_(False)
     metrics = {**kl, "rel_mse_init": round(rel_init, 5), "rel_mse": round(evaluate_module(module, data, held_out), 5),
-               "train_loss": round(loss_ema, 5), "steps": step + 1, "tokens": (step + 1) * data.x.shape[1],
+               "train_loss": round(loss_ema, 5), "steps": step + 1, "tokens": (step + 1) * step_tokens,
                "seconds": round(time.time() - t0, 1), "history_weight": round(module.mix_weights()[0].item(), 5),
                "init_fit": {str(k): round(v, 5) for k, v in fit.items()}}
     return module, metrics
 
 
-def training_blocks(tokenizer, cfg: DistillConfig, stride: int = 5) -> torch.Tensor:
-    """`train_blocks` blocks spread over the training split (every `stride`-th block)."""
+def training_blocks(tokenizer, cfg: DistillConfig, stride: int = 5, text_file: str | None = None) -> torch.Tensor:
+    """`train_blocks` blocks spread over the training split (every `stride`-th block), or
+    over the whole of `text_file` (machines without the corpus, other domains)."""
+    if text_file is not None:
+        from dsla_model.evaluation import text_blocks
+
+        every = text_blocks(tokenizer, cfg.block_size, None, text_file)
+        pick = torch.linspace(0, every.shape[0] - 1, min(cfg.train_blocks, every.shape[0])).round().long()
+        return every[pick.unique()]
     from dsla_model.corpus import token_blocks
 
     blocks = token_blocks(tokenizer, "train", cfg.block_size, cfg.train_blocks * stride)
@@ -171,8 +181,9 @@ class ChainedDistiller:
     def _progress(self, step, steps, loss, tps):
         s = self.status
         s.update(step=step, steps=steps, loss=loss, tokens_per_s=round(tps, 1))
-        per_layer = steps * self.cfg.block_size / max(tps, 1e-9)
-        s["eta_s"] = round((steps - step) * self.cfg.block_size / max(tps, 1e-9)
+        step_tokens = self.cfg.block_size * self.cfg.batch_blocks
+        per_layer = steps * step_tokens / max(tps, 1e-9)
+        s["eta_s"] = round((steps - step) * step_tokens / max(tps, 1e-9)
                            + per_layer * max(0, len(self.todo()) - 1))
         if self._bar is not None:
             self._bar.n = step
@@ -199,13 +210,14 @@ class ChainedDistiller:
             if self._stop:
                 break
             self.status.update(state="capturing", layer=layer, step=0, loss=None)
-            data = capture_layer(self.hybrid, layer, blocks, resid_blocks=self.cfg.kl_blocks if self.cfg.kl_steps else 0)
+            data = capture_layer(self.hybrid, layer, blocks, batch=max(2, self.cfg.batch_blocks),
+                                 resid_blocks=self.cfg.kl_blocks if self.cfg.kl_steps else 0)
             self.status["state"] = "training"
             self._bar = None
             if show_progress:
                 from tqdm import tqdm
 
-                self._bar = tqdm(total=max(1, self.cfg.tokens_per_layer // self.cfg.block_size),
+                self._bar = tqdm(total=max(1, self.cfg.tokens_per_layer // (self.cfg.block_size * self.cfg.batch_blocks)),
                                  desc=f"layer {layer:2d}", leave=True)
             module, metrics = distill_layer(self.hybrid, layer, data, self.cfg, self.dsla_config, self._progress,
                                             teacher_lp)
@@ -215,7 +227,8 @@ class ChainedDistiller:
                 break  # an interrupted layer is never published
             metrics["config"] = {"tokens_per_layer": self.cfg.tokens_per_layer,
                                  "train_blocks": self.cfg.train_blocks, "one_state": self.cfg.one_state,
-                                 "kl_steps": self.cfg.kl_steps}
+                                 "kl_steps": self.cfg.kl_steps, "batch_blocks": self.cfg.batch_blocks,
+                                 "lr": self.cfg.lr, "device": str(blocks.device)}
             self.store.publish(layer, module.state_dict(), metrics)
             self.hybrid.install(layer, module)
             self.hybrid.convert(layer)
