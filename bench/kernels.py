@@ -148,7 +148,7 @@ def decode_rows(B, bw, fla, rows, eager=False):
     torch.cuda.empty_cache()
 
 
-def prefill_rows(T, bw, fla, rows, backward=True):
+def prefill_rows(T, bw, fla, rows, backward=True, fla_chunk=False):
     q = torch.randn(1, T, H, D, device=DEV, dtype=torch.bfloat16)
     k = (torch.randn(1, T, H, D, device=DEV) / D ** 0.5).bfloat16()
     v = torch.randn(1, T, H, D, device=DEV, dtype=torch.bfloat16)
@@ -162,7 +162,7 @@ def prefill_rows(T, bw, fla, rows, backward=True):
         print(rows[-1], flush=True)
 
     add("dsla fused fwd (both states)", bench_ms(lambda: dsla_chunk_fused(q, k, v, g1, g2, w)))
-    if fla is not None:
+    if fla is not None and fla_chunk:
         add("2x fla chunk_gla fwd", bench_ms(lambda: (fla.chunk_gla(q, k, v, g1, output_final_state=True),
                                                       fla.chunk_gla(q, k, v, g2, output_final_state=True))))
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
@@ -190,58 +190,130 @@ def prefill_rows(T, bw, fla, rows, backward=True):
     torch.cuda.empty_cache()
 
 
-# first value = the default (already compiled); each other value costs one compile
-SWEEP = (("scores_per_chunk", (False, True)), ("states_bv", (64, 32)), ("states_fwd", (4, 8)),
-         ("output_bv", (128, 64)))
+# Launch variants, each group swept in turn with the best of the earlier groups kept;
+# the first entry of each group is the default (already compiled), each other costs a compile.
+SWEEP = (
+    ("states walk", [dict(states_bk=64, states_bv=64, states_fwd=4, prefetch=True),
+                     dict(states_bk=64, states_bv=64, states_fwd=4, prefetch=False),
+                     dict(states_bk=64, states_bv=64, states_fwd=8, prefetch=True),
+                     dict(states_bk=32, states_bv=64, states_fwd=4, prefetch=True),
+                     dict(states_bk=16, states_bv=128, states_fwd=4, prefetch=True),
+                     dict(states_bk=32, states_bv=32, states_fwd=4, prefetch=True)]),
+    ("output", [dict(output=8, output_bv=128), dict(output=4, output_bv=128), dict(output=4, output_bv=64),
+                dict(output=8, output_bv=64)]),
+)
+BWD_SWEEP = [dict(dq=8, dk=8, dv=8, states_bwd=8), dict(dq=4, dk=4, dv=4, states_bwd=4)]
 
 
-def forward_parts(T, rows, sweep):
-    """Per-kernel forward times at one T (and register/spill counts), plus a small sweep of
-    launch configurations; the best configuration is kept for the rows measured after it."""
-    from kernels import triton_dsla as td
-    from kernels.triton_chunk_fwd import CHUNK, RANGE_MAX, SUB
-
+def _qkvg(T):
     q = torch.randn(1, T, H, D, device=DEV, dtype=torch.bfloat16)
     k = (torch.randn(1, T, H, D, device=DEV) / D ** 0.5).bfloat16()
     v = torch.randn(1, T, H, D, device=DEV, dtype=torch.bfloat16)
     g1, g2 = gates((1, T, H, D))
     w = torch.softmax(torch.randn(2, device=DEV), 0)
-    qf, kf, vf, g1f, g2f = (x.reshape(T, H, D) for x in (q, k, v, g1, g2))
-    plan = td._fixed_plan(1, T, q.device)
+    return q, k, v, g1, g2, w
+
+
+def _kernel_stats(rows, T):
+    """Registers / spills of every compiled variant of the chunk kernels (from Triton's cache)."""
+    from kernels import triton_chunk_bwd as B
+    from kernels import triton_chunk_fwd as F
+
+    for fn in (F._states_fwd, F._output_fwd, B._states_bwd, B._dq_bwd, B._dv_bwd, B._dk_bwd):
+        for dev_cache in getattr(fn, "device_caches", {}).values():
+            for key, kern in dev_cache[0].items():
+                nw = getattr(getattr(kern, "metadata", None), "num_warps", None)
+                rows.append(dict(op="kstat", T=T, impl=f"{fn.__name__} warps={nw}", ms=float("nan"),
+                                 n_regs=getattr(kern, "n_regs", None), n_spills=getattr(kern, "n_spills", None)))
+                print(rows[-1], flush=True)
+
+
+def forward_parts(T, rows, sweep):
+    """Whole-forward times of launch variants at one T (the best is kept for the rows measured
+    after it), per-kernel CUDA times of forward and backward (torch profiler), and the
+    registers / spills of each compiled kernel."""
+    from kernels import triton_dsla as td
+
+    q, k, v, g1, g2, w = _qkvg(T)
     if sweep:
-        for knob, values in SWEEP:
+        for group, variants in SWEEP:
             best = None
-            for val in values:
-                td.LAUNCH[knob] = val
-                ms = bench_ms(lambda: dsla_chunk_fused(q, k, v, g1, g2, w))
-                rows.append(dict(op="sweep", T=T, impl=f"{knob}={val}", ms=ms, launch=dict(td.LAUNCH)))
+            for var in variants:
+                td.LAUNCH.update(var)
+                try:
+                    ms = bench_ms(lambda: dsla_chunk_fused(q, k, v, g1, g2, w))
+                except Exception as e:  # noqa: BLE001
+                    print("variant failed", var, repr(e)[:300], flush=True)
+                    ms = float("inf")
+                rows.append(dict(op="sweep", T=T, impl=f"{group}: {var}", ms=ms, launch=dict(td.LAUNCH)))
                 print(rows[-1], flush=True)
                 if best is None or ms < best[0]:
-                    best = (ms, val)
-            td.LAUNCH[knob] = best[1]
-    h1, h2, _, _ = td._states(kf, vf, g1f, g2f, None, None, plan, H, D, D, True, False)
-    A = torch.empty(T, H, CHUNK, dtype=v.dtype, device=DEV)
-    o = torch.empty_like(qf)
-    BV = min(128, td.LAUNCH["output_bv"])
-    parts = {
-        "states walk (_states_fwd)": lambda: td._states(kf, vf, g1f, g2f, None, None, plan, H, D, D, True, False),
-        "intra scores (_scores_fwd)": lambda: td._scores_fwd[(plan.n_chunks, H, CHUNK // SUB)](
-            qf, kf, g1f, g2f, w, A, plan.cu, plan.cseq, plan.coff, H, H, G=1, Dk=D, C=CHUNK, SUB=SUB, BK=D,
-            RANGE_MAX=RANGE_MAX, IEEE=False, num_warps=td.LAUNCH["scores"]),
-        "intra scores, one program per chunk (_scores_fwd_chunk)": lambda: td._scores_fwd_chunk[(plan.n_chunks, H)](
-            qf, kf, g1f, g2f, w, A, plan.cu, plan.cseq, plan.coff, H, H, G=1, Dk=D, C=CHUNK, SUB=SUB, BK=D,
-            RANGE_MAX=RANGE_MAX, IEEE=False, num_warps=td.LAUNCH["scores"]),
-        "output (_output_fwd)": lambda: td._output_fwd[(plan.n_chunks, H, D // BV)](
-            qf, vf, g1f, g2f, w, h1, h2, A, o, plan.cu, plan.cseq, plan.coff, D ** -0.5, H, H, G=1, Dk=D, Dv=D,
-            C=CHUNK, BK=D, BV=BV, IEEE=False, num_warps=td.LAUNCH["output"]),
-    }
-    for name, fn in parts.items():
-        ret = fn()
-        stats = {a: getattr(ret, a, None) for a in ("n_regs", "n_spills")} if not isinstance(ret, tuple) else {}
-        rows.append(dict(op="part", T=T, impl=name, ms=bench_ms(fn), **stats))
+                    best = (ms, var)
+            td.LAUNCH.update(best[1])
+        xs = [x.clone().requires_grad_(True) for x in (q, k, v, g1, g2, w)]
+        do = torch.randn_like(q)
+
+        def fwd_bwd():
+            o, _, _ = dsla_chunk_fused(*xs)
+            torch.autograd.grad(o, xs, do)
+
+        best = None
+        for var in BWD_SWEEP:
+            td.LAUNCH.update(var)
+            ms = bench_ms(fwd_bwd, rep=50)
+            rows.append(dict(op="sweep", T=T, impl=f"backward: {var} (fwd+bwd)", ms=ms, launch=dict(td.LAUNCH)))
+            print(rows[-1], flush=True)
+            if best is None or ms < best[0]:
+                best = (ms, var)
+        td.LAUNCH.update(best[1])
+    xs = [x.clone().requires_grad_(True) for x in (q, k, v, g1, g2, w)]
+    do = torch.randn_like(q)
+    for _ in range(2):
+        o, _, _ = dsla_chunk_fused(*xs)
+        torch.autograd.grad(o, xs, do)
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+
+    n = 5
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            o, _, _ = dsla_chunk_fused(*xs)
+            torch.autograd.grad(o, xs, do)
+        torch.cuda.synchronize()
+    for ev in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:16]:
+        rows.append(dict(op="part", T=T, impl=ev.key[:70], ms=ev.device_time_total / 1e3 / n, calls=ev.count / n))
         print(rows[-1], flush=True)
-    del q, k, v, g1, g2, h1, h2, A, o
+    _kernel_stats(rows, T)
+    del q, k, v, g1, g2, xs
     torch.cuda.empty_cache()
+
+
+def fla_peer(T, max_configs):
+    """2x fla chunk_gla forward at one T, printed as one JSON line. Runs in a subprocess with a
+    hard timeout (fla autotunes every kernel at each new shape, which once outlasted a whole
+    device call); each autotuner keeps at most `max_configs` of its configs, an even stride."""
+    from triton.runtime import autotuner
+
+    orig = autotuner.Autotuner.__init__
+
+    def init(self, fn, arg_names, configs=None, *a, **kw):
+        if configs is None:
+            configs = kw.pop("configs")
+        if max_configs and len(configs) > max_configs:
+            configs = configs[::math.ceil(len(configs) / max_configs)]
+        orig(self, fn, arg_names, configs, *a, **kw)
+
+    autotuner.Autotuner.__init__ = init
+    import fla.ops.gla as fla
+
+    q, k, v, g1, g2, w = _qkvg(T)
+    t0 = time.time()
+    run = lambda: (fla.chunk_gla(q, k, v, g1, output_final_state=True),  # noqa: E731
+                   fla.chunk_gla(q, k, v, g2, output_final_state=True))
+    run()
+    torch.cuda.synchronize()
+    tune_s = time.time() - t0
+    print("FLA_PEER " + json.dumps(dict(T=T, ms=bench_ms(run), autotune_s=tune_s, max_configs=max_configs)), flush=True)
 
 
 def strong_decay_row(T, bw, rows):
@@ -279,10 +351,10 @@ def write(out, meta, rows):
     for r in rows:
         if r["op"] == "prefill":
             L.append(f"| {r['T']} | {r['impl']} | {r['ms']:.3f} | {r['floor_ms']:.3f} |")
-    L += ["", "## Forward by kernel (T = 16384) and launch sweep", "",
+    L += ["", "## Launch sweep, per-kernel times of one fwd+bwd (profiler), registers (T = 16384)", "",
           "| what | time (ms) | registers | spills |", "|---|---|---|---|"]
     for r in rows:
-        if r["op"] in ("part", "sweep"):
+        if r["op"] in ("part", "sweep", "kstat"):
             L.append(f"| {r['op']}: {r['impl']} | {r['ms']:.3f} | {r.get('n_regs', '')} | {r.get('n_spills', '')} |")
     L += ["", f"launch configuration used for the prefill rows: `{meta.get('launch')}`"]
     L += ["", "## Targets (issue 3)", ""] + [f"- {t}" for t in meta.get("targets", [])]
@@ -334,7 +406,15 @@ def main():
     ap.add_argument("--decode-B", default="1,16,64,256")
     ap.add_argument("--eager-B", default="16", help="decode batches also timed without CUDA graphs")
     ap.add_argument("--no-sweep", action="store_true", help="skip the launch-configuration sweep")
+    ap.add_argument("--fla-T", default="16384", help="prefill lengths timed for 2x fla chunk_gla (subprocess)")
+    ap.add_argument("--fla-timeout", type=float, default=150, help="seconds for each fla chunk_gla subprocess")
+    ap.add_argument("--fla-configs", type=int, default=8, help="at most this many autotune configs per fla kernel")
+    ap.add_argument("--fla-peer", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--parts-only", action="store_true", help="only the sweep, per-kernel times and registers")
     args = ap.parse_args()
+    if args.fla_peer:
+        fla_peer(args.fla_peer, args.fla_configs)
+        return
     try:
         import fla.ops.gla as fla
         import fla as fla_pkg
@@ -355,11 +435,37 @@ def main():
     rows: list = []
     t0 = time.time()
     ints = lambda x: [int(a) for a in x.split(",") if a]  # noqa: E731
+    meta["launch_default"] = dict(__import__("kernels.triton_dsla", fromlist=["LAUNCH"]).LAUNCH)
+    import subprocess
+
+    for T in ints(args.fla_T) if fla is not None else []:
+        cmd = [sys.executable, os.path.abspath(__file__), "--fla-peer", str(T), "--fla-configs", str(args.fla_configs)]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.fla_timeout)
+            line = [x for x in res.stdout.splitlines() if x.startswith("FLA_PEER ")]
+            if not line:
+                raise RuntimeError(res.stdout[-500:] + res.stderr[-1500:])
+            r = json.loads(line[-1][len("FLA_PEER "):])
+            fb = T * H * D * (2 * 4 + 4 * 2) + 2 * H * D * D * 4
+            rows.append(dict(op="prefill", T=T, impl=f"2x fla chunk_gla fwd (autotune: <= {r['max_configs']} configs "
+                             f"per kernel, {r['autotune_s']:.0f} s)", ms=r["ms"], bytes=fb, floor_ms=fb / bw / 1e9,
+                             TBps=fb / r["ms"] / 1e9))
+        except Exception as e:  # noqa: BLE001
+            rows.append(dict(op="prefill", T=T, impl="2x fla chunk_gla fwd: " + repr(e)[:200], ms=float("nan"),
+                             floor_ms=0))
+        print(rows[-1], flush=True)
+        write(args.out, meta, rows)
     try:
         forward_parts(16384, rows, sweep=not args.no_sweep)
     except Exception as e:  # noqa: BLE001
+        import traceback
+
+        traceback.print_exc()
         print("parts error", e, flush=True)
     write(args.out, meta, rows)
+    if args.parts_only:
+        print(open(os.path.join(args.out, "kernels.md")).read())
+        return
     for T in ints(args.prefill_T):
         try:
             prefill_rows(T, bw, fla, rows, backward=T in ints(args.bwd_T))

@@ -1,30 +1,36 @@
 """Fused dual-state chunked prefill, backward (Triton).
 
 Notation per state i: b = chunk-relative inclusive cumsum of the log decay,
-h_c = state at the start of chunk c (recomputed by `_states_fwd`),
-dS_c = gradient w.r.t. the state at the END of chunk c, dO' = scale * dO.
+h_c = state at the start of chunk c (recomputed by `_states_fwd`, fp32),
+dS_c = gradient w.r.t. the state at the END of chunk c, dO' = scale * dO,
+dP[t,s] = dO'_t . v_s for s < t (the diagonal s = t is handled apart, see below).
 
-  1. `_states_bwd`: per (sequence, kv head, Dk block, Dv block), walk the chunks
-     backwards carrying both dS in registers:
-         dS_{c-1} = exp(b_last) dS_c + w_i sum_{group heads} (q exp(b))^T dO'
+  1. `_states_bwd`: per (sequence, kv head, Dk block, Dv block), walk the chunks backwards
+     carrying both dS in registers:  dS_{c-1} = exp(b_last) dS_c + w_i sum_group (q exp(b))^T dO'
      storing dS_c for every chunk and, at the end, the initial states' gradients.
-  2. `_dq_bwd` (per chunk, query head, sub-chunk) and `_dkv_bwd` (per chunk, query
-     head), in parallel, for both states:
-         dq~_i = dO' h^T * exp(b) + intra          (unweighted by w_i; dq = sum w_i dq~_i)
-         dk_i  = w_i intra + exp(b_last - b) * (v dS^T)   (state part once per group)
-     where the intra parts of dq~ and dk leave out the diagonal s = t (added on the host
-     from dpd = dO'.v, which keeps the gate gradient free of its cancelling terms)
-         dv   += w_i A_i^T dO' + (k exp(b_last - b)) dS
-     with the same sub-chunk reference points (and exact fallback) as the forward.
-The gate gradients are assembled from these on the host side (see triton_dsla.py):
-dB_i = w_i q.dq~_i - k.dk_i, reverse-cumsummed within each sequence.
+  2. `_dq_bwd` per (chunk, query head):
+         dq~_i = (dO' h_i^T) exp(b_i) + sum_{s<t} dP[t,s] k_s exp(b_t - b_s)     (unweighted)
+         dq    = sum_i w_i dq~_i + (w_0 + w_1) dpd k,   dpd_t = dO'_t . v_t (the diagonal)
+     and writes dBq_i = w_i q dq~_i (the query half of the gate gradient) and per-chunk dw sums.
+  3. `_dv_bwd` per (chunk, kv head): dv = sum_group A^T dO' + sum_i (k exp(b_last - b_i)) dS_i,
+     with A the mixed scores the forward stored.
+  4. `_dk_bwd` per (chunk, kv head):
+         dk_i = w_i sum_{t>s} dP[t,s] q_t exp(b_t - b_s) + (v dS_i^T) exp(b_last - b_i)
+         dk   = sum_i dk_i + (w_0 + w_1) sum_group dpd q
+     and the gate gradient's chunk-local part: dB_i = sum_group dBq_i - k dk_i, reverse-cumsummed
+     inside the chunk, plus each chunk's total (the host adds the later chunks' totals).
+The diagonal pairs s = t cancel in the gate gradient, so they stay out of dq~ and dk_i.
+The intra-chunk sums use the forward's block trick (triton_chunk_fwd.py): an output indexed by
+the query row t (dq) runs over key blocks J with reference r_J; one indexed by the key row s
+(dk) runs over query blocks I with reference r_I; each block is one tensor-core product whose
+exponents are all bounded, with an exact fallback when a block decays by more than RANGE_MAX.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from kernels.triton_chunk_fwd import load_rows, mm, mm_precise, pair_decay, sub_cumsum, sub_rows
+from kernels.triton_chunk_fwd import chunk_tile, from_row, load_rows, mm, mm_precise, row_of, to_end
 
 
 @triton.jit
@@ -81,149 +87,213 @@ def _states_bwd(q, g1, g2, w, do, dsT1, dsT2, dS1, dS2, ds01, ds02, cu, coff, sc
 
 
 @triton.jit
-def _dq_one_state(g, h, dq_out, kf, dP, dR, t, mt, tr, mr, t0, eos, i, hq, hk, Hq, Hkv, hoff, mst,
-                  Dk: tl.constexpr, dk, mk, C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr,
-                  RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
-    """dq~ rows of sub-chunk i for one state (not weighted by w): inter + strict intra."""
-    gc = load_rows(g, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
-    b = tl.cumsum(gc, axis=0)
-    bR, bref, bl = sub_rows(g, gc, i, t0, eos, hk, Hkv, Dk, dk, mk, C, SUB)
-    hh = tl.load(h + hoff, mask=mst, other=0.)
-    dq = mm(dR.to(hh.dtype), tl.trans(hh), IEEE) * tl.exp(bR)
-    sr = tl.arange(0, SUB)
-    cols = tl.arange(0, C)
-    if tl.max(bref - bl, axis=0) <= RANGE_MAX:
-        kq = kf * tl.exp(tl.minimum(bref[None, :] - b, RANGE_MAX))
-        dq += mm(dP, kq, IEEE) * tl.exp(bR - bref[None, :])
-    else:  # exact row by row, every exponent a direct sum of log decays
-        for tt in range(SUB):
-            sel = (sr == tt)[:, None]
-            pt = tl.sum(tl.where(sel, dP, 0.), axis=0)
-            e = tl.where((cols < i * SUB + tt)[:, None], pair_decay(gc, i * SUB + tt, C), 0.)
-            dq += tl.where(sel, tl.sum(pt[:, None] * kf * e, axis=0)[None, :], 0.)
-    tl.store(dq_out + (tr[:, None] * Hq + hq).to(tl.int64) * Dk + dk[None, :], dq, mask=mr[:, None] & mk[None, :])
+def pair_decay(gc, a, C: tl.constexpr):
+    """exp(b_a - b_s) for every key row s <= a of the chunk, [C, BK] (rows s > a: 1).
+    Summed directly over u = s+1..a, not as a difference of two long cumsums, so a pair
+    a few steps apart stays exact even when the cumsums have grown to -1000s."""
+    rows = tl.arange(0, C)
+    gm = tl.where((rows <= a)[:, None], gc, 0.)
+    return tl.exp(tl.cumsum(gm, axis=0, reverse=True) - gm)
 
 
 @triton.jit
-def _dq_bwd(q, k, v, g1, g2, h1, h2, do, dq1, dq2, dpd, cu, cseq, coff, scale,
+def dq_intra_state(dd, v_ptr, gc, g_ptr, t0, eos, t, mt, k_ptr, hk, Hkv, Dk: tl.constexpr, dk, mk,
+                   Dv: tl.constexpr, dv, mv, C: tl.constexpr, SUB: tl.constexpr, RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
+    """sum_{s<t} dP[t,s] k_s exp(b_t - b_s), [C, BK], over key blocks J."""
+    rows = tl.arange(0, C)
+    cols = tl.arange(0, SUB)
+    out = tl.zeros_like(gc)
+    for J in tl.static_range(C // SUB):
+        tJ = t0 + J * SUB + cols
+        mJ = tJ < eos
+        kJ = load_rows(k_ptr, tJ, mJ, Hkv, hk, Dk, dk, mk).to(tl.float32)
+        vJ = load_rows(v_ptr, tJ, mJ, Hkv, hk, Dv, dv, mv).to(tl.float32)
+        dP = tl.where(rows[:, None] > (J * SUB + cols)[None, :], mm(dd, tl.trans(vJ), IEEE), 0.)  # [C, SUB]
+        gJ = load_rows(g_ptr, tJ, mJ, Hkv, hk, Dk, dk, mk).to(tl.float32)
+        if tl.max(-tl.sum(gJ, axis=0), axis=0) <= RANGE_MAX:
+            kp = kJ * tl.exp(-tl.cumsum(gJ, axis=0))
+            out += tl.exp(from_row(gc, J * SUB, C)) * mm(dP, kp, IEEE)  # rows before J: dP = 0
+        else:  # exact, column by column
+            for j in range(SUB):
+                s = J * SUB + j
+                e = tl.where((rows > s)[:, None], tl.exp(tl.cumsum(tl.where((rows > s)[:, None], gc, 0.), axis=0)), 0.)
+                ps = tl.sum(tl.where((cols == j)[None, :], dP, 0.), axis=1)
+                out += ps[:, None] * row_of(kJ, j, SUB)[None, :] * e
+    return out
+
+
+@triton.jit
+def _dq_bwd(q, k, v, g1, g2, w, h1, h2, do, dq, dBq1, dBq2, dwp, cu, cseq, coff, scale,
             Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr,
             C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
             RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
-    """Per (chunk, query head, sub-chunk): dq~ of both states and the diagonal dpd = dO'.v."""
+    """Per (chunk, query head): dq, the query half of both gate gradients, and dw's chunk sums."""
     ic = tl.program_id(0)
     hq = tl.program_id(1)
-    i = tl.program_id(2)
     hk = hq // G
-    n = tl.load(cseq + ic)
-    t0 = tl.load(cu + n).to(tl.int64) + (ic - tl.load(coff + n)).to(tl.int64) * C
-    eos = tl.load(cu + n + 1).to(tl.int64)
-    t = t0 + tl.arange(0, C)
-    mt = t < eos
-    sr = tl.arange(0, SUB)
-    tr = t0 + i * SUB + sr
-    mr = tr < eos
+    t0, eos, t, mt = chunk_tile(cu, cseq, coff, ic, C)
     dk = tl.arange(0, BK)
     dv = tl.arange(0, BV)
     mk = dk < Dk
     mv = dv < Dv
     mst = mk[:, None] & mv[None, :]
+    w0 = tl.load(w)
+    w1 = tl.load(w + 1)
     hoff = ((ic * Hkv + hk) * Dk + dk[:, None]).to(tl.int64) * Dv + dv[None, :]
+    qf = load_rows(q, t, mt, Hq, hq, Dk, dk, mk).to(tl.float32)
     kf = load_rows(k, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
     vf = load_rows(v, t, mt, Hkv, hk, Dv, dv, mv).to(tl.float32)
-    dR = load_rows(do, tr, mr, Hq, hq, Dv, dv, mv).to(tl.float32) * scale
-    # the diagonal of dP in fp32: the host adds its share to dq and dk
-    vR = load_rows(v, tr, mr, Hkv, hk, Dv, dv, mv).to(tl.float32)
-    tl.store(dpd + tr * Hq + hq, tl.sum(dR * vR, axis=1), mask=mr)
-    # strict (s < t): the diagonal pairs cancel in the gate gradient, see the module docstring
-    cols = tl.arange(0, C)
-    dP = tl.where(cols[None, :] < (i * SUB + sr)[:, None], mm(dR, tl.trans(vf), IEEE), 0.)
-    _dq_one_state(g1, h1, dq1, kf, dP, dR, t, mt, tr, mr, t0, eos, i, hq, hk, Hq, Hkv, hoff, mst,
-                  Dk, dk, mk, C, SUB, BK, RANGE_MAX, IEEE)
-    _dq_one_state(g2, h2, dq2, kf, dP, dR, t, mt, tr, mr, t0, eos, i, hq, hk, Hq, Hkv, hoff, mst,
-                  Dk, dk, mk, C, SUB, BK, RANGE_MAX, IEEE)
+    dd = load_rows(do, t, mt, Hq, hq, Dv, dv, mv).to(tl.float32) * scale
+    dpd = tl.sum(dd * vf, axis=1)  # the diagonal of dO' v^T, in fp32
+    qk_diag = tl.sum(dpd * tl.sum(qf * kf, axis=1), axis=0)
+    dq_tot = (w0 + w1) * dpd[:, None] * kf
+    out = (t[:, None] * Hq + hq).to(tl.int64) * Dk + dk[None, :]
+    m_out = mt[:, None] & mk[None, :]
+    # state 1
+    gc = load_rows(g1, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
+    dqi = mm(dd, tl.trans(tl.load(h1 + hoff, mask=mst, other=0.)), IEEE) * tl.exp(tl.cumsum(gc, axis=0))
+    dqi += dq_intra_state(dd, v, gc, g1, t0, eos, t, mt, k, hk, Hkv, Dk, dk, mk, Dv, dv, mv, C, SUB, RANGE_MAX, IEEE)
+    dq_tot += w0 * dqi
+    tl.store(dBq1 + out, w0 * qf * dqi, mask=m_out)
+    tl.store(dwp + (ic * Hq + hq) * 2, tl.sum(tl.sum(qf * dqi, axis=1), axis=0) + qk_diag)
+    # state 2
+    gc = load_rows(g2, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
+    dqi = mm(dd, tl.trans(tl.load(h2 + hoff, mask=mst, other=0.)), IEEE) * tl.exp(tl.cumsum(gc, axis=0))
+    dqi += dq_intra_state(dd, v, gc, g2, t0, eos, t, mt, k, hk, Hkv, Dk, dk, mk, Dv, dv, mv, C, SUB, RANGE_MAX, IEEE)
+    dq_tot += w1 * dqi
+    tl.store(dBq2 + out, w1 * qf * dqi, mask=m_out)
+    tl.store(dwp + (ic * Hq + hq) * 2 + 1, tl.sum(tl.sum(qf * dqi, axis=1), axis=0) + qk_diag)
+    tl.store(dq + out, dq_tot.to(dq.dtype.element_ty), mask=m_out)
 
 
 @triton.jit
-def _dk_one_state(q, g, dS, do, dk_out, kf, vf, wi, first, t, mt, t0, eos, hq, hk, Hq, Hkv, hoff, mst, scale,
-                  Dk: tl.constexpr, Dv: tl.constexpr, dk, mk, dv, mv, C: tl.constexpr, SUB: tl.constexpr,
-                  BK: tl.constexpr, RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
-    """dk of one state for one chunk and query head: w_i * strict intra (+ the state part once
-    per kv head). Loops over the query sub-chunks, accumulating the full [C, BK] tile."""
-    NSUB: tl.constexpr = C // SUB
-    gc = load_rows(g, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
-    b = tl.cumsum(gc, axis=0)
-    sr = tl.arange(0, SUB)
-    cols = tl.arange(0, C)
-    dk_acc = tl.zeros([C, BK], dtype=tl.float32)
-    base = tl.zeros_like(tl.sum(gc, axis=0))
-    for i in tl.static_range(NSUB):
-        bR, bref, bl = sub_cumsum(g, t0 + i * SUB, eos, hk, Hkv, Dk, dk, mk, base, SUB)
-        tr = t0 + i * SUB + sr
-        mr = tr < eos
-        qR = load_rows(q, tr, mr, Hq, hq, Dk, dk, mk).to(tl.float32)
-        dR = load_rows(do, tr, mr, Hq, hq, Dv, dv, mv).to(tl.float32) * scale
-        dP = tl.where(cols[None, :] < (i * SUB + sr)[:, None], mm(dR, tl.trans(vf), IEEE), 0.)
-        if tl.max(bref - bl, axis=0) <= RANGE_MAX:
-            qr = qR * tl.exp(bR - bref[None, :])
-            dk_acc += tl.exp(tl.minimum(bref[None, :] - b, RANGE_MAX)) * mm(tl.trans(dP), qr, IEEE)
-        else:  # exact row by row
-            for tt in range(SUB):
-                sel = (sr == tt)[:, None]
-                qt = tl.sum(tl.where(sel, qR, 0.), axis=0)
-                pt = tl.sum(tl.where(sel, dP, 0.), axis=0)
-                e = tl.where((cols < i * SUB + tt)[:, None], pair_decay(gc, i * SUB + tt, C), 0.)
-                dk_acc += pt[:, None] * qt[None, :] * e
-        base = bl
-    dkt = wi * dk_acc
-    if first:
-        # fp32 dS and a near-fp32 product: k.dk from the final state cancels against the
-        # final-state term of the gate gradient (dS_T . S_T), computed in fp32
-        dSS = tl.load(dS + hoff, mask=mst, other=0.)
-        dkt += mm_precise(vf, tl.trans(dSS), IEEE) * tl.exp(tl.sum(gc, axis=0)[None, :] - b)
-    tl.store(dk_out + (t[:, None] * Hq + hq).to(tl.int64) * Dk + dk[None, :], dkt, mask=mt[:, None] & mk[None, :])
-
-
-@triton.jit
-def _dv_state_part(g, dS, kk, t, mt, hk, Hkv, hoff, mst, Dk: tl.constexpr, dk, mk, IEEE: tl.constexpr):
-    gc = load_rows(g, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
-    kd = (kk * tl.exp(tl.sum(gc, axis=0)[None, :] - tl.cumsum(gc, axis=0))).to(kk.dtype)
-    return mm(kd, tl.load(dS + hoff, mask=mst, other=0.).to(kk.dtype), IEEE)
-
-
-@triton.jit
-def _dkv_bwd(q, k, v, g1, g2, w, A, dS1, dS2, do, dk1, dk2, dvp, cu, cseq, coff, scale,
-             Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr,
-             C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-             RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
-    """Per (chunk, query head): dk of both states and dv = A^T dO' (+ state parts)."""
+def _dv_bwd(k, g1, g2, A, dS1, dS2, do, dv_out, cu, cseq, coff, scale,
+            Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr,
+            C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr):
+    """Per (chunk, kv head, Dv block): dv = sum_group A^T dO' + sum_i (k exp(b_last - b_i)) dS_i."""
     ic = tl.program_id(0)
-    hq = tl.program_id(1)
-    hk = hq // G
-    first = (hq % G) == 0
-    n = tl.load(cseq + ic)
-    t0 = tl.load(cu + n).to(tl.int64) + (ic - tl.load(coff + n)).to(tl.int64) * C
-    eos = tl.load(cu + n + 1).to(tl.int64)
-    t = t0 + tl.arange(0, C)
-    mt = t < eos
+    hk = tl.program_id(1)
+    iv = tl.program_id(2)
+    t0, eos, t, mt = chunk_tile(cu, cseq, coff, ic, C)
     dk = tl.arange(0, BK)
-    dv = tl.arange(0, BV)
+    dv = iv * BV + tl.arange(0, BV)
     mk = dk < Dk
     mv = dv < Dv
     mst = mk[:, None] & mv[None, :]
     hoff = ((ic * Hkv + hk) * Dk + dk[:, None]).to(tl.int64) * Dv + dv[None, :]
-    kf = load_rows(k, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
-    vf = load_rows(v, t, mt, Hkv, hk, Dv, dv, mv).to(tl.float32)
-    _dk_one_state(q, g1, dS1, do, dk1, kf, vf, tl.load(w), first, t, mt, t0, eos, hq, hk, Hq, Hkv, hoff, mst,
-                  scale, Dk, Dv, dk, mk, dv, mv, C, SUB, BK, RANGE_MAX, IEEE)
-    _dk_one_state(q, g2, dS2, do, dk2, kf, vf, tl.load(w + 1), first, t, mt, t0, eos, hq, hk, Hq, Hkv, hoff,
-                  mst, scale, Dk, Dv, dk, mk, dv, mv, C, SUB, BK, RANGE_MAX, IEEE)
-    # dv: the saved mixed scores give the intra part in one product
     kk = load_rows(k, t, mt, Hkv, hk, Dk, dk, mk)
+    gc = load_rows(g1, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
+    kd = to_end(kk, gc).to(kk.dtype)
+    acc = mm(kd, tl.load(dS1 + hoff, mask=mst, other=0.).to(kk.dtype), IEEE)
+    gc = load_rows(g2, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
+    kd = to_end(kk, gc).to(kk.dtype)
+    acc += mm(kd, tl.load(dS2 + hoff, mask=mst, other=0.).to(kk.dtype), IEEE)
     cols = tl.arange(0, C)
-    Am = tl.load(A + (t[:, None] * Hq + hq).to(tl.int64) * C + cols[None, :], mask=mt[:, None], other=0.)
-    dd = (load_rows(do, t, mt, Hq, hq, Dv, dv, mv).to(tl.float32) * scale).to(kk.dtype)
-    dv_acc = mm(tl.trans(Am.to(kk.dtype)), dd, IEEE)
-    if first:
-        dv_acc += _dv_state_part(g1, dS1, kk, t, mt, hk, Hkv, hoff, mst, Dk, dk, mk, IEEE)
-        dv_acc += _dv_state_part(g2, dS2, kk, t, mt, hk, Hkv, hoff, mst, Dk, dk, mk, IEEE)
-    tl.store(dvp + (t[:, None] * Hq + hq).to(tl.int64) * Dv + dv[None, :], dv_acc, mask=mt[:, None] & mv[None, :])
+    for gi in range(G):
+        hq = hk * G + gi
+        Am = tl.load(A + (t[:, None] * Hq + hq).to(tl.int64) * C + cols[None, :], mask=mt[:, None], other=0.)
+        dd = (load_rows(do, t, mt, Hq, hq, Dv, dv, mv).to(tl.float32) * scale).to(kk.dtype)
+        acc += mm(tl.trans(Am.to(kk.dtype)), dd, IEEE)
+    tl.store(dv_out + (t[:, None] * Hkv + hk).to(tl.int64) * Dv + dv[None, :], acc.to(dv_out.dtype.element_ty),
+             mask=mt[:, None] & mv[None, :])
+
+
+@triton.jit
+def dk_intra_state(q, do, g_ptr, gc, vf, t0, eos, t, mt, hk, Hq, Hkv, scale, G: tl.constexpr,
+                   Dk: tl.constexpr, Dv: tl.constexpr, dk, mk, dv, mv,
+                   C: tl.constexpr, SUB: tl.constexpr, RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
+    """sum_group sum_{t>s} dP[t,s] q_t exp(b_t - b_s), [C, BK], over query blocks I."""
+    rows = tl.arange(0, C)
+    sr = tl.arange(0, SUB)
+    out = tl.zeros_like(gc)
+    for I in tl.static_range(C // SUB):
+        tI = t0 + I * SUB + sr
+        mI = tI < eos
+        gI = load_rows(g_ptr, tI, mI, Hkv, hk, Dk, dk, mk).to(tl.float32)
+        fast = tl.max(-tl.sum(gI, axis=0), axis=0) <= RANGE_MAX
+        lI = tl.cumsum(gI, axis=0)  # b_t - r_I for t in I, direct
+        # r_I - b_s, direct: sum_{u=s+1..first(I)-1} g_u before I, -sum_{u=first(I)..s} g_u from I on
+        before = tl.where((rows < I * SUB)[:, None], gc, 0.)
+        rI_b = tl.where((rows < I * SUB)[:, None], tl.cumsum(before, axis=0, reverse=True) - before,
+                        -from_row(gc, I * SUB, C))
+        for gi in range(G):
+            hq = hk * G + gi
+            qI = load_rows(q, tI, mI, Hq, hq, Dk, dk, mk).to(tl.float32)
+            dI = load_rows(do, tI, mI, Hq, hq, Dv, dv, mv).to(tl.float32) * scale
+            dP = tl.where((I * SUB + sr)[:, None] > rows[None, :], mm(dI, tl.trans(vf), IEEE), 0.)  # [SUB, C]
+            if fast:
+                out += tl.exp(tl.minimum(rI_b, RANGE_MAX)) * mm(tl.trans(dP), qI * tl.exp(lI), IEEE)
+            else:  # exact, query row by query row
+                for i in range(SUB):
+                    a = I * SUB + i
+                    e = tl.where((rows < a)[:, None], pair_decay(gc, a, C), 0.)
+                    pa = row_of(dP, i, SUB)
+                    out += pa[:, None] * row_of(qI, i, SUB)[None, :] * e
+    return out
+
+
+@triton.jit
+def dk_one_state(q, k_f, do, g_ptr, dS, dBq, dgl, tot, wi, vf, t0, eos, t, mt, ic, hk, Hq, Hkv, hoff, mst, scale,
+                 G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr, dk, mk, dv, mv,
+                 C: tl.constexpr, SUB: tl.constexpr, RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
+    """dk_i of one state; stores the chunk-local reverse cumsum of dB_i and its chunk total."""
+    gc = load_rows(g_ptr, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
+    # fp32 dS and a near-fp32 product: k.dk from the final state cancels against the
+    # final-state term of the gate gradient (dS_T . S_T), computed in fp32
+    dki = to_end(mm_precise(vf, tl.trans(tl.load(dS + hoff, mask=mst, other=0.)), IEEE), gc)
+    dki += wi * dk_intra_state(q, do, g_ptr, gc, vf, t0, eos, t, mt, hk, Hq, Hkv, scale, G, Dk, Dv, dk, mk,
+                               dv, mv, C, SUB, RANGE_MAX, IEEE)
+    dB = -k_f * dki
+    for gi in range(G):
+        dB += load_rows(dBq, t, mt, Hq, hk * G + gi, Dk, dk, mk)
+    tl.store(dgl + (t[:, None] * Hkv + hk).to(tl.int64) * Dk + dk[None, :], tl.cumsum(dB, axis=0, reverse=True),
+             mask=mt[:, None] & mk[None, :])
+    tl.store(tot + (ic * Hkv + hk).to(tl.int64) * Dk + dk, tl.sum(dB, axis=0), mask=mk)
+    return dki
+
+
+@triton.jit
+def _dk_bwd(q, k, v, g1, g2, w, dS1, dS2, do, dBq1, dBq2, dk_out, dgl1, dgl2, tot1, tot2, cu, cseq, coff, scale,
+            Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr,
+            C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+            RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
+    """Per (chunk, kv head): dk (both states, the whole query group) and the gate gradients'
+    chunk-local parts (reads dBq from `_dq_bwd`)."""
+    ic = tl.program_id(0)
+    hk = tl.program_id(1)
+    t0, eos, t, mt = chunk_tile(cu, cseq, coff, ic, C)
+    dk = tl.arange(0, BK)
+    dv = tl.arange(0, BV)
+    mk = dk < Dk
+    mv = dv < Dv
+    mst = mk[:, None] & mv[None, :]
+    w0 = tl.load(w)
+    w1 = tl.load(w + 1)
+    hoff = ((ic * Hkv + hk) * Dk + dk[:, None]).to(tl.int64) * Dv + dv[None, :]
+    kf = load_rows(k, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
+    vf = load_rows(v, t, mt, Hkv, hk, Dv, dv, mv).to(tl.float32)
+    dk_tot = dk_one_state(q, kf, do, g1, dS1, dBq1, dgl1, tot1, w0, vf, t0, eos, t, mt, ic, hk, Hq, Hkv, hoff, mst,
+                          scale, G, Dk, Dv, dk, mk, dv, mv, C, SUB, RANGE_MAX, IEEE)
+    dk_tot += dk_one_state(q, kf, do, g2, dS2, dBq2, dgl2, tot2, w1, vf, t0, eos, t, mt, ic, hk, Hq, Hkv, hoff,
+                           mst, scale, G, Dk, Dv, dk, mk, dv, mv, C, SUB, RANGE_MAX, IEEE)
+    for gi in range(G):  # the diagonal s = t
+        hq = hk * G + gi
+        dd = load_rows(do, t, mt, Hq, hq, Dv, dv, mv).to(tl.float32) * scale
+        qf = load_rows(q, t, mt, Hq, hq, Dk, dk, mk).to(tl.float32)
+        dk_tot += (w0 + w1) * tl.sum(dd * vf, axis=1)[:, None] * qf
+    tl.store(dk_out + (t[:, None] * Hkv + hk).to(tl.int64) * Dk + dk[None, :], dk_tot.to(dk_out.dtype.element_ty),
+             mask=mt[:, None] & mk[None, :])
+
+
+@triton.jit
+def _dg_finish(dgl, suf, dg, cu, cseq, coff, Hkv, Dk: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
+    """dg = chunk-local reverse cumsum + the later chunks' totals of the same sequence."""
+    ic = tl.program_id(0)
+    hk = tl.program_id(1)
+    t0, eos, t, mt = chunk_tile(cu, cseq, coff, ic, C)
+    dk = tl.arange(0, BK)
+    mk = dk < Dk
+    x = load_rows(dgl, t, mt, Hkv, hk, Dk, dk, mk)
+    x += tl.load(suf + (ic * Hkv + hk).to(tl.int64) * Dk + dk, mask=mk, other=0.)[None, :]
+    tl.store(dg + (t[:, None] * Hkv + hk).to(tl.int64) * Dk + dk[None, :], x.to(dg.dtype.element_ty),
+             mask=mt[:, None] & mk[None, :])

@@ -4,28 +4,27 @@ Tokens are packed as [total_T, H, D] with sequence offsets `cu` (varlen, as in
 flash-linear-attention); a fixed [B, T] batch is the special case cu = [0, T, 2T, ...].
 Chunks of C tokens never cross a sequence boundary.
 
-Three launches:
+Two launches:
   1. `_states_fwd`: per (sequence, kv head, Dk block, Dv block), walk the chunks in
      order carrying BOTH states in registers; store each chunk's starting state
-     (for the output pass) and the final states.
-  2. `_scores_fwd`: per (chunk, query head, sub-chunk), in parallel: the intra-chunk
-     scores of both states, mixed by w, stored as A [total_T, Hq, C] (kept for the
-     backward, which needs the same mixed scores for dv).
-  3. `_output_fwd`: per (chunk, query head, Dv block): q exp(b) h for both states
-     plus the single product A v.
-(A first version did 2 and 3 in one program, assembling the sub-chunks' scores with
-3-D selects and a reshape, and took 0.5 ms per 1K tokens on an H200:
-bench/results/kernels.run1-h200.md.)
+     (for the output pass) and the final states. The next chunk's loads are issued
+     before the current chunk's arithmetic (PREFETCH) so the walk is not one memory
+     latency per step.
+  2. `_output_fwd`: per (chunk, query head, Dv block), in parallel: both states'
+     intra-chunk scores, mixed by w, times v, plus q exp(b) h of both states. The
+     C x C scores never go to memory (they are written only when the backward
+     needs them, STORE_A).
 
-Numerical stability (decays may be strong, down to -50 per step): every exponent
-that multiplies an operand is kept <= 0, except inside a sub-chunk's own diagonal
-block where it is bounded by the sub-chunk's decay range. The intra-chunk scores
-A[t,s] = sum_d q_td k_sd exp(b_td - b_sd) are computed per query sub-chunk of SUB
-rows with the reference point r = the sub-chunk's first row:
-    q' = q_t exp(b_t - b_r)   (<= 1 for t >= r)
-    k' = k_s exp(b_r - b_s)   (<= 1 for s < r; <= exp(range) inside the sub-chunk)
-If some key dim decays by more than RANGE_MAX inside a sub-chunk, that sub-chunk
-falls back to an exact row-by-row form whose exponents are all <= 0.
+Intra-chunk scores A[t,s] = sum_d q_td k_sd exp(b_td - b_sd) (s <= t) come from tensor-core
+products over key blocks J of SUB rows. With r_J = b at the row just before J:
+    q' = q_t exp(b_t - r_J)        <= 1 for every t >= first(J)  (rows before J are masked)
+    k' = k_s exp(r_J - b_s)        in [1, exp(range_J)] for s in J
+(each exponent a direct sum of the log decays between the two rows, so pairs a few steps
+apart stay exact to fp32 rounding however large the chunk's cumulative decay has grown)
+so A[:, J] = q' k'^T is one [C, Dk] x [Dk, SUB] product, every exponent bounded, and the
+columns of J land in one [C, SUB] block that multiplies v_J directly (no assembly).
+If some key dim decays by more than RANGE_MAX inside J, that block falls back to an
+exact column-by-column form whose exponents are direct sums of log decays (<= 0).
 """
 from __future__ import annotations
 
@@ -74,60 +73,72 @@ def load_rows(ptr, t, mt, H, h, D: tl.constexpr, d, md):
 
 
 @triton.jit
-def sub_cumsum(g_ptr, t0, eos, hk, Hkv, Dk: tl.constexpr, dk, mk, base, SUB: tl.constexpr):
-    """Cumulative log decay of rows [t0, t0+SUB) on top of `base` (the chunk-relative
-    value before the sub-chunk). Returns (b rows, b at first row, b at last row)."""
-    sr = tl.arange(0, SUB)
-    tr = t0 + sr
-    gR = load_rows(g_ptr, tr, tr < eos, Hkv, hk, Dk, dk, mk).to(tl.float32)
-    bR = base[None, :] + tl.cumsum(gR, axis=0)
-    bref = base + tl.sum(tl.where(sr[:, None] == 0, gR, 0.), axis=0)
-    blast = base + tl.sum(gR, axis=0)
-    return bR, bref, blast
+def row_of(x, r, N: tl.constexpr):
+    """Row r of an [N, D] tile as a [D] vector (zeros when r is outside 0..N-1)."""
+    return tl.sum(tl.where((tl.arange(0, N) == r)[:, None], x, 0.), axis=0)
 
 
 @triton.jit
-def pair_decay(gc, a, C: tl.constexpr):
-    """exp(b_a - b_s) for every key row s <= a of the chunk, [C, BK] (rows s > a: 1).
-    Summed directly over u = s+1..a, not as a difference of two long cumsums, so a pair
-    a few steps apart stays exact even when the cumsums have grown to -1000s."""
+def chunk_tile(cu, cseq, coff, ic, C: tl.constexpr):
+    """First token of global chunk ic, its sequence's end, and the chunk's token rows."""
+    n = tl.load(cseq + ic)
+    t0 = tl.load(cu + n).to(tl.int64) + (ic - tl.load(coff + n)).to(tl.int64) * C
+    eos = tl.load(cu + n + 1).to(tl.int64)
+    t = t0 + tl.arange(0, C)
+    return t0, eos, t, t < eos
+
+
+@triton.jit
+def exact_block(q, g, J, C: tl.constexpr, SUB: tl.constexpr, kJ):
+    """Scores of all C query rows against the SUB keys of block J, exactly: column s uses
+    exp(sum_{u in (s, t]} g_u), a direct sum of log decays (<= 0), never a difference of
+    two long cumsums. q [C,BK] fp32, g [C,BK] fp32 chunk log decays, kJ [SUB,BK] fp32."""
     rows = tl.arange(0, C)
-    gm = tl.where((rows <= a)[:, None], gc, 0.)
-    return tl.exp(tl.cumsum(gm, axis=0, reverse=True) - gm)
+    cols = tl.arange(0, SUB)
+    A = tl.zeros([C, SUB], dtype=tl.float32)
+    for j in range(SUB):
+        s = J * SUB + j
+        ks = row_of(kJ, j, SUB)
+        e = tl.where((rows >= s)[:, None], tl.exp(tl.cumsum(tl.where((rows > s)[:, None], g, 0.), axis=0)), 0.)
+        col = tl.sum(q * e * ks[None, :], axis=1)
+        A = tl.where((cols == j)[None, :], col[:, None], A)
+    return A
 
 
 @triton.jit
-def intra_scores_rows(qR, bR, bref, blast, kk, b, gc, i, C: tl.constexpr, SUB: tl.constexpr,
-                      RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
-    """Scores A[t, s] for the SUB query rows of sub-chunk i against all C keys of the
-    chunk (causal, s <= t), one state. qR [SUB,BK], bR [SUB,BK] fp32, kk [C,BK],
-    b [C,BK] (chunk cumsum), gc [C,BK] (chunk log decays)."""
-    sr = tl.arange(0, SUB)
-    cols = tl.arange(0, C)
-    rng = tl.max(bref - blast, axis=0)
-    if rng <= RANGE_MAX:
-        kq = (kk * tl.exp(tl.minimum(bref[None, :] - b, RANGE_MAX))).to(kk.dtype)
-        qr = (qR * tl.exp(bR - bref[None, :])).to(kk.dtype)
-        A = mm(qr, tl.trans(kq), IEEE)
+def from_row(g, r, C: tl.constexpr):
+    """sum_{u=r..t} g_u for every row t >= r of a [C, BK] tile of log decays (0 for t < r):
+    b_t - b_{r-1} as a direct sum, not a difference of two long cumsums."""
+    return tl.cumsum(tl.where((tl.arange(0, C) >= r)[:, None], g, 0.), axis=0)
+
+
+@triton.jit
+def block_scores(q, g_ptr, t, mt, J, tJ, mJ, kJ, hk, Hkv, Dk: tl.constexpr, dk, mk,
+                 C: tl.constexpr, SUB: tl.constexpr, RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
+    """Unmasked scores A[:, J] [C, SUB] of one state (see the module docstring).
+    q [C,BK] and kJ [SUB,BK] as loaded. The chunk's log decays are re-read here (from cache)
+    rather than kept in registers across the blocks: the kernel is register-bound."""
+    gc = load_rows(g_ptr, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
+    gJ = load_rows(g_ptr, tJ, mJ, Hkv, hk, Dk, dk, mk).to(tl.float32)
+    if tl.max(-tl.sum(gJ, axis=0), axis=0) <= RANGE_MAX:
+        qp = (q * tl.exp(from_row(gc, J * SUB, C))).to(kJ.dtype)  # rows before J: exp(0), masked later
+        kp = (kJ * tl.exp(-tl.cumsum(gJ, axis=0))).to(kJ.dtype)
+        A = mm(qp, tl.trans(kp), IEEE)
     else:
-        # Exact: row by row, every exponent a sum of log decays (<= 0).
-        A = tl.zeros([SUB, C], dtype=tl.float32)
-        kf = kk.to(tl.float32)
-        qf = qR.to(tl.float32)
-        for tt in range(SUB):
-            sel = (sr == tt)[:, None]
-            qt = tl.sum(tl.where(sel, qf, 0.), axis=0)
-            e = pair_decay(gc, i * SUB + tt, C)
-            at = tl.sum(kf * e * qt[None, :], axis=1)
-            A = tl.where(sel, at[None, :], A)
-    causal = cols[None, :] <= (i * SUB + sr)[:, None]
-    return tl.where(causal, A, 0.)
+        A = exact_block(q.to(tl.float32), gc, J, C, SUB, kJ.to(tl.float32))
+    return A
+
+
+@triton.jit
+def to_end(x, g):
+    """x_s exp(sum_{u>s} g_u): rows decayed to the chunk's end (<= 1, a direct sum)."""
+    return x * tl.exp(tl.cumsum(g, axis=0, reverse=True) - g)
 
 
 @triton.jit
 def _states_fwd(k, v, g1, g2, s01, s02, h1, h2, sT1, sT2, cu, coff,
                 Hkv, Dk: tl.constexpr, Dv: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                HAS_S0: tl.constexpr, STORE_H: tl.constexpr, IEEE: tl.constexpr):
+                HAS_S0: tl.constexpr, STORE_H: tl.constexpr, PREFETCH: tl.constexpr, IEEE: tl.constexpr):
     ik = tl.program_id(0)
     iv = tl.program_id(1)
     inh = tl.program_id(2)
@@ -149,150 +160,81 @@ def _states_fwd(k, v, g1, g2, s01, s02, h1, h2, sT1, sT2, cu, coff,
     else:
         S1 = tl.zeros([BK, BV], dtype=tl.float32)
         S2 = tl.zeros([BK, BV], dtype=tl.float32)
-    rows = tl.arange(0, C)
+    t = bos + tl.arange(0, C)
+    mt = t < eos
+    # padded rows read g = 0, k = v = 0: they change neither state
+    kk = load_rows(k, t, mt, Hkv, hk, Dk, dk, mk)
+    vv = load_rows(v, t, mt, Hkv, hk, Dv, dv, mv)
+    ga = load_rows(g1, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
+    gb = load_rows(g2, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
     for c in range(nc):
+        if PREFETCH:  # next chunk's loads in flight during this chunk's arithmetic
+            tn = t + C
+            mn = tn < eos
+            kn = load_rows(k, tn, mn, Hkv, hk, Dk, dk, mk)
+            vn = load_rows(v, tn, mn, Hkv, hk, Dv, dv, mv)
+            gan = load_rows(g1, tn, mn, Hkv, hk, Dk, dk, mk).to(tl.float32)
+            gbn = load_rows(g2, tn, mn, Hkv, hk, Dk, dk, mk).to(tl.float32)
         if STORE_H:
             hoff = (((c0 + c) * Hkv + hk) * Dk + dk[:, None]).to(tl.int64) * Dv + dv[None, :]
             tl.store(h1 + hoff, S1.to(h1.dtype.element_ty), mask=mst)
             tl.store(h2 + hoff, S2.to(h2.dtype.element_ty), mask=mst)
-        t = bos + c * C + rows
-        mt = t < eos
-        kk = load_rows(k, t, mt, Hkv, hk, Dk, dk, mk)
-        vv = load_rows(v, t, mt, Hkv, hk, Dv, dv, mv)
-        # padded rows read g = 0, k = v = 0: they change neither state
-        ga = load_rows(g1, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
-        b = tl.cumsum(ga, axis=0)
-        last = tl.sum(ga, axis=0)
-        kd = (kk * tl.exp(last[None, :] - b)).to(vv.dtype)  # decay from s to the chunk's end: <= 1
-        S1 = S1 * tl.exp(last)[:, None] + mm(tl.trans(kd), vv, IEEE)
-        ga = load_rows(g2, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
-        b = tl.cumsum(ga, axis=0)
-        last = tl.sum(ga, axis=0)
-        kd = (kk * tl.exp(last[None, :] - b)).to(vv.dtype)
-        S2 = S2 * tl.exp(last)[:, None] + mm(tl.trans(kd), vv, IEEE)
+        S1 = S1 * tl.exp(tl.sum(ga, axis=0))[:, None] + mm(tl.trans(to_end(kk, ga).to(vv.dtype)), vv, IEEE)
+        S2 = S2 * tl.exp(tl.sum(gb, axis=0))[:, None] + mm(tl.trans(to_end(kk, gb).to(vv.dtype)), vv, IEEE)
+        if PREFETCH:
+            t, kk, vv, ga, gb = tn, kn, vn, gan, gbn
+        else:
+            t = t + C
+            mt = t < eos
+            kk = load_rows(k, t, mt, Hkv, hk, Dk, dk, mk)
+            vv = load_rows(v, t, mt, Hkv, hk, Dv, dv, mv)
+            ga = load_rows(g1, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
+            gb = load_rows(g2, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
     tl.store(sT1 + st, S1, mask=mst)
     tl.store(sT2 + st, S2, mask=mst)
 
 
 @triton.jit
-def sub_rows(g, gc, i, t0, eos, hk, Hkv, Dk: tl.constexpr, dk, mk, C: tl.constexpr, SUB: tl.constexpr):
-    """Chunk-relative cumsum rows of sub-chunk i: (b rows, b at its first row, b at its last row),
-    from the chunk's log decays gc [C,BK] (for the offset) and the sub-chunk's own rows."""
-    rows = tl.arange(0, C)
-    base = tl.sum(tl.where((rows < i * SUB)[:, None], gc, 0.), axis=0)
-    return sub_cumsum(g, t0 + i * SUB, eos, hk, Hkv, Dk, dk, mk, base, SUB)
-
-
-@triton.jit
-def _scores_one_state(g, qR, kk, t, mt, t0, eos, i, hk, Hkv, Dk: tl.constexpr, dk, mk,
-                      C: tl.constexpr, SUB: tl.constexpr, RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
-    gc = load_rows(g, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
-    b = tl.cumsum(gc, axis=0)
-    bR, bref, blast = sub_rows(g, gc, i, t0, eos, hk, Hkv, Dk, dk, mk, C, SUB)
-    return intra_scores_rows(qR, bR, bref, blast, kk, b, gc, i, C, SUB, RANGE_MAX, IEEE)
-
-
-@triton.jit
-def _scores_fwd(q, k, g1, g2, w, A, cu, cseq, coff,
-                Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr,
-                BK: tl.constexpr, RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
-    """Mixed intra-chunk scores w0 A1 + w1 A2 for the SUB query rows of one sub-chunk,
-    written to A [total_T, Hq, C] (row t holds the scores against its chunk's C keys)."""
-    ic = tl.program_id(0)
-    hq = tl.program_id(1)
-    i = tl.program_id(2)
-    hk = hq // G
-    n = tl.load(cseq + ic)
-    t0 = tl.load(cu + n).to(tl.int64) + (ic - tl.load(coff + n)).to(tl.int64) * C
-    eos = tl.load(cu + n + 1).to(tl.int64)
-    t = t0 + tl.arange(0, C)
-    mt = t < eos
-    tr = t0 + i * SUB + tl.arange(0, SUB)
-    mr = tr < eos
-    dk = tl.arange(0, BK)
-    mk = dk < Dk
-    kk = load_rows(k, t, mt, Hkv, hk, Dk, dk, mk)
-    qR = load_rows(q, tr, mr, Hq, hq, Dk, dk, mk)
-    A1 = _scores_one_state(g1, qR, kk, t, mt, t0, eos, i, hk, Hkv, Dk, dk, mk, C, SUB, RANGE_MAX, IEEE)
-    A2 = _scores_one_state(g2, qR, kk, t, mt, t0, eos, i, hk, Hkv, Dk, dk, mk, C, SUB, RANGE_MAX, IEEE)
-    Am = tl.load(w) * A1 + tl.load(w + 1) * A2
-    cols = tl.arange(0, C)
-    tl.store(A + (tr[:, None] * Hq + hq).to(tl.int64) * C + cols[None, :], Am.to(A.dtype.element_ty),
-             mask=mr[:, None])
-
-
-@triton.jit
-def _output_fwd(q, v, g1, g2, w, h1, h2, A, o, cu, cseq, coff, scale,
-                Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr,
-                C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr):
-    """o = scale (w0 (q exp(b1)) h1 + w1 (q exp(b2)) h2 + A v) for one chunk, query head, Dv block."""
+def _output_fwd(q, k, v, g1, g2, w, h1, h2, A, o, cu, cseq, coff, scale,
+                Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr, C: tl.constexpr,
+                SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, RANGE_MAX: tl.constexpr,
+                STORE_A: tl.constexpr, IEEE: tl.constexpr):
+    """o = scale (sum_i w_i (q exp(b_i)) h_i + (w_0 A_1 + w_1 A_2) v) for one chunk, query head,
+    Dv block. A (mixed, [total_T, Hq, C]) is stored for the backward when STORE_A."""
     ic = tl.program_id(0)
     hq = tl.program_id(1)
     iv = tl.program_id(2)
     hk = hq // G
-    n = tl.load(cseq + ic)
-    t0 = tl.load(cu + n).to(tl.int64) + (ic - tl.load(coff + n)).to(tl.int64) * C
-    eos = tl.load(cu + n + 1).to(tl.int64)
-    t = t0 + tl.arange(0, C)
-    mt = t < eos
+    t0, eos, t, mt = chunk_tile(cu, cseq, coff, ic, C)
     dk = tl.arange(0, BK)
     dv = iv * BV + tl.arange(0, BV)
     mk = dk < Dk
     mv = dv < Dv
     mst = mk[:, None] & mv[None, :]
-    hoff = ((ic * Hkv + hk) * Dk + dk[:, None]).to(tl.int64) * Dv + dv[None, :]
-    qq = load_rows(q, t, mt, Hq, hq, Dk, dk, mk)
-    vv = load_rows(v, t, mt, Hkv, hk, Dv, dv, mv)
-    b = tl.cumsum(load_rows(g1, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32), axis=0)
-    hh = tl.load(h1 + hoff, mask=mst, other=0.)
-    acc = tl.load(w) * mm((qq * tl.exp(b)).to(hh.dtype), hh, IEEE)
-    b = tl.cumsum(load_rows(g2, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32), axis=0)
-    hh = tl.load(h2 + hoff, mask=mst, other=0.)
-    acc += tl.load(w + 1) * mm((qq * tl.exp(b)).to(hh.dtype), hh, IEEE)
-    cols = tl.arange(0, C)
-    Am = tl.load(A + (t[:, None] * Hq + hq).to(tl.int64) * C + cols[None, :], mask=mt[:, None], other=0.)
-    acc += mm(Am.to(vv.dtype), vv, IEEE)
-    tl.store(o + (t[:, None] * Hq + hq).to(tl.int64) * Dv + dv[None, :], (acc * scale).to(o.dtype.element_ty),
-             mask=mt[:, None] & mv[None, :])
-
-
-@triton.jit
-def _scores_fwd_chunk(q, k, g1, g2, w, A, cu, cseq, coff,
-                      Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr,
-                      BK: tl.constexpr, RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
-    """Same output as `_scores_fwd`, one program per (chunk, query head) for all sub-chunks:
-    the chunk's k, gates and cumsums are loaded and computed once instead of once per
-    sub-chunk. Not yet measured on a GPU (selected by LAUNCH["scores_per_chunk"])."""
-    ic = tl.program_id(0)
-    hq = tl.program_id(1)
-    hk = hq // G
-    n = tl.load(cseq + ic)
-    t0 = tl.load(cu + n).to(tl.int64) + (ic - tl.load(coff + n)).to(tl.int64) * C
-    eos = tl.load(cu + n + 1).to(tl.int64)
-    t = t0 + tl.arange(0, C)
-    mt = t < eos
-    dk = tl.arange(0, BK)
-    mk = dk < Dk
-    sr = tl.arange(0, SUB)
-    cols = tl.arange(0, C)
-    kk = load_rows(k, t, mt, Hkv, hk, Dk, dk, mk)
-    gc1 = load_rows(g1, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
-    gc2 = load_rows(g2, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
-    b1 = tl.cumsum(gc1, axis=0)
-    b2 = tl.cumsum(gc2, axis=0)
     w0 = tl.load(w)
     w1 = tl.load(w + 1)
-    base1 = tl.zeros_like(tl.sum(gc1, axis=0))
-    base2 = tl.zeros_like(base1)
-    for i in tl.static_range(C // SUB):
-        tr = t0 + i * SUB + sr
-        mr = tr < eos
-        qR = load_rows(q, tr, mr, Hq, hq, Dk, dk, mk)
-        bR, bref, bl = sub_cumsum(g1, t0 + i * SUB, eos, hk, Hkv, Dk, dk, mk, base1, SUB)
-        Am = w0 * intra_scores_rows(qR, bR, bref, bl, kk, b1, gc1, i, C, SUB, RANGE_MAX, IEEE)
-        base1 = bl
-        bR, bref, bl = sub_cumsum(g2, t0 + i * SUB, eos, hk, Hkv, Dk, dk, mk, base2, SUB)
-        Am += w1 * intra_scores_rows(qR, bR, bref, bl, kk, b2, gc2, i, C, SUB, RANGE_MAX, IEEE)
-        base2 = bl
-        tl.store(A + (tr[:, None] * Hq + hq).to(tl.int64) * C + cols[None, :], Am.to(A.dtype.element_ty),
-                 mask=mr[:, None])
+    hoff = ((ic * Hkv + hk) * Dk + dk[:, None]).to(tl.int64) * Dv + dv[None, :]
+    qq = load_rows(q, t, mt, Hq, hq, Dk, dk, mk)
+    hh = tl.load(h1 + hoff, mask=mst, other=0.)
+    b = tl.cumsum(load_rows(g1, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32), axis=0)
+    acc = w0 * mm((qq * tl.exp(b)).to(hh.dtype), hh, IEEE)
+    hh = tl.load(h2 + hoff, mask=mst, other=0.)
+    b = tl.cumsum(load_rows(g2, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32), axis=0)
+    acc += w1 * mm((qq * tl.exp(b)).to(hh.dtype), hh, IEEE)
+    rows = tl.arange(0, C)
+    cols = tl.arange(0, SUB)
+    for J in tl.static_range(C // SUB):
+        tJ = t0 + J * SUB + cols
+        mJ = tJ < eos
+        kJ = load_rows(k, tJ, mJ, Hkv, hk, Dk, dk, mk)
+        AJ = w0 * block_scores(qq, g1, t, mt, J, tJ, mJ, kJ, hk, Hkv, Dk, dk, mk, C, SUB, RANGE_MAX, IEEE)
+        AJ += w1 * block_scores(qq, g2, t, mt, J, tJ, mJ, kJ, hk, Hkv, Dk, dk, mk, C, SUB, RANGE_MAX, IEEE)
+        AJ = tl.where(rows[:, None] >= (J * SUB + cols)[None, :], AJ, 0.)
+        if STORE_A:
+            if iv == 0:
+                tl.store(A + (t[:, None] * Hq + hq).to(tl.int64) * C + J * SUB + cols[None, :],
+                         AJ.to(A.dtype.element_ty), mask=mt[:, None])
+        vJ = load_rows(v, tJ, mJ, Hkv, hk, Dv, dv, mv)
+        acc += mm(AJ.to(vJ.dtype), vJ, IEEE)
+    tl.store(o + (t[:, None] * Hq + hq).to(tl.int64) * Dv + dv[None, :], (acc * scale).to(o.dtype.element_ty),
+             mask=mt[:, None] & mv[None, :])

@@ -13,8 +13,8 @@ import torch
 import triton
 
 from kernels import triton_alloc
-from kernels.triton_chunk_bwd import _dkv_bwd, _dq_bwd, _states_bwd
-from kernels.triton_chunk_fwd import CHUNK, RANGE_MAX, SUB, _output_fwd, _scores_fwd, _scores_fwd_chunk, _states_fwd
+from kernels.triton_chunk_bwd import _dg_finish, _dk_bwd, _dq_bwd, _dv_bwd, _states_bwd
+from kernels.triton_chunk_fwd import CHUNK, RANGE_MAX, SUB, _output_fwd, _states_fwd
 from kernels.triton_decode import dsla_decode_fused  # noqa: F401  (re-exported)
 
 
@@ -31,7 +31,6 @@ class _Plan:
             self.coff = (torch.arange(B + 1, device=dev, dtype=torch.int32) * nc)
             self.cseq = torch.arange(B, device=dev, dtype=torch.int32).repeat_interleave(nc)
             self.n_chunks = B * nc
-            self.tok_seq = torch.arange(B, device=dev).repeat_interleave(T)
         else:
             ncs = [triton.cdiv(n, CHUNK) for n in lens]
             offs = [0]
@@ -41,17 +40,15 @@ class _Plan:
             self.cseq = torch.repeat_interleave(torch.arange(n_seq, device=dev, dtype=torch.int32),
                                                 torch.tensor(ncs, device=dev))
             self.n_chunks = offs[-1]
-            self.tok_seq = torch.repeat_interleave(torch.arange(n_seq, device=dev), torch.tensor(lens, device=dev))
 
 
-# num_warps per kernel and the output kernel's Dv block. bench/kernels.py sweeps some of
-# these; on an H200 at T=16K (bench/results/kernels.md) states_fwd 4 vs 8 was within noise
-# (7.38 vs 7.48 ms) and output_bv 128 beat 64 (6.92 vs 7.37 ms). The rest are untuned:
-# 8 warps because these kernels hold fp32 [64, 128] tiles (244-255 registers, no spills).
-# scores_per_chunk picks `_scores_fwd_chunk` (one program per chunk; unmeasured) over
-# `_scores_fwd` (one per sub-chunk; the measured 4.4 ms of the 6.9 ms forward at T=16K).
-LAUNCH = dict(states_fwd=4, scores=8, output=8, output_bv=128, states_bwd=8, dq=8, dkv=8, scores_per_chunk=False,
-              states_bk=64, states_bv=64)
+# num_warps per kernel, the state walks' tiles and the output kernel's Dv block.
+# bench/kernels.py sweeps them at T=16K and reports what it kept; the values here are the
+# ones that measured best there (bench/results/kernels.md), or untuned where it says so.
+# Earlier layouts' sweeps: states walk 4 vs 8 warps within noise; a separate scores kernel
+# per sub-chunk (4.4 ms of a 6.9 ms forward at T=16K) is gone, fused into the output kernel.
+LAUNCH = dict(states_fwd=4, states_bk=64, states_bv=64, prefetch=True, output=8, output_bv=128,
+              states_bwd=8, dq=8, dk=8, dv=8, dv_bv=128)
 _PLANS: dict = {}
 
 
@@ -93,43 +90,34 @@ def _states(k, v, g1, g2, s1, s2, plan, Hkv, Dk, Dv, store_h, ieee, h_dtype=None
     grid = (triton.cdiv(Dk, BKs), triton.cdiv(Dv, BVs), N * Hkv)
     _states_fwd[grid](k, v, g1, g2, s1 if has else sT1, s2 if has else sT2, h1, h2, sT1, sT2,
                       plan.cu, plan.coff, Hkv, Dk=Dk, Dv=Dv, C=CHUNK, BK=BKs, BV=BVs,
-                      HAS_S0=has, STORE_H=store_h, IEEE=ieee, num_warps=LAUNCH["states_fwd"])
+                      HAS_S0=has, STORE_H=store_h, PREFETCH=LAUNCH["prefetch"], IEEE=ieee,
+                      num_warps=LAUNCH["states_fwd"])
     return h1, h2, sT1, sT2
 
 
-def _forward(q, k, v, g1, g2, w, s1, s2, scale, plan):
+def _forward(q, k, v, g1, g2, w, s1, s2, scale, plan, store_a):
     Ttot, Hq, Dk = q.shape
     Hkv, Dv = k.shape[1], v.shape[2]
     ieee = q.dtype == torch.float32
     h1, h2, sT1, sT2 = _states(k, v, g1, g2, s1, s2, plan, Hkv, Dk, Dv, True, ieee)
     _, _, BK, BV = _blocks(Dk, Dv)
-    G = Hq // Hkv
-    # mixed intra-chunk scores, kept for the backward (dv needs exactly these)
-    A = triton_alloc.empty(Ttot, Hq, CHUNK, dtype=v.dtype, device=q.device)
-    if LAUNCH["scores_per_chunk"]:
-        _scores_fwd_chunk[(plan.n_chunks, Hq)](q, k, g1, g2, w, A, plan.cu, plan.cseq, plan.coff,
-                                               Hq, Hkv, G=G, Dk=Dk, C=CHUNK, SUB=SUB, BK=BK,
-                                               RANGE_MAX=RANGE_MAX, IEEE=ieee, num_warps=LAUNCH["scores"])
-    else:
-        _scores_fwd[(plan.n_chunks, Hq, CHUNK // SUB)](q, k, g1, g2, w, A, plan.cu, plan.cseq, plan.coff,
-                                                       Hq, Hkv, G=G, Dk=Dk, C=CHUNK, SUB=SUB, BK=BK,
-                                                       RANGE_MAX=RANGE_MAX, IEEE=ieee, num_warps=LAUNCH["scores"])
+    # mixed intra-chunk scores, kept only for the backward (dv needs exactly these)
+    A = triton_alloc.empty(Ttot, Hq, CHUNK, dtype=v.dtype, device=q.device) if store_a else q
     o = triton_alloc.empty(Ttot, Hq, Dv, dtype=q.dtype, device=q.device)
     BVo = min(BV, LAUNCH["output_bv"])
-    _output_fwd[(plan.n_chunks, Hq, triton.cdiv(Dv, BVo))](q, v, g1, g2, w, h1, h2, A, o, plan.cu, plan.cseq,
-                                                           plan.coff, scale, Hq, Hkv, G=G, Dk=Dk, Dv=Dv,
-                                                           C=CHUNK, BK=BK, BV=BVo, IEEE=ieee, num_warps=LAUNCH["output"])
-    return o, sT1, sT2, A
+    _output_fwd[(plan.n_chunks, Hq, triton.cdiv(Dv, BVo))](
+        q, k, v, g1, g2, w, h1, h2, A, o, plan.cu, plan.cseq, plan.coff, scale, Hq, Hkv, G=Hq // Hkv, Dk=Dk, Dv=Dv,
+        C=CHUNK, SUB=SUB, BK=BK, BV=BVo, RANGE_MAX=RANGE_MAX, STORE_A=store_a, IEEE=ieee, num_warps=LAUNCH["output"])
+    return o, sT1, sT2, (A if store_a else None)
 
 
-def _reverse_cumsum_per_seq(x, plan):
-    """sum_{u >= t, u in t's sequence} x[u] for packed [total_T, ...]; fp64 so the
-    difference of two long suffix sums loses nothing."""
-    xd = x.double()
-    suf = xd.flip(0).cumsum(0).flip(0)
-    suf = torch.cat([suf, suf.new_zeros(1, *suf.shape[1:])])
-    eos = plan.cu[1:].long()[plan.tok_seq]
-    return (suf[:-1] - suf[eos]).float()
+def _suffix(tot, plan):
+    """For each chunk, the sum of the later chunks' totals in the same sequence ([n_chunks, H, D]);
+    fp64 because it is a difference of two suffix sums (tiny tensors)."""
+    t = tot.double()
+    R = torch.cat([t.flip(0).cumsum(0).flip(0), t.new_zeros(1, *t.shape[1:])])
+    nxt = plan.coff.long()[plan.cseq.long() + 1]  # first chunk of the next sequence
+    return R[:-1] - t - R[nxt]
 
 
 def _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, scale, plan):
@@ -147,60 +135,54 @@ def _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, scale, pl
     if has_dst:
         dsT1 = torch.zeros_like(sT1) if dsT1 is None else dsT1.float().contiguous()
         dsT2 = torch.zeros_like(sT2) if dsT2 is None else dsT2.float().contiguous()
-    dS1 = triton_alloc.empty(plan.n_chunks, Hkv, Dk, Dv, dtype=torch.float32, device=dev)  # see _one_state_bwd
-    dS2 = triton_alloc.empty(*dS1.shape, dtype=dS1.dtype, device=dS1.device)
-    ds01 = triton_alloc.empty(N, Hkv, Dk, Dv, dtype=torch.float32, device=dev)
-    ds02 = triton_alloc.empty(*ds01.shape, dtype=ds01.dtype, device=ds01.device)
+    f32 = dict(dtype=torch.float32, device=dev)
+    dS1 = triton_alloc.empty(plan.n_chunks, Hkv, Dk, Dv, **f32)
+    dS2 = triton_alloc.empty(*dS1.shape, **f32)
+    ds01 = triton_alloc.empty(N, Hkv, Dk, Dv, **f32)
+    ds02 = triton_alloc.empty(*ds01.shape, **f32)
     grid = (triton.cdiv(Dk, BKs), triton.cdiv(Dv, BVs), N * Hkv)
     _states_bwd[grid](q, g1, g2, w, do, dsT1 if has_dst else ds01, dsT2 if has_dst else ds02,
                       dS1, dS2, ds01, ds02, plan.cu, plan.coff, scale, Hq, Hkv, G,
                       Dk=Dk, Dv=Dv, C=CHUNK, BK=BKs, BV=BVs, HAS_DST=has_dst, IEEE=ieee,
                       num_warps=LAUNCH["states_bwd"])
-    f32 = dict(dtype=torch.float32, device=dev)
-    dq1 = triton_alloc.empty(Ttot, Hq, Dk, **f32)
-    dq2 = triton_alloc.empty(Ttot, Hq, Dk, **f32)
-    dk1 = triton_alloc.empty(Ttot, Hq, Dk, **f32)
-    dk2 = triton_alloc.empty(Ttot, Hq, Dk, **f32)
-    dvp = triton_alloc.empty(Ttot, Hq, Dv, **f32)
-    dpd = triton_alloc.empty(Ttot, Hq, **f32)
     common = dict(G=G, Dk=Dk, Dv=Dv, C=CHUNK, SUB=SUB, BK=BK, BV=BV, RANGE_MAX=RANGE_MAX, IEEE=ieee)
-    _dq_bwd[(plan.n_chunks, Hq, CHUNK // SUB)](q, k, v, g1, g2, h1, h2, do, dq1, dq2, dpd, plan.cu, plan.cseq,
-                                               plan.coff, scale, Hq, Hkv, num_warps=LAUNCH["dq"], **common)
-    _dkv_bwd[(plan.n_chunks, Hq)](q, k, v, g1, g2, w, A, dS1, dS2, do, dk1, dk2, dvp, plan.cu, plan.cseq,
-                                  plan.coff, scale, Hq, Hkv, num_warps=LAUNCH["dkv"], **common)
-    # dq1/dq2, dk1/dk2 hold everything but the diagonal pairs s = t, which cancel in
-    # the gate gradient; the diagonal enters dq, dk and dw here, in fp32.
-    wf = w.float()
-    qf = q.float()
-    kf = k.float()
-    grp = lambda x: x.view(Ttot, Hkv, G, x.shape[-1]).sum(2)  # noqa: E731  (sum over the GQA group)
-    kq = kf.repeat_interleave(G, dim=1)  # k of each query head's group
-    dpd = dpd[..., None]
-    dq = (wf[0] * dq1 + wf[1] * dq2 + (wf[0] + wf[1]) * dpd * kq).to(q.dtype)
-    qdq1 = qf * dq1
-    qdq2 = qf * dq2
-    qk_diag = (dpd * qf * kq).sum()
-    dw = torch.stack([qdq1.sum() + qk_diag, qdq2.sum() + qk_diag]).to(w.dtype)
-    dq_diag = grp(dpd * qf)
-    dk1, dk2 = grp(dk1), grp(dk2)
-    dk = (dk1 + dk2 + (wf[0] + wf[1]) * dq_diag).to(k.dtype)
-    dv = grp(dvp).to(v.dtype)
-    dB1 = wf[0] * grp(qdq1) - kf * dk1
-    dB2 = wf[1] * grp(qdq2) - kf * dk2
-    dg1 = _reverse_cumsum_per_seq(dB1, plan)
-    dg2 = _reverse_cumsum_per_seq(dB2, plan)
-    if has_dst:  # the final states carry exp(B_T) in every term
-        dg1 = dg1 + (dsT1 * sT1).sum(-1)[plan.tok_seq]
-        dg2 = dg2 + (dsT2 * sT2).sum(-1)[plan.tok_seq]
+    dq = triton_alloc.empty(Ttot, Hq, Dk, dtype=q.dtype, device=dev)
+    dBq1 = triton_alloc.empty(Ttot, Hq, Dk, **f32)
+    dBq2 = triton_alloc.empty(Ttot, Hq, Dk, **f32)
+    dwp = triton_alloc.empty(plan.n_chunks, Hq, 2, **f32)
+    _dq_bwd[(plan.n_chunks, Hq)](q, k, v, g1, g2, w, h1, h2, do, dq, dBq1, dBq2, dwp, plan.cu, plan.cseq,
+                                 plan.coff, scale, Hq, Hkv, num_warps=LAUNCH["dq"], **common)
+    dv = triton_alloc.empty(Ttot, Hkv, Dv, dtype=v.dtype, device=dev)
+    BVd = min(BV, LAUNCH["dv_bv"])
+    _dv_bwd[(plan.n_chunks, Hkv, triton.cdiv(Dv, BVd))](k, g1, g2, A, dS1, dS2, do, dv, plan.cu, plan.cseq,
+                                                        plan.coff, scale, Hq, Hkv, G=G, Dk=Dk, Dv=Dv, C=CHUNK,
+                                                        BK=BK, BV=BVd, IEEE=ieee, num_warps=LAUNCH["dv"])
+    dk = triton_alloc.empty(Ttot, Hkv, Dk, dtype=k.dtype, device=dev)
+    dgl1 = triton_alloc.empty(Ttot, Hkv, Dk, **f32)
+    dgl2 = triton_alloc.empty(Ttot, Hkv, Dk, **f32)
+    tot1 = triton_alloc.empty(plan.n_chunks, Hkv, Dk, **f32)
+    tot2 = triton_alloc.empty(plan.n_chunks, Hkv, Dk, **f32)
+    _dk_bwd[(plan.n_chunks, Hkv)](q, k, v, g1, g2, w, dS1, dS2, do, dBq1, dBq2, dk, dgl1, dgl2, tot1, tot2,
+                                  plan.cu, plan.cseq, plan.coff, scale, Hq, Hkv, num_warps=LAUNCH["dk"], **common)
+    dw = dwp.sum((0, 1)).to(w.dtype)
+    dgs = []
+    for dgl, tot, dsT, sT, g in ((dgl1, tot1, dsT1, sT1, g1), (dgl2, tot2, dsT2, sT2, g2)):
+        suf = _suffix(tot, plan)
+        if has_dst:  # the final states carry exp(B_T) in every term
+            suf = suf + (dsT * sT).sum(-1).double()[plan.cseq.long()]
+        dg = triton_alloc.empty(Ttot, Hkv, Dk, dtype=g.dtype, device=dev)
+        _dg_finish[(plan.n_chunks, Hkv)](dgl, suf.float().contiguous(), dg, plan.cu, plan.cseq, plan.coff,
+                                         Hkv, Dk=Dk, C=CHUNK, BK=BK, num_warps=4)
+        dgs.append(dg)
     ds1 = ds01.to(s1.dtype) if s1 is not None else None
     ds2 = ds02.to(s2.dtype) if s2 is not None else None
-    return dq, dk, dv, dg1.to(g1.dtype), dg2.to(g2.dtype), dw, ds1, ds2
+    return dq, dk, dv, dgs[0], dgs[1], dw, ds1, ds2
 
 
 class _ChunkFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g1, g2, w, s1, s2, scale, plan):
-        o, sT1, sT2, A = _forward(q, k, v, g1, g2, w, s1, s2, scale, plan)
+    def forward(ctx, q, k, v, g1, g2, w, s1, s2, scale, plan, store_a):
+        o, sT1, sT2, A = _forward(q, k, v, g1, g2, w, s1, s2, scale, plan, store_a)
         ctx.save_for_backward(q, k, v, g1, g2, w, s1, s2, sT1, sT2, A)
         ctx.scale, ctx.plan = scale, plan
         return o, sT1, sT2
@@ -209,7 +191,7 @@ class _ChunkFn(torch.autograd.Function):
     def backward(ctx, do, dsT1, dsT2):
         q, k, v, g1, g2, w, s1, s2, sT1, sT2, A = ctx.saved_tensors
         grads = _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, ctx.scale, ctx.plan)
-        return (*grads, None, None)
+        return (*grads, None, None, None)
 
 
 def dsla_chunk_fused(q, k, v, g1, g2, w, s1=None, s2=None, scale=None, cu_seqlens=None):
@@ -238,6 +220,8 @@ def dsla_chunk_fused(q, k, v, g1, g2, w, s1=None, s2=None, scale=None, cu_seqlen
         return o, (s1.float() if s1 is not None else z), (s2.float() if s2 is not None else z.clone())
     flat = lambda x, d=dt: x.reshape(B * T, x.shape[2], x.shape[3]).to(d).contiguous()  # noqa: E731
     state = lambda s: None if s is None else s.float().contiguous()  # noqa: E731
+    # the backward needs the forward's mixed scores: store them only when a gradient may follow
+    grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, g1, g2, w, s1, s2))
     o, sT1, sT2 = _ChunkFn.apply(flat(q), flat(k), flat(v), flat(g1, torch.float32), flat(g2, torch.float32),
-                                 w.float().contiguous(), state(s1), state(s2), scale, plan)
+                                 w.float().contiguous(), state(s1), state(s2), scale, plan, grad)
     return o.view(B, T, Hq, Dv), sT1, sT2

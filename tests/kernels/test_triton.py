@@ -104,14 +104,17 @@ def test_prefill_forward(shape, dtype):
     assert _rel(s1.cpu(), r1) < _tol(dtype) and _rel(s2.cpu(), r2) < _tol(dtype)
 
 
-def test_prefill_scores_per_chunk_variant(monkeypatch):
-    """The one-program-per-chunk scores kernel computes the same function."""
+@pytest.mark.parametrize("knobs", [dict(prefetch=False), dict(states_bk=16, states_bv=32, output_bv=16)])
+def test_prefill_launch_variants(monkeypatch, knobs):
+    """The launch variants bench/kernels.py sweeps compute the same function."""
     from kernels import triton_dsla as td
 
-    monkeypatch.setitem(td.LAUNCH, "scores_per_chunk", True)
-    args = _inputs(1, 70, 2, 1, 16, 16, torch.float32, seed=8)
-    o, _, _ = dsla_chunk_fused(*args)
-    assert _rel(o.cpu(), _ref_fp64(args)[0]) < 2e-5
+    for key, val in knobs.items():
+        monkeypatch.setitem(td.LAUNCH, key, val)
+    args = _inputs(1, 70, 2, 1, 16, 32, torch.float32, seed=8)
+    o, s1, s2 = dsla_chunk_fused(*args)
+    ro, r1, r2 = _ref_fp64(args)
+    assert _rel(o.cpu(), ro) < 2e-5 and _rel(s1.cpu(), r1) < 2e-5 and _rel(s2.cpu(), r2) < 2e-5
 
 
 def test_prefill_strong_decay_is_exact():
