@@ -193,14 +193,11 @@ def prefill_rows(T, bw, fla, rows, backward=True, fla_chunk=False):
 # Launch variants, each group swept in turn with the best of the earlier groups kept;
 # the first entry of each group is the default (already compiled), each other costs a compile.
 SWEEP = (
-    ("states walk", [dict(states_bk=64, states_bv=64, states_fwd=4, prefetch=True),
-                     dict(states_bk=64, states_bv=64, states_fwd=4, prefetch=False),
-                     dict(states_bk=64, states_bv=64, states_fwd=8, prefetch=True),
-                     dict(states_bk=32, states_bv=64, states_fwd=4, prefetch=True),
-                     dict(states_bk=16, states_bv=128, states_fwd=4, prefetch=True),
-                     dict(states_bk=32, states_bv=32, states_fwd=4, prefetch=True)]),
-    ("output", [dict(output=8, output_bv=128), dict(output=4, output_bv=128), dict(output=4, output_bv=64),
-                dict(output=8, output_bv=64)]),
+    ("states walk", [dict(states_bk=16, states_bv=128, states_fwd=4, prefetch=True),
+                     dict(states_bk=16, states_bv=128, states_fwd=4, prefetch=False)]),
+    ("output", [dict(split_output=True, scores=8, output=8, output_bv=128),
+                dict(split_output=True, scores=4, output=8, output_bv=128),
+                dict(split_output=False, output=4, output_bv=128)]),
 )
 BWD_SWEEP = [dict(dq=8, dk=8, dv=8, states_bwd=8), dict(dq=4, dk=4, dv=4, states_bwd=4)]
 
@@ -219,7 +216,7 @@ def _kernel_stats(rows, T):
     from kernels import triton_chunk_bwd as B
     from kernels import triton_chunk_fwd as F
 
-    for fn in (F._states_fwd, F._output_fwd, B._states_bwd, B._dq_bwd, B._dv_bwd, B._dk_bwd):
+    for fn in (F._states_fwd, F._output_fwd, F._scores_fwd, F._output_split_fwd, B._states_bwd, B._dq_bwd, B._dv_bwd, B._dk_bwd):
         for dev_cache in getattr(fn, "device_caches", {}).values():
             for key, kern in dev_cache[0].items():
                 nw = getattr(getattr(kern, "metadata", None), "num_warps", None)

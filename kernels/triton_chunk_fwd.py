@@ -4,7 +4,8 @@ Tokens are packed as [total_T, H, D] with sequence offsets `cu` (varlen, as in
 flash-linear-attention); a fixed [B, T] batch is the special case cu = [0, T, 2T, ...].
 Chunks of C tokens never cross a sequence boundary.
 
-Two launches:
+Two launches (or three: LAUNCH["split_output"] in triton_dsla.py splits 2. into
+`_scores_fwd` + `_output_split_fwd`, with the mixed scores through memory):
   1. `_states_fwd`: per (sequence, kv head, Dk block, Dv block), walk the chunks in
      order carrying BOTH states in registers; store each chunk's starting state
      (for the output pass) and the final states. The next chunk's loads are issued
@@ -236,5 +237,64 @@ def _output_fwd(q, k, v, g1, g2, w, h1, h2, A, o, cu, cseq, coff, scale,
                          AJ.to(A.dtype.element_ty), mask=mt[:, None])
         vJ = load_rows(v, tJ, mJ, Hkv, hk, Dv, dv, mv)
         acc += mm(AJ.to(vJ.dtype), vJ, IEEE)
+    tl.store(o + (t[:, None] * Hq + hq).to(tl.int64) * Dv + dv[None, :], (acc * scale).to(o.dtype.element_ty),
+             mask=mt[:, None] & mv[None, :])
+
+
+@triton.jit
+def _scores_fwd(q, k, g1, g2, w, A, cu, cseq, coff, Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr,
+                C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
+    """Split form, first half: the mixed scores w_0 A_1 + w_1 A_2 of one chunk and query head,
+    written to A [total_T, Hq, C]. Holding no [C, Dv] accumulator, it needs far fewer registers
+    than the fused `_output_fwd` (which spilled on an H200: bench/results/kernels.md)."""
+    ic = tl.program_id(0)
+    hq = tl.program_id(1)
+    hk = hq // G
+    t0, eos, t, mt = chunk_tile(cu, cseq, coff, ic, C)
+    dk = tl.arange(0, BK)
+    mk = dk < Dk
+    w0 = tl.load(w)
+    w1 = tl.load(w + 1)
+    qq = load_rows(q, t, mt, Hq, hq, Dk, dk, mk)
+    rows = tl.arange(0, C)
+    cols = tl.arange(0, SUB)
+    for J in tl.static_range(C // SUB):
+        tJ = t0 + J * SUB + cols
+        mJ = tJ < eos
+        kJ = load_rows(k, tJ, mJ, Hkv, hk, Dk, dk, mk)
+        AJ = w0 * block_scores(qq, g1, t, mt, J, tJ, mJ, kJ, hk, Hkv, Dk, dk, mk, C, SUB, RANGE_MAX, IEEE)
+        AJ += w1 * block_scores(qq, g2, t, mt, J, tJ, mJ, kJ, hk, Hkv, Dk, dk, mk, C, SUB, RANGE_MAX, IEEE)
+        AJ = tl.where(rows[:, None] >= (J * SUB + cols)[None, :], AJ, 0.)
+        tl.store(A + (t[:, None] * Hq + hq).to(tl.int64) * C + J * SUB + cols[None, :], AJ.to(A.dtype.element_ty),
+                 mask=mt[:, None])
+
+
+@triton.jit
+def _output_split_fwd(q, v, g1, g2, w, h1, h2, A, o, cu, cseq, coff, scale,
+                      Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr,
+                      C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr):
+    """Split form, second half: o = scale (w0 (q exp(b1)) h1 + w1 (q exp(b2)) h2 + A v)."""
+    ic = tl.program_id(0)
+    hq = tl.program_id(1)
+    iv = tl.program_id(2)
+    hk = hq // G
+    t0, eos, t, mt = chunk_tile(cu, cseq, coff, ic, C)
+    dk = tl.arange(0, BK)
+    dv = iv * BV + tl.arange(0, BV)
+    mk = dk < Dk
+    mv = dv < Dv
+    mst = mk[:, None] & mv[None, :]
+    hoff = ((ic * Hkv + hk) * Dk + dk[:, None]).to(tl.int64) * Dv + dv[None, :]
+    qq = load_rows(q, t, mt, Hq, hq, Dk, dk, mk)
+    vv = load_rows(v, t, mt, Hkv, hk, Dv, dv, mv)
+    b = tl.cumsum(load_rows(g1, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32), axis=0)
+    hh = tl.load(h1 + hoff, mask=mst, other=0.)
+    acc = tl.load(w) * mm((qq * tl.exp(b)).to(hh.dtype), hh, IEEE)
+    b = tl.cumsum(load_rows(g2, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32), axis=0)
+    hh = tl.load(h2 + hoff, mask=mst, other=0.)
+    acc += tl.load(w + 1) * mm((qq * tl.exp(b)).to(hh.dtype), hh, IEEE)
+    cols = tl.arange(0, C)
+    Am = tl.load(A + (t[:, None] * Hq + hq).to(tl.int64) * C + cols[None, :], mask=mt[:, None], other=0.)
+    acc += mm(Am.to(vv.dtype), vv, IEEE)
     tl.store(o + (t[:, None] * Hq + hq).to(tl.int64) * Dv + dv[None, :], (acc * scale).to(o.dtype.element_ty),
              mask=mt[:, None] & mv[None, :])

@@ -14,7 +14,7 @@ import triton
 
 from kernels import triton_alloc
 from kernels.triton_chunk_bwd import _dg_finish, _dk_bwd, _dq_bwd, _dv_bwd, _states_bwd
-from kernels.triton_chunk_fwd import CHUNK, RANGE_MAX, SUB, _output_fwd, _states_fwd
+from kernels.triton_chunk_fwd import CHUNK, RANGE_MAX, SUB, _output_fwd, _output_split_fwd, _scores_fwd, _states_fwd
 from kernels.triton_decode import dsla_decode_fused  # noqa: F401  (re-exported)
 
 
@@ -47,8 +47,10 @@ class _Plan:
 # ones that measured best there (bench/results/kernels.md), or untuned where it says so.
 # Earlier layouts' sweeps: states walk 4 vs 8 warps within noise; a separate scores kernel
 # per sub-chunk (4.4 ms of a 6.9 ms forward at T=16K) is gone, fused into the output kernel.
-LAUNCH = dict(states_fwd=4, states_bk=64, states_bv=64, prefetch=True, output=8, output_bv=128,
-              states_bwd=8, dq=8, dk=8, dv=8, dv_bv=128)
+# Run 4 (H200, T=16K): the fused output kernel spilled (90-342 registers' worth) and took 5.7 ms;
+# split_output=True puts the scores through memory in two lighter kernels instead.
+LAUNCH = dict(states_fwd=4, states_bk=16, states_bv=128, prefetch=True, output=4, output_bv=128,
+              split_output=True, scores=8, states_bwd=8, dq=8, dk=8, dv=8, dv_bv=128)
 _PLANS: dict = {}
 
 
@@ -101,10 +103,20 @@ def _forward(q, k, v, g1, g2, w, s1, s2, scale, plan, store_a):
     ieee = q.dtype == torch.float32
     h1, h2, sT1, sT2 = _states(k, v, g1, g2, s1, s2, plan, Hkv, Dk, Dv, True, ieee)
     _, _, BK, BV = _blocks(Dk, Dv)
-    # mixed intra-chunk scores, kept only for the backward (dv needs exactly these)
+    # mixed intra-chunk scores, kept for the backward (dv needs exactly these)
+    split = LAUNCH["split_output"]
+    store_a = store_a or split
     A = triton_alloc.empty(Ttot, Hq, CHUNK, dtype=v.dtype, device=q.device) if store_a else q
     o = triton_alloc.empty(Ttot, Hq, Dv, dtype=q.dtype, device=q.device)
     BVo = min(BV, LAUNCH["output_bv"])
+    if split:
+        _scores_fwd[(plan.n_chunks, Hq)](q, k, g1, g2, w, A, plan.cu, plan.cseq, plan.coff, Hq, Hkv, G=Hq // Hkv,
+                                         Dk=Dk, C=CHUNK, SUB=SUB, BK=BK, RANGE_MAX=RANGE_MAX, IEEE=ieee,
+                                         num_warps=LAUNCH["scores"])
+        _output_split_fwd[(plan.n_chunks, Hq, triton.cdiv(Dv, BVo))](
+            q, v, g1, g2, w, h1, h2, A, o, plan.cu, plan.cseq, plan.coff, scale, Hq, Hkv, G=Hq // Hkv, Dk=Dk, Dv=Dv,
+            C=CHUNK, BK=BK, BV=BVo, IEEE=ieee, num_warps=LAUNCH["output"])
+        return o, sT1, sT2, A
     _output_fwd[(plan.n_chunks, Hq, triton.cdiv(Dv, BVo))](
         q, k, v, g1, g2, w, h1, h2, A, o, plan.cu, plan.cseq, plan.coff, scale, Hq, Hkv, G=Hq // Hkv, Dk=Dk, Dv=Dv,
         C=CHUNK, SUB=SUB, BK=BK, BV=BVo, RANGE_MAX=RANGE_MAX, STORE_A=store_a, IEEE=ieee, num_warps=LAUNCH["output"])

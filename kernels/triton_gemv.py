@@ -9,10 +9,11 @@ grid holds a few programs per SM, and the K loop is software-pipelined (num_stag
 so that several weight tiles are in flight per program. x is padded to 16 rows for
 the tensor-core dot; its tiles are tiny and come from L2.
 
-Prologues fused into the x load (each program recomputes its x tile, which is cheap):
-  - `scale`: x[:, k] * scale[k // group] (a DSLA layer's head scales before o_proj),
-  - `silu`: silu(x[:, :K]) * x[:, K:] (the Llama MLP's middle before down_proj),
-each rounded to the model dtype once, exactly as the separate kernels round it.
+A prologue fused into the x load (each program recomputes its x tile, which is cheap):
+`scale`: x[:, k] * scale[k // group] (a DSLA layer's head scales before o_proj), rounded to
+the model dtype once, as the separate multiply rounds it. (A silu(gate) * up prologue for
+down_proj was tried and dropped: the exp/divide over the 16-row padded tile made that GEMM
+2-3x slower on an H200, far more than the separate silu_mul launch it saves.)
 `w2` appends a second weight matrix: y = x @ [w; w2].T in one launch (a DSLA layer's
 q/k/v and gate-down projections share their input).
 """
@@ -28,14 +29,15 @@ import triton.language as tl
 from kernels import triton_alloc
 
 MAX_M = 16
-PRO_NONE, PRO_SCALE, PRO_SILU = 0, 1, 2
-# (BN, BK, num_warps, num_stages): the tuner times these against cuBLAS per shape
-CONFIGS = ((16, 256, 4, 4), (32, 256, 4, 4), (32, 128, 4, 6), (64, 128, 4, 4), (64, 256, 8, 3), (16, 512, 4, 3))
+# (BN, BK, num_warps, num_stages): the tuner times these against cuBLAS per shape. These three
+# won some 7B shape on an H200 (bench/results/engine_gemv.md); BN 16, BN 64 with BK 256 and
+# BK 512 never did.
+CONFIGS = ((32, 256, 4, 4), (32, 128, 4, 6), (64, 128, 4, 4))
 
 
 @triton.jit
 def _gemv(X, W, W2, S, Y, M, N, N2, K, s_xm, s_wn, s_w2n, s_ym, S_GROUP,
-          PRO: tl.constexpr, HAS_W2: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+          SCALED: tl.constexpr, HAS_W2: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0)
     rm = tl.arange(0, BM)
@@ -64,13 +66,9 @@ def _gemv(X, W, W2, S, Y, M, N, N2, K, s_xm, s_wn, s_w2n, s_ym, S_GROUP,
             xm = m_ok[:, None] & k_ok[None, :]
         w = tl.load(wp, mask=wm, other=0.0)
         x = tl.load(xp, mask=xm, other=0.0)
-        if PRO == 1:
+        if SCALED:
             s = tl.load(S + (k + rk) // S_GROUP, mask=(k + rk) < K, other=0.0)
             x = (x.to(tl.float32) * s.to(tl.float32)[None, :]).to(w.dtype)
-        elif PRO == 2:
-            g = x.to(tl.float32)
-            u = tl.load(xp + K, mask=xm, other=0.0).to(tl.float32)
-            x = (g / (1.0 + tl.exp(-g)) * u).to(w.dtype)
         if IEEE:
             acc += tl.dot(w, tl.trans(x), input_precision="ieee")
         else:
@@ -81,37 +79,29 @@ def _gemv(X, W, W2, S, Y, M, N, N2, K, s_xm, s_wn, s_w2n, s_ym, S_GROUP,
              mask=n_ok[:, None] & m_ok[None, :])
 
 
-def _pro(scale, silu):
-    return PRO_SILU if silu else (PRO_SCALE if scale is not None else PRO_NONE)
-
-
-def gemv_triton(x, w, w2=None, scale=None, group=1, silu=False, config=CONFIGS[1]):
-    """x [M,Kx] (M <= 16, unit stride along K) -> x' @ [w; w2].T [M, N + N2], where x' is x after
-    the prologue (see the module docstring; with silu, Kx = 2K). w, w2 [*, K] contiguous."""
+def gemv_triton(x, w, w2=None, scale=None, group=1, config=CONFIGS[0]):
+    """x [M,K] (M <= 16, unit stride along K) -> x' @ [w; w2].T [M, N + N2], where x' is x, or
+    x[:, k] * scale[k // group] when scale is given. w, w2 [*, K] contiguous."""
     M = x.shape[0]
     N, K = w.shape
     N2 = w2.shape[0] if w2 is not None else 0
     if M > MAX_M or x.stride(1) != 1 or not w.is_contiguous() or (w2 is not None and not w2.is_contiguous()):
         raise ValueError("gemv_triton needs M <= 16, x with unit stride along K and contiguous weights")
-    if x.shape[1] != (2 * K if silu else K) or (w2 is not None and w2.shape[1] != K):
+    if x.shape[1] != K or (w2 is not None and w2.shape[1] != K):
         raise ValueError(f"shapes do not match: x {tuple(x.shape)}, w {tuple(w.shape)}")
     BN, BK, warps, stages = config
     y = triton_alloc.empty(M, N + N2, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(N, BN) + triton.cdiv(N2, BN),)
     _gemv[grid](x, w, w2 if w2 is not None else w, scale if scale is not None else w, y, M, N, N2, K,
                 x.stride(0), w.stride(0), w2.stride(0) if w2 is not None else 0, y.stride(0), int(group),
-                PRO=_pro(scale, silu), HAS_W2=w2 is not None, EVEN_K=K % BK == 0,
+                SCALED=scale is not None, HAS_W2=w2 is not None, EVEN_K=K % BK == 0,
                 IEEE=x.dtype == torch.float32, BM=MAX_M, BN=BN, BK=BK, num_warps=warps, num_stages=stages)
     return y
 
 
-def gemv_reference(x, w, w2=None, scale=None, group=1, silu=False):
-    """The torch form: the prologue rounded to x's dtype once, then x @ [w; w2].T (cuBLAS on CUDA)."""
-    if silu:
-        K = x.shape[1] // 2
-        g, u = x[:, :K].float(), x[:, K:].float()
-        x = (g / (1.0 + torch.exp(-g)) * u).to(w.dtype)
-    elif scale is not None:
+def gemv_reference(x, w, w2=None, scale=None, group=1):
+    """The torch form: the scaled x rounded to x's dtype once, then x @ [w; w2].T (cuBLAS on CUDA)."""
+    if scale is not None:
         M, K = x.shape
         x = (x.view(M, K // group, group).float() * scale.float()[:, None]).to(x.dtype).view(M, K)
     y = F.linear(x, w)
@@ -119,18 +109,17 @@ def gemv_reference(x, w, w2=None, scale=None, group=1, silu=False):
 
 
 # ---- dispatch ---------------------------------------------------------------------------
-_choice: dict = {}  # (device, M class, N, N2, K, dtype, prologue) -> a CONFIGS entry, or None for cuBLAS
+_choice: dict = {}  # (device, M class, w shape, N2, dtype, scaled, group) -> a CONFIGS entry, or None for cuBLAS
 _MODE = os.environ.get("DSLA_GEMV", "auto")  # auto | cublas | triton (the last two for comparisons)
 
 
-def _cublas(x, w, w2, scale, group, silu):
-    """The fallback path: the prologue as the engine did it before (silu through the fused
-    silu_mul kernel on CUDA), then cuBLAS."""
-    if silu and x.is_cuda:
-        from kernels.triton_paged_attention import silu_mul
-
-        x, silu = silu_mul(x), False
-    return gemv_reference(x, w, w2, scale, group, silu)
+def _cublas(x, w, w2, scale, group):
+    """The fallback path: the scale as one multiply in x's dtype (the same rounding as the
+    reference's fp32 product rounded once), then cuBLAS."""
+    if scale is not None:
+        x = (x.view(x.shape[0], -1, group) * scale[:, None]).view(x.shape)
+    y = F.linear(x, w)
+    return torch.cat([y, F.linear(x, w2)], 1) if w2 is not None else y
 
 
 def _time(fn) -> float:
@@ -139,15 +128,12 @@ def _time(fn) -> float:
     return do_bench(fn, warmup=3, rep=15, return_mode="median")  # clears L2 between runs, as a real step would
 
 
-def _tune(x, w, w2, scale, group, silu):
-    """Time cuBLAS (with its prologue done by torch) and each Triton config on these inputs."""
-    best, best_t = None, _time(lambda: _cublas(x, w, w2, scale, group, silu))
-    n_sm = torch.cuda.get_device_properties(x.device).multi_processor_count
+def _tune(x, w, w2, scale, group):
+    """Time cuBLAS (with the scale done by torch) and each Triton config on these inputs."""
+    best, best_t = None, _time(lambda: _cublas(x, w, w2, scale, group))
     for cfg in CONFIGS:
-        if cfg[0] > 16 and triton.cdiv(w.shape[0], cfg[0]) < n_sm:
-            continue  # fewer programs than SMs: leaves bandwidth unused
         try:
-            t = _time(lambda: gemv_triton(x, w, w2, scale, group, silu, cfg))
+            t = _time(lambda: gemv_triton(x, w, w2, scale, group, cfg))
         except Exception:  # noqa: BLE001 - a config the compiler rejects (shared memory) is skipped
             continue
         if t < best_t:
@@ -155,30 +141,29 @@ def _tune(x, w, w2, scale, group, silu):
     return best
 
 
-def linear(x, w, w2=None, scale=None, group=1, silu=False):
-    """x' @ [w; w2].T for a decode step (x' = x after the optional prologue; see the module
-    docstring). Returns y [M,N], or (y [M,N], y2 [M,N2]) with w2. Triton for M <= 16 on CUDA
+def linear(x, w, w2=None, scale=None, group=1):
+    """x' @ [w; w2].T for a decode step (x' = x, or x scaled per group of K when scale is given). Returns y [M,N], or (y [M,N], y2 [M,N2]) with w2. Triton for M <= 16 on CUDA
     where it measured faster than cuBLAS for this shape (measured on first use, outside graph
     capture; while capturing an unmeasured shape takes cuBLAS), cuBLAS otherwise."""
     M = x.shape[0]
     cfg = None
     if x.is_cuda and M <= MAX_M and _MODE != "cublas" and x.stride(1) == 1 and w.is_contiguous():
         key = (x.device.index, triton.next_power_of_2(M), w.shape, None if w2 is None else w2.shape[0],
-               x.dtype, _pro(scale, silu), group)
+               x.dtype, scale is not None, group)
         if key not in _choice:
             if torch.cuda.is_current_stream_capturing():
                 key = None
             else:
-                _choice[key] = CONFIGS[1] if _MODE == "triton" else _tune(x, w, w2, scale, group, silu)
+                _choice[key] = CONFIGS[1] if _MODE == "triton" else _tune(x, w, w2, scale, group)
         cfg = _choice.get(key)
-    y = gemv_triton(x, w, w2, scale, group, silu, cfg) if cfg else _cublas(x, w, w2, scale, group, silu)
+    y = gemv_triton(x, w, w2, scale, group, cfg) if cfg else _cublas(x, w, w2, scale, group)
     return (y[:, :w.shape[0]], y[:, w.shape[0]:]) if w2 is not None else y
 
 
 def choices() -> dict:
-    """What the dispatch picked so far, for reports: 'N x K (+N2) M<=m prologue' -> config or 'cublas'."""
+    """What the dispatch picked so far, for reports: 'N x K (+N2) M<=m' -> config or 'cublas'."""
     out = {}
-    for (_, m, ws, n2, dt, pro, _g), cfg in _choice.items():
-        name = f"{ws[0]}x{ws[1]}" + (f"+{n2}" if n2 else "") + f" M<={m} {str(dt)[6:]} pro{pro}"
+    for (_, m, ws, n2, dt, scaled, _g), cfg in _choice.items():
+        name = f"{ws[0]}x{ws[1]}" + (f"+{n2}" if n2 else "") + f" M<={m} {str(dt)[6:]}" + (" scaled" if scaled else "")
         out[name] = "cublas" if cfg is None else "triton BN=%d BK=%d w=%d s=%d" % cfg
     return out

@@ -104,7 +104,8 @@ def test_prefill_forward(shape, dtype):
     assert _rel(s1.cpu(), r1) < _tol(dtype) and _rel(s2.cpu(), r2) < _tol(dtype)
 
 
-@pytest.mark.parametrize("knobs", [dict(prefetch=False), dict(states_bk=16, states_bv=32, output_bv=16)])
+@pytest.mark.parametrize("knobs", [dict(prefetch=False), dict(states_bk=16, states_bv=32, output_bv=16),
+                                   dict(split_output=False), dict(split_output=False, output_bv=16)])
 def test_prefill_launch_variants(monkeypatch, knobs):
     """The launch variants bench/kernels.py sweeps compute the same function."""
     from kernels import triton_dsla as td
