@@ -163,13 +163,12 @@ def profile_steps(eng, hyb, path):
 
 GEMV_SHAPES = (("qkv", 12288, 4096, 0, False), ("qkv+gate_down", 12288, 4096, 32, False), ("o", 4096, 4096, 0, False),
                ("o*head_scale", 4096, 4096, 0, "scale"), ("gate_up", 22016, 4096, 0, False),
-               ("down", 4096, 11008, 0, False), ("silu*up->down", 4096, 11008, 0, "silu"),
-               ("lm_head", 32000, 4096, 0, False))
+               ("down", 4096, 11008, 0, False), ("lm_head", 32000, 4096, 0, False))
 
 
 def gemv_bench(out):
-    """The 7B decode projections at M = 1, 4, 16: cuBLAS (prologue through torch / silu_mul as the
-    engine did) against each Triton config, same run; TB/s = weight bytes / time."""
+    """The 7B decode projections at M = 1, 4, 16: cuBLAS (the head scale as one torch multiply)
+    against each Triton config, same run; TB/s = weight bytes / time."""
     from triton.testing import do_bench
 
     from kernels import triton_gemv as tg
@@ -187,12 +186,11 @@ def gemv_bench(out):
         wb = (N + n2) * K * 2
         for M in (1, 4, 16):
             g = torch.Generator(device="cuda").manual_seed(M)
-            kx = 2 * K if pro == "silu" else K
-            x = torch.randn(M, kx, device="cuda", dtype=torch.bfloat16, generator=g)
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=g)
             w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=g) * K ** -0.5
             w2 = torch.randn(n2, K, device="cuda", dtype=torch.bfloat16, generator=g) if n2 else None
             scale = torch.rand(K // 128, device="cuda", dtype=torch.bfloat16) + 0.5 if pro == "scale" else None
-            args = (x, w, w2, scale, 128, pro == "silu")
+            args = (x, w, w2, scale, 128)
             ts = {"cublas": do_bench(lambda: tg._cublas(*args), warmup=5, rep=30, return_mode="median")}
             for cfg in tg.CONFIGS:
                 try:
@@ -234,6 +232,7 @@ def run(args):
         res["triton"] = triton.__version__
     except ImportError:
         res["triton"] = None
+    res["complete"] = False  # set at the end: a run stopped early (time limit) leaves its rows so far
     bw = copy_bandwidth()
     res["copy_bandwidth_Bps"] = bw
     print(f"{res['card']}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
@@ -249,6 +248,7 @@ def run(args):
             torch.cuda.empty_cache()
             res["hf"].append({"batch": batch, "context": ctx, "step_ms": None, "error": "out of memory"})
         print("hf", res["hf"][-1], flush=True)
+        save(res, args.out)
 
     hyb = HybridModel(model)
     for layer in range(hyb.num_layers):  # create every DSLA module now, so the budget counts them
@@ -264,12 +264,14 @@ def run(args):
     eng.pool.kv.normal_()  # finite random KV everywhere (state pairs are zeroed when handed out)
     res["cache_budget_bytes"] = eng.pool.budget_bytes
     res["decode"], res["max_occupancy"] = [], []
-    for conv in ((0.0, 0.75) if args.quick else CONVERSIONS):
+    # the cases of the Targets table first, so that a run cut short still has them
+    for conv in ((0.0, 0.75) if args.quick else (0.0, 0.75, 0.25, 0.5)):
         n = round(conv * hyb.num_layers)
         t0 = time.perf_counter()
         eng.set_conversion(list(range(n)))
         swap_s = time.perf_counter() - t0
-        grid = [(1, c0), (4, c1)] if args.quick else [(b, c) for c in CONTEXTS for b in BATCHES]
+        grid = [(1, c0), (4, c1)] + ([] if args.quick else [(b, c) for c in CONTEXTS for b in BATCHES
+                                                           if (b, c) not in ((1, c0), (4, c1))])
         for batch, ctx in grid:
             if eng.capacity(ctx + WARM + WINDOWS * STEPS + 2) < batch:
                 res["decode"].append({"conversion": conv, "batch": batch, "context": ctx, "fits": False})
@@ -280,6 +282,7 @@ def run(args):
                                   "step_ms": t * 1e3, "tokens_per_s": batch / t, "floor_ms": floor * 1e3,
                                   "x_floor": t / floor})
             print(res["decode"][-1], flush=True)
+            save(res, args.out)
         ctx = max(CONTEXTS)
         cap = min(eng.capacity(ctx + WARM + WINDOWS * STEPS + 2), 64)
         if cap >= 1 and (not args.quick or conv in (0.0, 0.75)):
@@ -289,6 +292,7 @@ def run(args):
                                          "step_ms": t * 1e3, "tokens_per_s": cap / t, "floor_ms": floor * 1e3,
                                          "swap_ms": swap_s * 1e3})
             print(res["max_occupancy"][-1], flush=True)
+            save(res, args.out)
     res["graph_captures"] = eng.graphs.captures if eng.graphs else 0
     if DEV == "cuda":
         from kernels.triton_gemv import choices
@@ -296,8 +300,16 @@ def run(args):
         res["gemv_choices"] = choices()
     if args.profile and DEV == "cuda":
         profile_steps(eng, hyb, os.path.join(args.out, "engine_profile.txt"))
-    res["targets"] = targets(res)
+    res["complete"] = True
     return res
+
+
+def save(res, out):
+    if "decode" not in res:  # only the HF rows so far
+        return json.dump(res, open(os.path.join(out, "engine.json"), "w"), indent=1)
+    res["targets"] = targets(res)
+    json.dump(res, open(os.path.join(out, "engine.json"), "w"), indent=1)
+    write_md(res, os.path.join(out, "engine.md"))
 
 
 def _find(rows, **kw):
@@ -335,12 +347,14 @@ def write_md(res, path):
          f"Each time is wall clock per step over {STEPS} consecutive engine steps, median of {WINDOWS} such "
          "windows (CUDA graphs, sampling included; greedy decode steps are pipelined: the host launches step "
          "N+1 before it reads step N's tokens).\n",
+         *([] if res.get("complete", True) else ["**This run stopped early (time limit): cases missing from the "
+                                                 "tables below were not measured.**\n"]),
          "## Targets\n", "| target | value | goal | met |", "| --- | --- | --- | --- |"]
     for k, t in res["targets"].items():
         L.append(f"| {k} | {t['value']:.2f} | {t['target']} | {'yes' if t['met'] else 'no'} |")
     L += ["\n## Decode step\n", "| conversion | batch | context | step ms | tokens/s | floor ms | x floor |",
           "| --- | --- | --- | --- | --- | --- | --- |"]
-    for r in res["decode"]:
+    for r in sorted(res["decode"], key=lambda r: (r["conversion"], r["context"], r["batch"])):
         if r["fits"]:
             L.append(f"| {r['conversion']:.0%} | {r['batch']} | {r['context']} | {r['step_ms']:.2f} | "
                      f"{r['tokens_per_s']:.0f} | {r['floor_ms']:.2f} | {r['x_floor']:.2f} |")
@@ -348,7 +362,7 @@ def write_md(res, path):
             L.append(f"| {r['conversion']:.0%} | {r['batch']} | {r['context']} | does not fit | | | |")
     L += ["\n## Most 32K-context sequences in the budget\n",
           "| conversion | sequences | step ms | tokens/s | floor ms | swap ms |", "| --- | --- | --- | --- | --- | --- |"]
-    for r in res["max_occupancy"]:
+    for r in sorted(res["max_occupancy"], key=lambda r: r["conversion"]):
         L.append(f"| {r['conversion']:.0%} | {r['seqs']} | {r['step_ms']:.2f} | {r['tokens_per_s']:.0f} | "
                  f"{r['floor_ms']:.2f} | {r['swap_ms']:.1f} |")
     L += ["\n## HF transformers eager loop (DynamicCache, same model, same run)\n",
@@ -411,8 +425,7 @@ def main():
     jpath = os.path.join(args.out, "engine.json")
     if not args.plot_only:
         res = run(args)
-        json.dump(res, open(jpath, "w"), indent=1)
-        write_md(res, os.path.join(args.out, "engine.md"))
+        save(res, args.out)
         print(json.dumps(res["targets"], indent=1))
     res = json.load(open(jpath))
     try:

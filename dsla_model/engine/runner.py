@@ -200,12 +200,12 @@ class ModelRunner:
 
     def _mlp(self, i, layer, h):
         from kernels.triton_gemv import linear
+        from kernels.triton_paged_attention import silu_mul
 
         w = self.gate_up_w[i]
         if w is None:
             return layer.mlp(h)
-        # silu(gate) * up is the down projection's prologue: computed as it loads its input
-        return self._proj(layer.mlp.down_proj, linear(h, w), silu=True)
+        return self._proj(layer.mlp.down_proj, silu_mul(linear(h, w)))
 
     def _qkv_flat(self, i, t, h, w2=None):
         """[q|k|v] projections of h; with w2 also h @ w2.T (returned second)."""
