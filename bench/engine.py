@@ -240,7 +240,7 @@ def run(args):
     model = build_model(max_len)
     res["hf"] = []
     c0, c1 = CONTEXTS[0], CONTEXTS[1]
-    for batch, ctx in ([(1, c0)] if args.quick else [(1, c0), (4, c1), (16, c0)]):
+    for batch, ctx in [(1, c0), (4, c1), (16, c0)]:
         try:
             t = hf_step_time(model, batch, ctx)
             res["hf"].append({"batch": batch, "context": ctx, "step_ms": t * 1e3, "tokens_per_s": batch / t})
@@ -264,14 +264,17 @@ def run(args):
     eng.pool.kv.normal_()  # finite random KV everywhere (state pairs are zeroed when handed out)
     res["cache_budget_bytes"] = eng.pool.budget_bytes
     res["decode"], res["max_occupancy"] = [], []
-    # the cases of the Targets table first, so that a run cut short still has them
-    for conv in ((0.0, 0.75) if args.quick else (0.0, 0.75, 0.25, 0.5)):
+    # first pass: the cases of the Targets table (so that a run cut short still has them); then the rest
+    first = [(1, c0), (4, c1)]
+    rest = [(b, c) for c in CONTEXTS for b in BATCHES if (b, c) not in first]
+    passes = [(0.0, first, True), (0.75, first, True)]
+    if not args.quick:
+        passes += [(conv, rest, conv not in (0.0, 0.75)) for conv in CONVERSIONS]
+    for conv, grid, occupancy in passes:
         n = round(conv * hyb.num_layers)
         t0 = time.perf_counter()
         eng.set_conversion(list(range(n)))
         swap_s = time.perf_counter() - t0
-        grid = [(1, c0), (4, c1)] + ([] if args.quick else [(b, c) for c in CONTEXTS for b in BATCHES
-                                                           if (b, c) not in ((1, c0), (4, c1))])
         for batch, ctx in grid:
             if eng.capacity(ctx + WARM + WINDOWS * STEPS + 2) < batch:
                 res["decode"].append({"conversion": conv, "batch": batch, "context": ctx, "fits": False})
@@ -285,7 +288,7 @@ def run(args):
             save(res, args.out)
         ctx = max(CONTEXTS)
         cap = min(eng.capacity(ctx + WARM + WINDOWS * STEPS + 2), 64)
-        if cap >= 1 and (not args.quick or conv in (0.0, 0.75)):
+        if cap >= 1 and occupancy:
             t = engine_step_time(eng, cap, ctx)
             floor = step_bytes(read_bytes, hyb, n, cap, ctx) / bw
             res["max_occupancy"].append({"conversion": conv, "dsla_layers": n, "context": ctx, "seqs": cap,
