@@ -156,8 +156,9 @@ def add_parsers(sub):
     p.add_argument("--text-file", default=None,
                    help="train on 512-token blocks spread over this file instead of the corpus' training split")
     p.add_argument("--order", default="sensitivity",
-                   help="sensitivity | reverse | random | a JSON file with the order (e.g. the measured-damage "
-                        "order in docs/results/ablations.json)")
+                   help="sensitivity (measured per-layer conversion damage, least first; computed once per "
+                        "model and cached) | reverse | random | entropy (attention-entropy proxy) | a JSON file "
+                        "with an 'order' list (e.g. layers/manifest.json)")
     p.add_argument("--gate-rank", type=int, default=None)
     p.add_argument("--delta-rank", type=int, default=None)
     p.add_argument("--no-output-bias", action="store_true")

@@ -127,20 +127,29 @@ def cmd_generate(args) -> int:
 
 def cmd_order(args) -> int:
     from dsla_model.corpus import CorpusMissingError
-    from dsla_model.sensitivity import sensitivity_order
 
     if args.num_prompts < 1:
         raise CLIError("--num-prompts must be >= 1")
     hybrid, tok, _ = load_hybrid(args.model)
     try:
-        order, entropy = sensitivity_order(hybrid, tok, args.num_prompts)
+        if args.method == "damage":
+            from distill_workers.damage import damage_order
+
+            order, score = damage_order(hybrid, tok)
+            label = "damage (KL alone)"
+        else:
+            from dsla_model.sensitivity import sensitivity_order
+
+            order, score = sensitivity_order(hybrid, tok, args.num_prompts)
+            label = "entropy"
     except CorpusMissingError as e:
         raise CLIError(str(e)) from None
     if args.json:
-        print(json.dumps({"order": order, "entropy": entropy}))
+        key = "damage" if args.method == "damage" else "entropy"
+        print(json.dumps({"method": args.method, "order": order, key: score}))
     else:
         for rank, layer in enumerate(order):
-            print(f"{rank:3d}  layer {layer:3d}  entropy {entropy[layer]:.4f}")
+            print(f"{rank:3d}  layer {layer:3d}  {label} {score[layer]:.4f}")
     return 0
 
 
@@ -172,9 +181,12 @@ def add_parsers(sub):
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_generate)
 
-    p = sub.add_parser("order", help="sensitivity order of the attention layers")
+    p = sub.add_parser("order", help="sensitivity order of the attention layers (the order layers convert in)")
     add_model_args(p)
-    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--method", choices=("damage", "entropy"), default="damage",
+                   help="damage: measured KL when each layer alone is converted (what `distill` uses; minutes "
+                        "on a CPU, cached per model); entropy: the attention-entropy proxy (seconds)")
+    p.add_argument("--num-prompts", type=int, default=32, help="calibration prompts of the entropy method")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_order)
 

@@ -19,46 +19,22 @@ import time
 
 import torch
 
-from distill_workers.layer_data import LayerData
+from distill_workers.damage import (capture_all_layers, damage_blocks, distil_independently, measure_damage,
+                                   order_by_damage)
 from distill_workers.runner import DEFAULT_DSLA, layer_order
-from distill_workers.trainer import DistillConfig, distill_layer, freeze_teacher, training_blocks
+from distill_workers.trainer import DistillConfig, freeze_teacher, training_blocks
 
 
-@torch.no_grad()
-def capture_all_layers(hybrid, blocks: torch.Tensor, layers) -> dict[int, LayerData]:
-    """Inputs and outputs of every listed layer's (teacher) attention in one forward per block."""
-    got: dict[int, dict] = {i: {"x": [], "y": []} for i in layers}
-    pe = {}
-    hooks = []
-    for i in layers:
-        sw = hybrid.attention(i)
+def compare_orders(orders: dict, results: dict, score, save, log):
+    """The same independently distilled layers under each order: only the choice of layers differs."""
+    from dsla_model.order_cache import layers_for_conversion
 
-        def pre(_m, args, kwargs, i=i):
-            got[i]["x"].append((kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).clone())
-            pe["cos"], pe["sin"] = kwargs["position_embeddings"]
-
-        def post(_m, _a, _k, out, i=i):
-            got[i]["y"].append(out[0].clone())
-
-        hooks += [sw.register_forward_pre_hook(pre, with_kwargs=True), sw.register_forward_hook(post, with_kwargs=True)]
-    saved = hybrid.dsla_layers
-    hybrid.set_dsla_layers([])
-    try:
-        for b in range(blocks.shape[0]):
-            hybrid(blocks[b:b + 1])
-    finally:
-        for h in hooks:
-            h.remove()
-        hybrid.set_dsla_layers(saved)
-    return {i: LayerData(torch.cat(g["x"]), torch.cat(g["y"]), pe["cos"][:1], pe["sin"][:1]) for i, g in got.items()}
-
-
-def damage_blocks(tokenizer, cfg: DistillConfig, n: int = 2) -> torch.Tensor:
-    """Training-split blocks that distillation never trains on (offset from its stride)."""
-    from dsla_model.corpus import token_blocks
-
-    blocks = token_blocks(tokenizer, "train", cfg.block_size, cfg.train_blocks * 5 + 5)
-    return torch.tensor(blocks[2::5][:n])
+    for kind, order in orders.items():
+        for ratio in (0.25, 0.5):
+            layers = layers_for_conversion(order, ratio)
+            results["order"].append({"order": kind, "conversion": ratio, "dsla_layers": layers, **score(layers)})
+            save()
+            log(results["order"][-1])
 
 
 def main(argv=None) -> int:
@@ -76,6 +52,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--gate-ranks", default="4,64")
     ap.add_argument("--store", default=None, help="also publish the independently distilled layers here")
+    ap.add_argument("--skip-config", action="store_true", help="orders only (no one-state / gate-rank variants)")
+    ap.add_argument("--order-file", default=None,
+                    help="compare this order (JSON with 'order', e.g. layers/manifest.json) and its reverse "
+                         "instead of measuring per-layer damage again")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     hf, tok, model_id = load_model("default")
@@ -90,11 +70,7 @@ def main(argv=None) -> int:
 
     def distil(layers, dsla: DSLAConfig, one_state=False) -> dict[int, object]:
         c = DistillConfig(**{**cfg.to_dict(), "one_state": one_state})
-        mods = {}
-        for i in layers:
-            mods[i], met = distill_layer(hybrid, i, data[i], c, dsla)
-            log(f"layer {i} {dsla} one_state={one_state}: rel_mse {met['rel_mse_init']} -> {met['rel_mse']}")
-        return mods
+        return distil_independently(hybrid, {i: data[i] for i in layers}, c, dsla, log=log)
 
     def score(mods, layers) -> dict:
         hybrid.set_dsla_layers([])
@@ -105,6 +81,9 @@ def main(argv=None) -> int:
         hybrid.set_dsla_layers([])
         return {"ppl": round(m["ppl"], 4), "ppl_ratio": round(m["ppl"] / ref.metrics["ppl"], 4),
                 "top1_agreement": round(m["top1_agreement"], 4), "kl": round(m["kl"], 5)}
+
+    def score_independent(layers):
+        return score(all_mods, layers)
 
     results = {"meta": {"model": model_id, "tokens_per_layer": cfg.tokens_per_layer, "train_blocks": cfg.train_blocks,
                         "eval_blocks": args.eval_blocks, "teacher_ppl": round(ref.metrics["ppl"], 4),
@@ -125,30 +104,29 @@ def main(argv=None) -> int:
         st.init(model_id, hybrid.fingerprint, sens, base)
         for i, mod in all_mods.items():
             st.publish(i, mod.state_dict(), {"mode": "independent"})
+    if args.order_file:
+        given = layer_order(args.order_file, list(range(n)))
+        orders = {"given (sensitivity)": given, "reverse given": list(reversed(given)), "entropy": sens,
+                  "random": layer_order("random", sens, seed=0)}
+        results["order_file"] = args.order_file
+        compare_orders(orders, results, score_independent, save, log)
+        print(json.dumps(results, indent=1))
+        return 0
     # 2) measured damage: KL when a layer alone is converted, on held-out *training* text
     #    (never the evaluation blocks), lowest first = a data-driven conversion order
-    dmg_ref = TeacherReference(hybrid, damage_blocks(tok, cfg))
-    damage = {}
-    for i in range(n):
-        hybrid.set_dsla_layers([])
-        hybrid.install(i, all_mods[i])
-        hybrid.convert(i)
-        damage[i] = round(dmg_ref.score(hybrid)["kl"], 5)
-        log(f"damage layer {i}: kl {damage[i]}")
+    damage = {i: round(v, 5) for i, v in measure_damage(hybrid, all_mods, damage_blocks(tok, cfg)).items()}
     hybrid.set_dsla_layers([])
-    damage_order = sorted(range(n), key=lambda i: (damage[i], i))
+    damage_order = order_by_damage(damage)
     results["damage"] = {"kl_alone": damage, "order": damage_order}
     save()
     # 3) orders: the same layers, orders differ only in which layers they pick
-    orders = {"entropy (sensitivity)": sens, "measured damage": damage_order,
+    orders = {"entropy": sens, "measured damage (sensitivity)": damage_order,
+              "reverse measured damage": list(reversed(damage_order)),
               "reverse entropy": layer_order("reverse", sens), "random": layer_order("random", sens, seed=0)}
-    for kind, order in orders.items():
-        for ratio in (0.25, 0.5):
-            layers = layers_for_conversion(order, ratio)
-            results["order"].append({"order": kind, "conversion": ratio, "dsla_layers": layers,
-                                     **score(all_mods, layers)})
-            save()
-            log(results["order"][-1])
+    compare_orders(orders, results, score_independent, save, log)
+    if args.skip_config:
+        print(json.dumps(results, indent=1))
+        return 0
     # 4) configs on the first 25% of the entropy order, same budget
     quarter = layers_for_conversion(sens, 0.25)
     results["config"].append({"variant": f"DSLA (2 states), gate rank {base.gate_rank}", **score(all_mods, quarter)})

@@ -8,7 +8,7 @@ import random
 from dsla_model.dsla_attention import DSLAConfig
 from distill_workers.trainer import ChainedDistiller, DistillConfig
 
-ORDERS = ("sensitivity", "reverse", "random")
+ORDERS = ("sensitivity", "reverse", "random", "entropy")
 # What distillation uses unless told otherwise (measured on SmolLM2, see docs/results):
 # low-rank q/k/v/o corrections and an output bias fit the teacher far better than gates alone.
 DEFAULT_DSLA = {"gate_rank": 16, "delta_rank": 8, "output_bias": True}
@@ -61,8 +61,15 @@ def build_distiller(model: str = "default", store: str = "", layers: int | None 
         layer_seq = st.read_manifest()["order"]  # a resumed run keeps the order it started with
     elif os.path.isfile(order):  # an explicit order needs no calibration pass (nor the corpus)
         layer_seq = layer_order(order, list(range(hybrid.num_layers)))
+    elif order == "entropy":  # ARCHITECTURE.md's attention-entropy proxy, kept for comparison
+        layer_seq = cached_order(hybrid, tok)[0]
+    elif order in ORDERS:
+        from distill_workers.damage import damage_order
+
+        # sensitivity = measured conversion damage (distill_workers/damage.py), cached per model
+        layer_seq = layer_order(order, damage_order(hybrid, tok)[0], seed)
     else:
-        layer_seq = layer_order(order, cached_order(hybrid, tok)[0], seed)
+        raise ValueError(f"unknown order {order!r}: one of {', '.join(ORDERS)} or a JSON file")
     cfg = DistillConfig(seed=seed, one_state=one_state)
     for key, value in (("tokens_per_layer", tokens_per_layer), ("train_blocks", train_blocks),
                        ("block_size", block_size), ("lr", lr), ("kl_steps", kl_steps), ("kl_blocks", kl_blocks),

@@ -36,4 +36,11 @@ lines += ["", "## Measured damage (KL per token when the layer alone is converte
           "| --- | " + " | ".join("---" for _ in d["kl_alone"]) + " |",
           "| KL | " + " | ".join(f"{d['kl_alone'][str(i)]:.3f}" for i in range(len(d["kl_alone"]))) + " |", "",
           f"Order (least damage first): {d['order']}"]
+orders = json.load(open("docs/results/ablations_orders.json"))
+lines += ["", "## The shipped order against its reverse (same independent layers, `ablations_orders.json`)", "",
+          f"Order compared: `{orders['order_file']}` (the measured-damage order the shipped store was distilled in).", "",
+          "| order | conversion | DSLA layers | ppl ratio | top-1 agreement | KL |", "| --- | --- | --- | --- | --- | --- |"]
+for r in orders["order"]:
+    lines.append(f"| {r['order']} | {r['conversion']:.2f} | {r['dsla_layers']} | {r['ppl_ratio']:.3f} | "
+                 f"{r['top1_agreement']:.3f} | {r['kl']:.3f} |")
 open("docs/results/ablations.md", "w").write("\n".join(lines) + "\n")

@@ -50,14 +50,14 @@ def test_revert_all_gives_untouched_logits(default_model):
 
 
 def test_order_is_a_stable_permutation(capsys):
-    code, out, _ = _run_cli(capsys, "order", "--num-prompts", "4", "--json")
+    code, out, _ = _run_cli(capsys, "order", "--method", "entropy", "--num-prompts", "4", "--json")
     assert code == 0
     first = json.loads(out)
     assert sorted(first["order"]) == list(range(30))
     assert len(first["entropy"]) == 30 and all(e > 0 for e in first["entropy"])
     e = first["entropy"]
     assert all(e[a] <= e[b] for a, b in zip(first["order"], first["order"][1:]))
-    code, out, _ = _run_cli(capsys, "order", "--num-prompts", "4", "--json")
+    code, out, _ = _run_cli(capsys, "order", "--method", "entropy", "--num-prompts", "4", "--json")
     assert json.loads(out)["order"] == first["order"]
 
 

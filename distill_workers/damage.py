@@ -1,0 +1,119 @@
+"""The sensitivity order by measured damage: how much the model's output moves when one
+layer alone is converted to (a quickly distilled) DSLA.
+
+The attention-entropy order of ARCHITECTURE.md ranks layers by how local their attention
+looks; on SmolLM2 it picks some of the most damaging layers first and loses to its own
+reverse (docs/results/ablations.md). Measuring the damage directly costs one short
+independent distillation per layer (every layer's inputs come from one teacher forward
+per block) plus one KL evaluation per layer on held-out training text, a few minutes on a
+CPU for the default model, and the result is cached per model.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from distill_workers.layer_data import LayerData
+from distill_workers.trainer import DistillConfig, distill_layer, freeze_teacher, training_blocks
+
+# a short, cheap budget: enough to rank layers, not to serve them
+DAMAGE_CONFIG = DistillConfig(tokens_per_layer=7680, train_blocks=5)
+
+
+@torch.no_grad()
+def capture_all_layers(hybrid, blocks: torch.Tensor, layers) -> dict[int, LayerData]:
+    """Inputs and outputs of every listed layer's (teacher) attention in one forward per block."""
+    got: dict[int, dict] = {i: {"x": [], "y": []} for i in layers}
+    pe = {}
+    hooks = []
+    for i in layers:
+        sw = hybrid.attention(i)
+
+        def pre(_m, args, kwargs, i=i):
+            got[i]["x"].append((kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).clone())
+            pe["cos"], pe["sin"] = kwargs["position_embeddings"]
+
+        def post(_m, _a, _k, out, i=i):
+            got[i]["y"].append(out[0].clone())
+
+        hooks += [sw.register_forward_pre_hook(pre, with_kwargs=True), sw.register_forward_hook(post, with_kwargs=True)]
+    saved = hybrid.dsla_layers
+    hybrid.set_dsla_layers([])
+    try:
+        for b in range(blocks.shape[0]):
+            hybrid(blocks[b:b + 1])
+    finally:
+        for h in hooks:
+            h.remove()
+        hybrid.set_dsla_layers(saved)
+    return {i: LayerData(torch.cat(g["x"]), torch.cat(g["y"]), pe["cos"][:1], pe["sin"][:1]) for i, g in got.items()}
+
+
+def damage_blocks(tokenizer, cfg: DistillConfig, n: int = 2) -> torch.Tensor:
+    """Training-split blocks that distillation never trains on (offset from its stride)."""
+    from dsla_model.corpus import token_blocks
+
+    blocks = token_blocks(tokenizer, "train", cfg.block_size, cfg.train_blocks * 5 + 5)
+    return torch.tensor(blocks[2::5][:n])
+
+
+def distil_independently(hybrid, data: dict[int, LayerData], cfg: DistillConfig, dsla_config=None,
+                         log=None) -> dict[int, object]:
+    """One DSLA module per layer, each trained on the teacher's own inputs (no chain)."""
+    mods = {}
+    for i, d in data.items():
+        mods[i], met = distill_layer(hybrid, i, d, cfg, dsla_config)
+        if log:
+            log(f"layer {i}: rel_mse {met['rel_mse_init']} -> {met['rel_mse']}")
+    return mods
+
+
+def measure_damage(hybrid, mods: dict[int, object], eval_blocks: torch.Tensor) -> dict[int, float]:
+    """KL(teacher || hybrid) per token with each layer alone converted to its module."""
+    from dsla_model.evaluation import TeacherReference
+
+    ref = TeacherReference(hybrid, eval_blocks)
+    saved = hybrid.dsla_layers
+    modules = {i: hybrid.attention(i).dsla for i in range(hybrid.num_layers)}
+    damage = {}
+    try:
+        for i, mod in mods.items():
+            hybrid.set_dsla_layers([])
+            hybrid.install(i, mod)
+            hybrid.convert(i)
+            damage[i] = ref.score(hybrid)["kl"]
+    finally:  # the hybrid leaves as it came: same DSLA modules, same converted layers
+        for i, mod in modules.items():
+            hybrid.attention(i).dsla = mod
+        hybrid.set_dsla_layers(saved)
+    return damage
+
+
+def order_by_damage(damage: dict[int, float]) -> list[int]:
+    """Least damaging first: the layers to convert first."""
+    return sorted(damage, key=lambda i: (damage[i], i))
+
+
+def damage_order(hybrid, tokenizer, cfg: DistillConfig = DAMAGE_CONFIG, log=None) -> tuple[list[int], dict[int, float]]:
+    """(order, damage per layer) for `hybrid`'s model, cached in the user cache by model fingerprint
+    and budget. `hybrid` is left as it was (its DSLA modules are restored)."""
+    from dsla_model.loading import cache_root
+
+    path = cache_root() / "order" / f"{hybrid.fingerprint}-damage-{cfg.tokens_per_layer}-{cfg.train_blocks}.json"
+    if path.exists():
+        d = json.loads(path.read_text())
+        damage = {int(k): v for k, v in d["damage"].items()}
+        return d["order"], damage
+    freeze_teacher(hybrid)
+    dev = next(hybrid.parameters()).device
+    data = capture_all_layers(hybrid, training_blocks(tokenizer, cfg).to(dev), range(hybrid.num_layers))
+    mods = distil_independently(hybrid, data, cfg, log=log)
+    damage = measure_damage(hybrid, mods, damage_blocks(tokenizer, cfg).to(dev))
+    order = order_by_damage(damage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"order": order, "damage": {str(k): v for k, v in damage.items()}}))
+    os.replace(tmp, path)
+    return order, damage
