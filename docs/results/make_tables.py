@@ -23,8 +23,8 @@ lines = ["# Ablations (independent per-layer distillation, see README.md)", "",
          f"{ab['meta']['tokens_per_layer']} MSE tokens per layer, {ab['meta']['train_blocks']} cached blocks.", "",
          "## Conversion order", "", "| order | conversion | DSLA layers | ppl ratio | top-1 agreement | KL |",
          "| --- | --- | --- | --- | --- | --- |"]
-for r in ab["order"]:
-    lines.append(f"| {r['order']} | {r['conversion']:.2f} | {r['dsla_layers']} | {r['ppl_ratio']:.3f} | "
+for r in ab["order"]:  # the first run called the entropy proxy "sensitivity"; it no longer is
+    lines.append(f"| {r['order'].replace(' (sensitivity)', ' proxy')} | {r['conversion']:.2f} | {r['dsla_layers']} | {r['ppl_ratio']:.3f} | "
                  f"{r['top1_agreement']:.3f} | {r['kl']:.3f} |")
 lines += ["", "## Layer config (the first 25% of the entropy order, same budget)", "",
           "| variant | ppl ratio | top-1 agreement | KL |", "| --- | --- | --- | --- |"]
