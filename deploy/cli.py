@@ -39,4 +39,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as `python -m deploy.cli`, this file is `__main__`, and the subcommands raise the CLIError
+    # of `deploy.cli`, a different class: dispatch through that module so it is the one caught.
+    from deploy import cli
+
+    sys.exit(cli.main())

@@ -24,6 +24,7 @@ def _check_device(device: str):
 
 
 def cmd_distill(args) -> int:
+    from dsla_model.corpus import CorpusMissingError
     from dsla_model.layer_store import LayerStoreError
     from dsla_model.loading import ModelNotFoundError
 
@@ -55,7 +56,7 @@ def cmd_distill(args) -> int:
         todo = distiller.todo()
         print(f"distilling {len(todo)} layer(s) {todo} into {args.store}", file=sys.stderr)
         published = distiller.run(show_progress=not args.quiet)
-    except (LayerStoreError, ModelNotFoundError, ValueError) as e:
+    except (LayerStoreError, ModelNotFoundError, CorpusMissingError, ValueError) as e:
         raise CLIError(str(e)) from None
     print(json.dumps({"store": args.store, "published_now": published,
                       "published": distiller.store.published_layers()}))

@@ -16,7 +16,7 @@ import os
 import torch
 
 from distill_workers.layer_data import LayerData
-from distill_workers.trainer import DistillConfig, distill_layer, freeze_teacher, training_blocks
+from distill_workers.trainer import DistillConfig, distill_layer, freeze_teacher, spread, training_blocks
 
 # a short, cheap budget: enough to rank layers, not to serve them
 DAMAGE_CONFIG = DistillConfig(tokens_per_layer=7680, train_blocks=5)
@@ -51,8 +51,19 @@ def capture_all_layers(hybrid, blocks: torch.Tensor, layers) -> dict[int, LayerD
     return {i: LayerData(torch.cat(g["x"]), torch.cat(g["y"]), pe["cos"][:1], pe["sin"][:1]) for i, g in got.items()}
 
 
-def damage_blocks(tokenizer, cfg: DistillConfig, n: int = 2) -> torch.Tensor:
-    """Training-split blocks that distillation never trains on (offset from its stride)."""
+def damage_blocks(tokenizer, cfg: DistillConfig, n: int = 2, text_file: str | None = None) -> torch.Tensor:
+    """Training-split blocks that distillation never trains on (offset from its stride), or
+    blocks of `text_file` between those `training_blocks` picks from it."""
+    if text_file is not None:
+        from dsla_model.evaluation import text_blocks
+
+        every = text_blocks(tokenizer, cfg.block_size, None, text_file)
+        picked = set(spread(every.shape[0], cfg.train_blocks))  # what training_blocks trains on
+        rest = [i for i in range(every.shape[0]) if i not in picked]
+        if len(rest) < n:
+            raise ValueError(f"{text_file} is too short: measuring damage needs {cfg.train_blocks + n} blocks "
+                             f"of {cfg.block_size} tokens, it has {every.shape[0]}")
+        return every[[rest[round(j * (len(rest) - 1) / max(1, n - 1))] for j in range(n)]]
     from dsla_model.corpus import token_blocks
 
     blocks = token_blocks(tokenizer, "train", cfg.block_size, cfg.train_blocks * 5 + 5)
@@ -96,21 +107,32 @@ def order_by_damage(damage: dict[int, float]) -> list[int]:
     return sorted(damage, key=lambda i: (damage[i], i))
 
 
-def damage_order(hybrid, tokenizer, cfg: DistillConfig = DAMAGE_CONFIG, log=None) -> tuple[list[int], dict[int, float]]:
-    """(order, damage per layer) for `hybrid`'s model, cached in the user cache by model fingerprint
-    and budget. `hybrid` is left as it was (its DSLA modules are restored)."""
+def damage_order(hybrid, tokenizer, cfg: DistillConfig = DAMAGE_CONFIG, log=None,
+                 text_file: str | None = None) -> tuple[list[int], dict[int, float]]:
+    """(order, damage per layer) for `hybrid`'s model, measured on the corpus' training split or on
+    `text_file`, cached in the user cache by model fingerprint, budget and text. `hybrid` is left
+    as it was (its DSLA modules are restored)."""
+    import hashlib
+
     from dsla_model.loading import cache_root
 
-    path = cache_root() / "order" / f"{hybrid.fingerprint}-damage-{cfg.tokens_per_layer}-{cfg.train_blocks}.json"
+    text = "corpus"
+    if text_file is not None:
+        with open(text_file, "rb") as f:
+            text = hashlib.sha256(f.read()).hexdigest()[:12]
+    name = f"{hybrid.fingerprint}-damage-{cfg.tokens_per_layer}-{cfg.train_blocks}-{text}.json"
+    path = cache_root() / "order" / name
     if path.exists():
         d = json.loads(path.read_text())
         damage = {int(k): v for k, v in d["damage"].items()}
         return d["order"], damage
     freeze_teacher(hybrid)
     dev = next(hybrid.parameters()).device
-    data = capture_all_layers(hybrid, training_blocks(tokenizer, cfg).to(dev), range(hybrid.num_layers))
+    train = training_blocks(tokenizer, cfg, text_file=text_file)
+    held_out = damage_blocks(tokenizer, cfg, text_file=text_file)
+    data = capture_all_layers(hybrid, train.to(dev), range(hybrid.num_layers))
     mods = distil_independently(hybrid, data, cfg, log=log)
-    damage = measure_damage(hybrid, mods, damage_blocks(tokenizer, cfg).to(dev))
+    damage = measure_damage(hybrid, mods, held_out.to(dev))
     order = order_by_damage(damage)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")

@@ -67,7 +67,7 @@ def build_distiller(model: str = "default", store: str = "", layers: int | None 
         from distill_workers.damage import damage_order
 
         # sensitivity = measured conversion damage (distill_workers/damage.py), cached per model
-        layer_seq = layer_order(order, damage_order(hybrid, tok)[0], seed)
+        layer_seq = layer_order(order, damage_order(hybrid, tok, text_file=text_file)[0], seed)
     else:
         raise ValueError(f"unknown order {order!r}: one of {', '.join(ORDERS)} or a JSON file")
     cfg = DistillConfig(seed=seed, one_state=one_state)

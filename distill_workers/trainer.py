@@ -130,6 +130,11 @@ def distill_layer(hybrid, layer: int, data: LayerData, cfg: DistillConfig, dsla_
     return module, metrics
 
 
+def spread(n: int, k: int) -> list[int]:
+    """At most `k` distinct indices spread evenly over range(n)."""
+    return torch.linspace(0, n - 1, min(k, n)).round().long().unique().tolist()
+
+
 def training_blocks(tokenizer, cfg: DistillConfig, stride: int = 5, text_file: str | None = None) -> torch.Tensor:
     """`train_blocks` blocks spread over the training split (every `stride`-th block), or
     over the whole of `text_file` (machines without the corpus, other domains)."""
@@ -137,8 +142,7 @@ def training_blocks(tokenizer, cfg: DistillConfig, stride: int = 5, text_file: s
         from dsla_model.evaluation import text_blocks
 
         every = text_blocks(tokenizer, cfg.block_size, None, text_file)
-        pick = torch.linspace(0, every.shape[0] - 1, min(cfg.train_blocks, every.shape[0])).round().long()
-        return every[pick.unique()]
+        return every[spread(every.shape[0], cfg.train_blocks)]
     from dsla_model.corpus import token_blocks
 
     blocks = token_blocks(tokenizer, "train", cfg.block_size, cfg.train_blocks * stride)

@@ -1,0 +1,37 @@
+"""Distillation on a machine without the Debian corpus: a clear error, or --text-file end to end."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dsla_model.layer_store import LayerStore
+
+TEXT = "/usr/share/common-licenses/GPL-3"  # Debian's base-files: real English on every Debian machine
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _distill(tmp_path, model_dir, *extra):
+    env = dict(os.environ, DSLA_CORPUS_ROOT=str(tmp_path / "no-corpus"), DSLA_SERVE_CACHE=str(tmp_path / "cache"))
+    cmd = [sys.executable, "-m", "deploy.cli", "distill", "--model", model_dir, "--store", str(tmp_path / "store"),
+           "--layers", "1", "--tokens-per-layer", "1024", "--kl-steps", "0", "--threads", "1", "--quiet", *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_missing_corpus_is_a_clear_error(tiny_model_dir, tmp_path):
+    r = _distill(tmp_path, tiny_model_dir)
+    assert r.returncode == 2, r.stderr
+    assert "python3.11-doc" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(not os.path.exists(TEXT), reason="needs Debian's base-files")
+def test_text_file_replaces_the_corpus_for_order_and_training(tiny_model_dir, tmp_path):
+    r = _distill(tmp_path, tiny_model_dir, "--text-file", TEXT, "--train-blocks", "4")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["published"] == LayerStore(tmp_path / "store").published_layers()
+    m = LayerStore(tmp_path / "store").read_manifest()
+    assert len(m["layers"]) == 1 and sorted(m["order"]) == [0, 1, 2]
+    cached = list((tmp_path / "cache" / "order").glob("*-damage-*.json"))
+    assert len(cached) == 1 and "corpus" not in cached[0].name
+    assert json.loads(cached[0].read_text())["order"] == m["order"]
