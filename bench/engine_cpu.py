@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import platform
 import sys
 import time
 
@@ -25,7 +26,10 @@ def cpu_throughput(out_dir, n=16, max_tokens=32):
              "The weather", "In 1905,", "Rust and C++", "Fruits: apple,", "Hello! How are", "To be or not",
              "SELECT * FROM", "The mitochondria is"][:n]
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    res = {"model": "SmolLM2-135M-Instruct (fp32)", "threads": torch.get_num_threads(), "requests": n,
+    # a CPU measurement by design: say so where a reader looks for the card
+    res = {"model": "SmolLM2-135M-Instruct (fp32)", "gpu": None,
+           "device": f"CPU only, no GPU ({os.cpu_count()} cores, {platform.machine()})",
+           "threads": torch.get_num_threads(), "requests": n,
            "max_tokens": max_tokens, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "command": "python " + " ".join(sys.argv), "runs": []}
     for layers in ([], [0, 7, 14, 29]):
