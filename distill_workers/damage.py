@@ -51,23 +51,26 @@ def capture_all_layers(hybrid, blocks: torch.Tensor, layers) -> dict[int, LayerD
     return {i: LayerData(torch.cat(g["x"]), torch.cat(g["y"]), pe["cos"][:1], pe["sin"][:1]) for i, g in got.items()}
 
 
-def damage_blocks(tokenizer, cfg: DistillConfig, n: int = 2, text_file: str | None = None) -> torch.Tensor:
-    """Training-split blocks that distillation never trains on (offset from its stride), or
-    blocks of `text_file` between those `training_blocks` picks from it."""
-    if text_file is not None:
-        from dsla_model.evaluation import text_blocks
-
-        every = text_blocks(tokenizer, cfg.block_size, None, text_file)
-        picked = set(spread(every.shape[0], cfg.train_blocks))  # what training_blocks trains on
-        rest = [i for i in range(every.shape[0]) if i not in picked]
-        if len(rest) < n:
-            raise ValueError(f"{text_file} is too short: measuring damage needs {cfg.train_blocks + n} blocks "
-                             f"of {cfg.block_size} tokens, it has {every.shape[0]}")
-        return every[[rest[round(j * (len(rest) - 1) / max(1, n - 1))] for j in range(n)]]
+def damage_blocks(tokenizer, cfg: DistillConfig, n: int = 2) -> torch.Tensor:
+    """Training-split blocks that distillation never trains on (offset from its stride)."""
     from dsla_model.corpus import token_blocks
 
     blocks = token_blocks(tokenizer, "train", cfg.block_size, cfg.train_blocks * 5 + 5)
     return torch.tensor(blocks[2::5][:n])
+
+
+def split_text_file(tokenizer, cfg: DistillConfig, text_file: str, n: int = 2):
+    """(training blocks, `n` held-out blocks) of `text_file`, tokenized once: training takes the
+    blocks `training_blocks` would, the held-out ones are spread over the rest."""
+    from dsla_model.evaluation import text_blocks
+
+    every = text_blocks(tokenizer, cfg.block_size, None, text_file)
+    picked = spread(every.shape[0], cfg.train_blocks)
+    rest = sorted(set(range(every.shape[0])) - set(picked))
+    if len(rest) < n:
+        raise ValueError(f"{text_file} is too short: measuring damage needs {cfg.train_blocks + n} blocks "
+                         f"of {cfg.block_size} tokens, it has {every.shape[0]}")
+    return every[picked], every[[rest[i] for i in spread(len(rest), n)]]
 
 
 def distil_independently(hybrid, data: dict[int, LayerData], cfg: DistillConfig, dsla_config=None,
@@ -128,8 +131,10 @@ def damage_order(hybrid, tokenizer, cfg: DistillConfig = DAMAGE_CONFIG, log=None
         return d["order"], damage
     freeze_teacher(hybrid)
     dev = next(hybrid.parameters()).device
-    train = training_blocks(tokenizer, cfg, text_file=text_file)
-    held_out = damage_blocks(tokenizer, cfg, text_file=text_file)
+    if text_file is not None:
+        train, held_out = split_text_file(tokenizer, cfg, text_file)
+    else:
+        train, held_out = training_blocks(tokenizer, cfg), damage_blocks(tokenizer, cfg)
     data = capture_all_layers(hybrid, train.to(dev), range(hybrid.num_layers))
     mods = distil_independently(hybrid, data, cfg, log=log)
     damage = measure_damage(hybrid, mods, held_out.to(dev))
