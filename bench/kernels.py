@@ -193,13 +193,14 @@ def prefill_rows(T, bw, fla, rows, backward=True, fla_chunk=False):
 # Launch variants, each group swept in turn with the best of the earlier groups kept;
 # the first entry of each group is the default (already compiled), each other costs a compile.
 SWEEP = (
-    ("states walk", [dict(states_bk=16, states_bv=128, states_fwd=4, prefetch=True),
-                     dict(states_bk=16, states_bv=128, states_fwd=4, prefetch=False)]),
-    ("output", [dict(split_output=True, scores=8, output=8, output_bv=128),
-                dict(split_output=True, scores=4, output=8, output_bv=128),
-                dict(split_output=False, output=4, output_bv=128)]),
+    ("states walk", [dict(states_bk=16, states_bv=128, states_fwd=4, prefetch=True, walk_pre=True),
+                     dict(states_bk=16, states_bv=128, states_fwd=4, prefetch=False, walk_pre=True),
+                     dict(states_bk=16, states_bv=128, states_fwd=4, prefetch=True, walk_pre=False)]),
+    ("scores", [dict(scores=2), dict(scores=4)]),
+    ("output", [dict(output=4, output_bv=128), dict(output=8, output_bv=128)]),
 )
-BWD_SWEEP = [dict(dq=8, dk=8, dv=8, states_bwd=8), dict(dq=4, dk=4, dv=4, states_bwd=4)]
+# warps must follow the Dk block (64 rows with 4 warps spills; kernels/triton_chunk_bwd.py)
+BWD_SWEEP = [dict(dq=8, dk=8, dq_bk=64, dk_bk=64, dv=8, states_bwd=8), dict(dq=4, dk=4, dq_bk=32, dk_bk=32, dv=8, states_bwd=8)]
 
 
 def _qkvg(T):
@@ -216,7 +217,7 @@ def _kernel_stats(rows, T):
     from kernels import triton_chunk_bwd as B
     from kernels import triton_chunk_fwd as F
 
-    for fn in (F._states_fwd, F._output_fwd, F._scores_fwd, F._output_split_fwd, B._states_bwd, B._dq_bwd, B._dv_bwd, B._dk_bwd):
+    for fn in (F._states_fwd, F._scores_fwd, F._output_fwd, B._states_bwd, B._dq_bwd, B._dv_bwd, B._dk_bwd):
         for dev_cache in getattr(fn, "device_caches", {}).values():
             for key, kern in dev_cache[0].items():
                 nw = getattr(getattr(kern, "metadata", None), "num_warps", None)

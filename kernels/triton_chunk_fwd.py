@@ -2,30 +2,25 @@
 
 Tokens are packed as [total_T, H, D] with sequence offsets `cu` (varlen, as in
 flash-linear-attention); a fixed [B, T] batch is the special case cu = [0, T, 2T, ...].
-Chunks of C tokens never cross a sequence boundary.
+Chunks of C tokens never cross a sequence boundary; each chunk is cut into blocks of
+SUB rows.
 
-Two launches (or three: LAUNCH["split_output"] in triton_dsla.py splits 2. into
-`_scores_fwd` + `_output_split_fwd`, with the mixed scores through memory):
-  1. `_states_fwd`: per (sequence, kv head, Dk block, Dv block), walk the chunks in
-     order carrying BOTH states in registers; store each chunk's starting state
-     (for the output pass) and the final states. The next chunk's loads are issued
-     before the current chunk's arithmetic (PREFETCH) so the walk is not one memory
-     latency per step.
-  2. `_output_fwd`: per (chunk, query head, Dv block), in parallel: both states'
-     intra-chunk scores, mixed by w, times v, plus q exp(b) h of both states. The
-     C x C scores never go to memory (they are written only when the backward
-     needs them, STORE_A).
+Three launches:
+  1. `_scores_fwd`: per (chunk, query head, query block), in parallel: the mixed
+     intra-chunk scores w_0 A_1 + w_1 A_2 of the block's rows (to memory: the output pass
+     and the backward read them), and the within-block cumsums b_i of both log decays.
+  2. `_states_fwd`: per (sequence, kv head, Dk block, Dv block), walk the chunks in order
+     carrying BOTH states in registers; store each chunk's starting state and the final
+     states. With PRE it reads the block cumsums, so a step needs no scan; the next
+     chunk's loads are issued before the current chunk's arithmetic (PREFETCH).
+  3. `_output_fwd`: per (chunk, query head, Dv block): A v plus q exp(b_i) h_i of both
+     states, at M = C rows.
 
-Intra-chunk scores A[t,s] = sum_d q_td k_sd exp(b_td - b_sd) (s <= t) come from tensor-core
-products over key blocks J of SUB rows. With r_J = b at the row just before J:
-    q' = q_t exp(b_t - r_J)        <= 1 for every t >= first(J)  (rows before J are masked)
-    k' = k_s exp(r_J - b_s)        in [1, exp(range_J)] for s in J
-(each exponent a direct sum of the log decays between the two rows, so pairs a few steps
-apart stay exact to fp32 rounding however large the chunk's cumulative decay has grown)
-so A[:, J] = q' k'^T is one [C, Dk] x [Dk, SUB] product, every exponent bounded, and the
-columns of J land in one [C, SUB] block that multiplies v_J directly (no assembly).
-If some key dim decays by more than RANGE_MAX inside J, that block falls back to an
-exact column-by-column form whose exponents are direct sums of log decays (<= 0).
+Every exponent is a sum of log decays over at most one block plus whole-block totals, so
+it is <= 0 or bounded by the block's own decay (see `_scores_fwd`); a block that decays by
+more than RANGE_MAX takes an exact column-by-column form (`exact_block`).
+The timing history of the forms tried (per-chunk scores with 64-row tiles, scores fused
+with the output, per-block inter-chunk products) is in bench/results/kernels.md.
 """
 from __future__ import annotations
 
@@ -114,32 +109,33 @@ def from_row(g, r, C: tl.constexpr):
 
 
 @triton.jit
-def block_scores(q, g_ptr, t, mt, J, tJ, mJ, kJ, hk, Hkv, Dk: tl.constexpr, dk, mk,
-                 C: tl.constexpr, SUB: tl.constexpr, RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
-    """Unmasked scores A[:, J] [C, SUB] of one state (see the module docstring).
-    q [C,BK] and kJ [SUB,BK] as loaded. The chunk's log decays are re-read here (from cache)
-    rather than kept in registers across the blocks: the kernel is register-bound."""
-    gc = load_rows(g_ptr, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
-    gJ = load_rows(g_ptr, tJ, mJ, Hkv, hk, Dk, dk, mk).to(tl.float32)
-    if tl.max(-tl.sum(gJ, axis=0), axis=0) <= RANGE_MAX:
-        qp = (q * tl.exp(from_row(gc, J * SUB, C))).to(kJ.dtype)  # rows before J: exp(0), masked later
-        kp = (kJ * tl.exp(-tl.cumsum(gJ, axis=0))).to(kJ.dtype)
-        A = mm(qp, tl.trans(kp), IEEE)
-    else:
-        A = exact_block(q.to(tl.float32), gc, J, C, SUB, kJ.to(tl.float32))
-    return A
-
-
-@triton.jit
 def to_end(x, g):
     """x_s exp(sum_{u>s} g_u): rows decayed to the chunk's end (<= 1, a direct sum)."""
     return x * tl.exp(tl.cumsum(g, axis=0, reverse=True) - g)
 
 
 @triton.jit
+def decay_to_end(x, bt, b_ptr, t0, eos, Hkv, hk, Dk: tl.constexpr, dk, mk, C: tl.constexpr, SUB: tl.constexpr):
+    """(x_s exp(sum_{u>s} g_u), exp(chunk total)) from the block cumsums bt that `_scores_fwd` writes:
+    the exponent of row s in block J is (total_J - bt_s) + the totals of the later blocks, so
+    the walk needs no scan. A block's total is bt at its last row inside the sequence."""
+    rows = tl.arange(0, C)
+    e = -bt
+    later = tl.sum(bt * 0., axis=0)  # zeros in the column layout of bt
+    for jj in tl.static_range(C // SUB):
+        J = C // SUB - 1 - jj
+        r = tl.minimum(t0 + J * SUB + SUB - 1, eos - 1) + 0 * dk  # a vector: the interpreter rejects scalar masks
+        tot = tl.load(b_ptr + (r * Hkv + hk).to(tl.int64) * Dk + dk, mask=mk & (r >= t0 + J * SUB), other=0.)
+        e = tl.where((rows // SUB == J)[:, None], e + (tot + later)[None, :], e)
+        later += tot
+    return x * tl.exp(e), tl.exp(later)
+
+
+@triton.jit
 def _states_fwd(k, v, g1, g2, s01, s02, h1, h2, sT1, sT2, cu, coff,
                 Hkv, Dk: tl.constexpr, Dv: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                HAS_S0: tl.constexpr, STORE_H: tl.constexpr, PREFETCH: tl.constexpr, IEEE: tl.constexpr):
+                HAS_S0: tl.constexpr, STORE_H: tl.constexpr, PREFETCH: tl.constexpr, IEEE: tl.constexpr,
+                PRE: tl.constexpr = False, SUB: tl.constexpr = 16):
     ik = tl.program_id(0)
     iv = tl.program_id(1)
     inh = tl.program_id(2)
@@ -180,8 +176,15 @@ def _states_fwd(k, v, g1, g2, s01, s02, h1, h2, sT1, sT2, cu, coff,
             hoff = (((c0 + c) * Hkv + hk) * Dk + dk[:, None]).to(tl.int64) * Dv + dv[None, :]
             tl.store(h1 + hoff, S1.to(h1.dtype.element_ty), mask=mst)
             tl.store(h2 + hoff, S2.to(h2.dtype.element_ty), mask=mst)
-        S1 = S1 * tl.exp(tl.sum(ga, axis=0))[:, None] + mm(tl.trans(to_end(kk, ga).to(vv.dtype)), vv, IEEE)
-        S2 = S2 * tl.exp(tl.sum(gb, axis=0))[:, None] + mm(tl.trans(to_end(kk, gb).to(vv.dtype)), vv, IEEE)
+        if PRE:  # g1, g2 hold the block cumsums
+            c0_ = bos + c * C
+            ka, da = decay_to_end(kk, ga, g1, c0_, eos, Hkv, hk, Dk, dk, mk, C, SUB)
+            kb, db = decay_to_end(kk, gb, g2, c0_, eos, Hkv, hk, Dk, dk, mk, C, SUB)
+            S1 = S1 * da[:, None] + mm(tl.trans(ka.to(vv.dtype)), vv, IEEE)
+            S2 = S2 * db[:, None] + mm(tl.trans(kb.to(vv.dtype)), vv, IEEE)
+        else:
+            S1 = S1 * tl.exp(tl.sum(ga, axis=0))[:, None] + mm(tl.trans(to_end(kk, ga).to(vv.dtype)), vv, IEEE)
+            S2 = S2 * tl.exp(tl.sum(gb, axis=0))[:, None] + mm(tl.trans(to_end(kk, gb).to(vv.dtype)), vv, IEEE)
         if PREFETCH:
             t, kk, vv, ga, gb = tn, kn, vn, gan, gbn
         else:
@@ -196,84 +199,83 @@ def _states_fwd(k, v, g1, g2, s01, s02, h1, h2, sT1, sT2, cu, coff,
 
 
 @triton.jit
-def _output_fwd(q, k, v, g1, g2, w, h1, h2, A, o, cu, cseq, coff, scale,
-                Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr, C: tl.constexpr,
-                SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, RANGE_MAX: tl.constexpr,
-                STORE_A: tl.constexpr, IEEE: tl.constexpr):
-    """o = scale (sum_i w_i (q exp(b_i)) h_i + (w_0 A_1 + w_1 A_2) v) for one chunk, query head,
-    Dv block. A (mixed, [total_T, Hq, C]) is stored for the backward when STORE_A."""
-    ic = tl.program_id(0)
-    hq = tl.program_id(1)
-    iv = tl.program_id(2)
-    hk = hq // G
-    t0, eos, t, mt = chunk_tile(cu, cseq, coff, ic, C)
-    dk = tl.arange(0, BK)
-    dv = iv * BV + tl.arange(0, BV)
-    mk = dk < Dk
-    mv = dv < Dv
-    mst = mk[:, None] & mv[None, :]
-    w0 = tl.load(w)
-    w1 = tl.load(w + 1)
-    hoff = ((ic * Hkv + hk) * Dk + dk[:, None]).to(tl.int64) * Dv + dv[None, :]
-    qq = load_rows(q, t, mt, Hq, hq, Dk, dk, mk)
-    hh = tl.load(h1 + hoff, mask=mst, other=0.)
-    b = tl.cumsum(load_rows(g1, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32), axis=0)
-    acc = w0 * mm((qq * tl.exp(b)).to(hh.dtype), hh, IEEE)
-    hh = tl.load(h2 + hoff, mask=mst, other=0.)
-    b = tl.cumsum(load_rows(g2, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32), axis=0)
-    acc += w1 * mm((qq * tl.exp(b)).to(hh.dtype), hh, IEEE)
-    rows = tl.arange(0, C)
-    cols = tl.arange(0, SUB)
-    for J in tl.static_range(C // SUB):
-        tJ = t0 + J * SUB + cols
-        mJ = tJ < eos
-        kJ = load_rows(k, tJ, mJ, Hkv, hk, Dk, dk, mk)
-        AJ = w0 * block_scores(qq, g1, t, mt, J, tJ, mJ, kJ, hk, Hkv, Dk, dk, mk, C, SUB, RANGE_MAX, IEEE)
-        AJ += w1 * block_scores(qq, g2, t, mt, J, tJ, mJ, kJ, hk, Hkv, Dk, dk, mk, C, SUB, RANGE_MAX, IEEE)
-        AJ = tl.where(rows[:, None] >= (J * SUB + cols)[None, :], AJ, 0.)
-        if STORE_A:
-            if iv == 0:
-                tl.store(A + (t[:, None] * Hq + hq).to(tl.int64) * C + J * SUB + cols[None, :],
-                         AJ.to(A.dtype.element_ty), mask=mt[:, None])
-        vJ = load_rows(v, tJ, mJ, Hkv, hk, Dv, dv, mv)
-        acc += mm(AJ.to(vJ.dtype), vJ, IEEE)
-    tl.store(o + (t[:, None] * Hq + hq).to(tl.int64) * Dv + dv[None, :], (acc * scale).to(o.dtype.element_ty),
-             mask=mt[:, None] & mv[None, :])
-
-
-@triton.jit
-def _scores_fwd(q, k, g1, g2, w, A, cu, cseq, coff, Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr,
+def _scores_fwd(q, k, g1, g2, w, A, b1, b2, cu, cseq, coff, Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr,
                 C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
-    """Split form, first half: the mixed scores w_0 A_1 + w_1 A_2 of one chunk and query head,
-    written to A [total_T, Hq, C]. Holding no [C, Dv] accumulator, it needs far fewer registers
-    than the fused `_output_fwd` (which spilled on an H200: bench/results/kernels.md)."""
+    """Mixed scores w_0 A_1 + w_1 A_2 of the SUB query rows of block I of one chunk and query
+    head, written to A [total_T, Hq, C] (zeros right of the diagonal block); the first query
+    head of each kv group also writes the block cumsums b_i for the states walk.
+
+    Key blocks J < I are visited from I-1 down to 0 carrying mid_i = the log decay of the
+    blocks strictly between J and I, so that
+        A_i[I, J] = (q_I exp(bI_i)) (k_J exp(rest_J,i + mid_i))^T
+    with bI the within-block inclusive cumsum and rest_J the decay from a key row to the
+    end of its block: every exponent is <= 0 (no overflow; underflow is the true value) and
+    only SUB-row scans and [SUB, Dk] exps are needed. The diagonal block uses
+    q exp(bI) . k exp(-bI) when the block decays by at most RANGE_MAX, the exact
+    column-by-column form otherwise."""
     ic = tl.program_id(0)
     hq = tl.program_id(1)
+    I = tl.program_id(2)
     hk = hq // G
     t0, eos, t, mt = chunk_tile(cu, cseq, coff, ic, C)
     dk = tl.arange(0, BK)
     mk = dk < Dk
+    sr = tl.arange(0, SUB)
     w0 = tl.load(w)
     w1 = tl.load(w + 1)
-    qq = load_rows(q, t, mt, Hq, hq, Dk, dk, mk)
-    rows = tl.arange(0, C)
-    cols = tl.arange(0, SUB)
-    for J in tl.static_range(C // SUB):
-        tJ = t0 + J * SUB + cols
+    tI = t0 + I * SUB + sr
+    mI = tI < eos
+    qI = load_rows(q, tI, mI, Hq, hq, Dk, dk, mk)
+    kI = load_rows(k, tI, mI, Hkv, hk, Dk, dk, mk)
+    gI1 = load_rows(g1, tI, mI, Hkv, hk, Dk, dk, mk).to(tl.float32)
+    gI2 = load_rows(g2, tI, mI, Hkv, hk, Dk, dk, mk).to(tl.float32)
+    bI1 = tl.cumsum(gI1, axis=0)
+    bI2 = tl.cumsum(gI2, axis=0)
+    if hq % G == 0:
+        boff = (tI[:, None] * Hkv + hk).to(tl.int64) * Dk + dk[None, :]
+        tl.store(b1 + boff, bI1, mask=mI[:, None] & mk[None, :])
+        tl.store(b2 + boff, bI2, mask=mI[:, None] & mk[None, :])
+    qd1 = (qI * tl.exp(bI1)).to(qI.dtype)
+    qd2 = (qI * tl.exp(bI2)).to(qI.dtype)
+    arow = (tI[:, None] * Hq + hq).to(tl.int64) * C
+    cz = tl.arange(0, C)
+    tl.store(A + arow + cz[None, :], tl.zeros([SUB, C], dtype=A.dtype.element_ty),
+             mask=mI[:, None] & (cz >= (I + 1) * SUB)[None, :])
+    if tl.max(-tl.sum(gI1, axis=0), axis=0) <= RANGE_MAX:
+        A1 = mm(qd1, tl.trans((kI * tl.exp(-bI1)).to(kI.dtype)), IEEE)
+    else:
+        A1 = exact_block(qI.to(tl.float32), gI1, 0, SUB, SUB, kI.to(tl.float32))
+    if tl.max(-tl.sum(gI2, axis=0), axis=0) <= RANGE_MAX:
+        A2 = mm(qd2, tl.trans((kI * tl.exp(-bI2)).to(kI.dtype)), IEEE)
+    else:
+        A2 = exact_block(qI.to(tl.float32), gI2, 0, SUB, SUB, kI.to(tl.float32))
+    AJ = tl.where(sr[:, None] >= sr[None, :], w0 * A1 + w1 * A2, 0.)
+    tl.store(A + arow + I * SUB + sr[None, :], AJ.to(A.dtype.element_ty), mask=mI[:, None])
+    mid1 = tl.zeros([BK], dtype=tl.float32)
+    mid2 = tl.zeros([BK], dtype=tl.float32)
+    # a block past the sequence's end stores nothing: it skips the walk
+    for jj in range(0, tl.where(t0 + I * SUB < eos, I, 0)):
+        J = I - 1 - jj
+        tJ = t0 + J * SUB + sr
         mJ = tJ < eos
         kJ = load_rows(k, tJ, mJ, Hkv, hk, Dk, dk, mk)
-        AJ = w0 * block_scores(qq, g1, t, mt, J, tJ, mJ, kJ, hk, Hkv, Dk, dk, mk, C, SUB, RANGE_MAX, IEEE)
-        AJ += w1 * block_scores(qq, g2, t, mt, J, tJ, mJ, kJ, hk, Hkv, Dk, dk, mk, C, SUB, RANGE_MAX, IEEE)
-        AJ = tl.where(rows[:, None] >= (J * SUB + cols)[None, :], AJ, 0.)
-        tl.store(A + (t[:, None] * Hq + hq).to(tl.int64) * C + J * SUB + cols[None, :], AJ.to(A.dtype.element_ty),
-                 mask=mt[:, None])
+        gJ1 = load_rows(g1, tJ, mJ, Hkv, hk, Dk, dk, mk).to(tl.float32)
+        gJ2 = load_rows(g2, tJ, mJ, Hkv, hk, Dk, dk, mk).to(tl.float32)
+        kd1 = (kJ * tl.exp(tl.cumsum(gJ1, axis=0, reverse=True) - gJ1 + mid1[None, :])).to(kJ.dtype)
+        kd2 = (kJ * tl.exp(tl.cumsum(gJ2, axis=0, reverse=True) - gJ2 + mid2[None, :])).to(kJ.dtype)
+        AJ = w0 * mm(qd1, tl.trans(kd1), IEEE) + w1 * mm(qd2, tl.trans(kd2), IEEE)
+        tl.store(A + arow + J * SUB + sr[None, :], AJ.to(A.dtype.element_ty), mask=mI[:, None])
+        mid1 += tl.sum(gJ1, axis=0)
+        mid2 += tl.sum(gJ2, axis=0)
 
 
 @triton.jit
-def _output_split_fwd(q, v, g1, g2, w, h1, h2, A, o, cu, cseq, coff, scale,
+def _output_fwd(q, v, g1, g2, w, h1, h2, A, o, cu, cseq, coff, scale,
                       Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr,
                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr):
-    """Split form, second half: o = scale (w0 (q exp(b1)) h1 + w1 (q exp(b2)) h2 + A v)."""
+    """o = scale (w0 (q exp(b1)) h1 + w1 (q exp(b2)) h2 + A v) for one chunk, query head and
+    Dv block: the inter-chunk products at M = C rows (per 16-row block they cost more than
+    the scores: bench/results/kernels.md)."""
     ic = tl.program_id(0)
     hq = tl.program_id(1)
     iv = tl.program_id(2)

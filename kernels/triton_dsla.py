@@ -14,7 +14,7 @@ import triton
 
 from kernels import triton_alloc
 from kernels.triton_chunk_bwd import _dg_finish, _dk_bwd, _dq_bwd, _dv_bwd, _states_bwd
-from kernels.triton_chunk_fwd import CHUNK, RANGE_MAX, SUB, _output_fwd, _output_split_fwd, _scores_fwd, _states_fwd
+from kernels.triton_chunk_fwd import CHUNK, RANGE_MAX, SUB, _output_fwd, _scores_fwd, _states_fwd
 from kernels.triton_decode import dsla_decode_fused  # noqa: F401  (re-exported)
 
 
@@ -44,13 +44,14 @@ class _Plan:
 
 # num_warps per kernel, the state walks' tiles and the output kernel's Dv block.
 # bench/kernels.py sweeps them at T=16K and reports what it kept; the values here are the
-# ones that measured best there (bench/results/kernels.md), or untuned where it says so.
-# Earlier layouts' sweeps: states walk 4 vs 8 warps within noise; a separate scores kernel
-# per sub-chunk (4.4 ms of a 6.9 ms forward at T=16K) is gone, fused into the output kernel.
-# Run 4 (H200, T=16K): the fused output kernel spilled (90-342 registers' worth) and took 5.7 ms;
-# split_output=True puts the scores through memory in two lighter kernels instead.
-LAUNCH = dict(states_fwd=4, states_bk=16, states_bv=128, prefetch=True, output=4, output_bv=128,
-              split_output=True, scores=8, states_bwd=8, dq=8, dk=8, dv=8, dv_bv=128)
+# ones that measured best there (H200, run 6 in bench/results/kernels.md). walk_pre: the walk
+# reads the scores pass's block cumsums instead of scanning the gates (whole forward 3.03 vs
+# 3.45 ms). dq/dk (per 16-row block): num_warps, Dk block, Dv slice of the inter-chunk
+# product; the warps must follow the Dk block (64 with 4 warps spills): 8 warps / 64 gave
+# fwd+bwd 25.5 ms, 4 warps / 32 gave 18.7 ms.
+LAUNCH = dict(scores=2, states_fwd=4, states_bk=16, states_bv=128, prefetch=False, walk_pre=True, output=4,
+              output_bv=128, states_bwd=8, dq=4, dq_bk=32, dq_bv=32, dk=4, dk_bk=32, dk_bv=32, dv=8,
+              dv_bv=128)
 _PLANS: dict = {}
 
 
@@ -77,7 +78,8 @@ def _blocks(Dk, Dv):
     return BKs, BVs, BK, BV
 
 
-def _states(k, v, g1, g2, s1, s2, plan, Hkv, Dk, Dv, store_h, ieee, h_dtype=None):
+def _states(k, v, g1, g2, s1, s2, plan, Hkv, Dk, Dv, store_h, ieee, h_dtype=None, pre=False):
+    """The walk; with pre=True, g1 and g2 are the block cumsums `_scores_fwd` wrote."""
     BKs, BVs, _, _ = _blocks(Dk, Dv)
     dev = k.device
     N = plan.n_seq
@@ -92,35 +94,33 @@ def _states(k, v, g1, g2, s1, s2, plan, Hkv, Dk, Dv, store_h, ieee, h_dtype=None
     grid = (triton.cdiv(Dk, BKs), triton.cdiv(Dv, BVs), N * Hkv)
     _states_fwd[grid](k, v, g1, g2, s1 if has else sT1, s2 if has else sT2, h1, h2, sT1, sT2,
                       plan.cu, plan.coff, Hkv, Dk=Dk, Dv=Dv, C=CHUNK, BK=BKs, BV=BVs,
-                      HAS_S0=has, STORE_H=store_h, PREFETCH=LAUNCH["prefetch"], IEEE=ieee,
+                      HAS_S0=has, STORE_H=store_h, PREFETCH=LAUNCH["prefetch"], IEEE=ieee, PRE=pre, SUB=SUB,
                       num_warps=LAUNCH["states_fwd"])
     return h1, h2, sT1, sT2
 
 
-def _forward(q, k, v, g1, g2, w, s1, s2, scale, plan, store_a):
+def _forward(q, k, v, g1, g2, w, s1, s2, scale, plan):
     Ttot, Hq, Dk = q.shape
     Hkv, Dv = k.shape[1], v.shape[2]
     ieee = q.dtype == torch.float32
-    h1, h2, sT1, sT2 = _states(k, v, g1, g2, s1, s2, plan, Hkv, Dk, Dv, True, ieee)
     _, _, BK, BV = _blocks(Dk, Dv)
-    # mixed intra-chunk scores, kept for the backward (dv needs exactly these)
-    split = LAUNCH["split_output"]
-    store_a = store_a or split
-    A = triton_alloc.empty(Ttot, Hq, CHUNK, dtype=v.dtype, device=q.device) if store_a else q
-    o = triton_alloc.empty(Ttot, Hq, Dv, dtype=q.dtype, device=q.device)
+    dev = q.device
+    A = triton_alloc.empty(Ttot, Hq, CHUNK, dtype=v.dtype, device=dev)  # mixed scores; the backward's dv reads them
+    b1 = triton_alloc.empty(Ttot, Hkv, Dk, dtype=torch.float32, device=dev)
+    b2 = triton_alloc.empty(*b1.shape, dtype=b1.dtype, device=dev)
+    _scores_fwd[(plan.n_chunks, Hq, CHUNK // SUB)](q, k, g1, g2, w, A, b1, b2, plan.cu, plan.cseq, plan.coff, Hq, Hkv,
+                                                   G=Hq // Hkv, Dk=Dk, C=CHUNK, SUB=SUB, BK=BK, RANGE_MAX=RANGE_MAX,
+                                                   IEEE=ieee, num_warps=LAUNCH["scores"])
+    if LAUNCH["walk_pre"]:
+        h1, h2, sT1, sT2 = _states(k, v, b1, b2, s1, s2, plan, Hkv, Dk, Dv, True, ieee, pre=True)
+    else:
+        h1, h2, sT1, sT2 = _states(k, v, g1, g2, s1, s2, plan, Hkv, Dk, Dv, True, ieee)
+    o = triton_alloc.empty(Ttot, Hq, Dv, dtype=q.dtype, device=dev)
     BVo = min(BV, LAUNCH["output_bv"])
-    if split:
-        _scores_fwd[(plan.n_chunks, Hq)](q, k, g1, g2, w, A, plan.cu, plan.cseq, plan.coff, Hq, Hkv, G=Hq // Hkv,
-                                         Dk=Dk, C=CHUNK, SUB=SUB, BK=BK, RANGE_MAX=RANGE_MAX, IEEE=ieee,
-                                         num_warps=LAUNCH["scores"])
-        _output_split_fwd[(plan.n_chunks, Hq, triton.cdiv(Dv, BVo))](
-            q, v, g1, g2, w, h1, h2, A, o, plan.cu, plan.cseq, plan.coff, scale, Hq, Hkv, G=Hq // Hkv, Dk=Dk, Dv=Dv,
-            C=CHUNK, BK=BK, BV=BVo, IEEE=ieee, num_warps=LAUNCH["output"])
-        return o, sT1, sT2, A
     _output_fwd[(plan.n_chunks, Hq, triton.cdiv(Dv, BVo))](
-        q, k, v, g1, g2, w, h1, h2, A, o, plan.cu, plan.cseq, plan.coff, scale, Hq, Hkv, G=Hq // Hkv, Dk=Dk, Dv=Dv,
-        C=CHUNK, SUB=SUB, BK=BK, BV=BVo, RANGE_MAX=RANGE_MAX, STORE_A=store_a, IEEE=ieee, num_warps=LAUNCH["output"])
-    return o, sT1, sT2, (A if store_a else None)
+        q, v, g1, g2, w, h1, h2, A, o, plan.cu, plan.cseq, plan.coff, scale, Hq, Hkv, G=Hq // Hkv, Dk=Dk, Dv=Dv,
+        C=CHUNK, BK=BK, BV=BVo, IEEE=ieee, num_warps=LAUNCH["output"])
+    return o, sT1, sT2, A
 
 
 def _suffix(tot, plan):
@@ -157,13 +157,16 @@ def _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, scale, pl
                       dS1, dS2, ds01, ds02, plan.cu, plan.coff, scale, Hq, Hkv, G,
                       Dk=Dk, Dv=Dv, C=CHUNK, BK=BKs, BV=BVs, HAS_DST=has_dst, IEEE=ieee,
                       num_warps=LAUNCH["states_bwd"])
-    common = dict(G=G, Dk=Dk, Dv=Dv, C=CHUNK, SUB=SUB, BK=BK, BV=BV, RANGE_MAX=RANGE_MAX, IEEE=ieee)
+    common = dict(G=G, Dk=Dk, Dv=Dv, C=CHUNK, SUB=SUB, BV=BV, RANGE_MAX=RANGE_MAX, IEEE=ieee)
+    NB = CHUNK // SUB  # dq and dk: one program per 16-row block and Dk block
+    BKq, BKk = min(BK, LAUNCH["dq_bk"]), min(BK, LAUNCH["dk_bk"])
     dq = triton_alloc.empty(Ttot, Hq, Dk, dtype=q.dtype, device=dev)
     dBq1 = triton_alloc.empty(Ttot, Hq, Dk, **f32)
     dBq2 = triton_alloc.empty(Ttot, Hq, Dk, **f32)
-    dwp = triton_alloc.empty(plan.n_chunks, Hq, 2, **f32)
-    _dq_bwd[(plan.n_chunks, Hq)](q, k, v, g1, g2, w, h1, h2, do, dq, dBq1, dBq2, dwp, plan.cu, plan.cseq,
-                                 plan.coff, scale, Hq, Hkv, num_warps=LAUNCH["dq"], **common)
+    dwp = triton_alloc.empty(plan.n_chunks * NB, Hq, triton.cdiv(Dk, BKq), 2, **f32)
+    _dq_bwd[(plan.n_chunks * NB, Hq, triton.cdiv(Dk, BKq))](
+        q, k, v, g1, g2, w, h1, h2, do, dq, dBq1, dBq2, dwp, plan.cu, plan.cseq, plan.coff, scale, Hq, Hkv,
+        BK=BKq, BVH=min(BV, LAUNCH["dq_bv"]), num_warps=LAUNCH["dq"], **common)
     dv = triton_alloc.empty(Ttot, Hkv, Dv, dtype=v.dtype, device=dev)
     BVd = min(BV, LAUNCH["dv_bv"])
     _dv_bwd[(plan.n_chunks, Hkv, triton.cdiv(Dv, BVd))](k, g1, g2, A, dS1, dS2, do, dv, plan.cu, plan.cseq,
@@ -172,19 +175,22 @@ def _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, scale, pl
     dk = triton_alloc.empty(Ttot, Hkv, Dk, dtype=k.dtype, device=dev)
     dgl1 = triton_alloc.empty(Ttot, Hkv, Dk, **f32)
     dgl2 = triton_alloc.empty(Ttot, Hkv, Dk, **f32)
-    tot1 = triton_alloc.empty(plan.n_chunks, Hkv, Dk, **f32)
-    tot2 = triton_alloc.empty(plan.n_chunks, Hkv, Dk, **f32)
-    _dk_bwd[(plan.n_chunks, Hkv)](q, k, v, g1, g2, w, dS1, dS2, do, dBq1, dBq2, dk, dgl1, dgl2, tot1, tot2,
-                                  plan.cu, plan.cseq, plan.coff, scale, Hq, Hkv, num_warps=LAUNCH["dk"], **common)
-    dw = dwp.sum((0, 1)).to(w.dtype)
+    tot1 = triton_alloc.empty(plan.n_chunks, NB, Hkv, Dk, **f32)
+    tot2 = triton_alloc.empty(*tot1.shape, **f32)
+    _dk_bwd[(plan.n_chunks * NB, Hkv, triton.cdiv(Dk, BKk))](
+        q, k, v, g1, g2, w, dS1, dS2, do, dBq1, dBq2, dk, dgl1, dgl2, tot1, tot2, plan.cu, plan.cseq, plan.coff,
+        scale, Hq, Hkv, BK=BKk, BVH=min(BV, LAUNCH["dk_bv"]), num_warps=LAUNCH["dk"], **common)
+    dw = dwp.sum((0, 1, 2)).to(w.dtype)
     dgs = []
     for dgl, tot, dsT, sT, g in ((dgl1, tot1, dsT1, sT1, g1), (dgl2, tot2, dsT2, sT2, g2)):
-        suf = _suffix(tot, plan)
+        t = tot.double()
+        # per block: the later chunks' totals plus the same chunk's later blocks'
+        suf = _suffix(t.sum(1), plan)[:, None] + (t.flip(1).cumsum(1).flip(1) - t)
         if has_dst:  # the final states carry exp(B_T) in every term
-            suf = suf + (dsT * sT).sum(-1).double()[plan.cseq.long()]
+            suf = suf + (dsT * sT).sum(-1).double()[plan.cseq.long()][:, None]
         dg = triton_alloc.empty(Ttot, Hkv, Dk, dtype=g.dtype, device=dev)
         _dg_finish[(plan.n_chunks, Hkv)](dgl, suf.float().contiguous(), dg, plan.cu, plan.cseq, plan.coff,
-                                         Hkv, Dk=Dk, C=CHUNK, BK=BK, num_warps=4)
+                                         Hkv, Dk=Dk, C=CHUNK, SUB=SUB, BK=BK, num_warps=4)
         dgs.append(dg)
     ds1 = ds01.to(s1.dtype) if s1 is not None else None
     ds2 = ds02.to(s2.dtype) if s2 is not None else None
@@ -193,8 +199,8 @@ def _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, scale, pl
 
 class _ChunkFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g1, g2, w, s1, s2, scale, plan, store_a):
-        o, sT1, sT2, A = _forward(q, k, v, g1, g2, w, s1, s2, scale, plan, store_a)
+    def forward(ctx, q, k, v, g1, g2, w, s1, s2, scale, plan):
+        o, sT1, sT2, A = _forward(q, k, v, g1, g2, w, s1, s2, scale, plan)
         ctx.save_for_backward(q, k, v, g1, g2, w, s1, s2, sT1, sT2, A)
         ctx.scale, ctx.plan = scale, plan
         return o, sT1, sT2
@@ -203,7 +209,7 @@ class _ChunkFn(torch.autograd.Function):
     def backward(ctx, do, dsT1, dsT2):
         q, k, v, g1, g2, w, s1, s2, sT1, sT2, A = ctx.saved_tensors
         grads = _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, ctx.scale, ctx.plan)
-        return (*grads, None, None, None)
+        return (*grads, None, None)
 
 
 def dsla_chunk_fused(q, k, v, g1, g2, w, s1=None, s2=None, scale=None, cu_seqlens=None):
@@ -232,8 +238,6 @@ def dsla_chunk_fused(q, k, v, g1, g2, w, s1=None, s2=None, scale=None, cu_seqlen
         return o, (s1.float() if s1 is not None else z), (s2.float() if s2 is not None else z.clone())
     flat = lambda x, d=dt: x.reshape(B * T, x.shape[2], x.shape[3]).to(d).contiguous()  # noqa: E731
     state = lambda s: None if s is None else s.float().contiguous()  # noqa: E731
-    # the backward needs the forward's mixed scores: store them only when a gradient may follow
-    grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, g1, g2, w, s1, s2))
     o, sT1, sT2 = _ChunkFn.apply(flat(q), flat(k), flat(v), flat(g1, torch.float32), flat(g2, torch.float32),
-                                 w.float().contiguous(), state(s1), state(s2), scale, plan, grad)
+                                 w.float().contiguous(), state(s1), state(s2), scale, plan)
     return o.view(B, T, Hq, Dv), sT1, sT2

@@ -7,7 +7,7 @@ matmuls tens of times slower.
 import pytest
 import torch
 
-from tests.conftest import randomize_dsla, tiny_model
+from tests.conftest import randomize_dsla, skip_without_default_model, tiny_model
 
 torch.set_num_threads(1)
 
@@ -38,6 +38,7 @@ def default_hybrid():
     from dsla_model.hybrid import HybridModel
     from dsla_model.loading import load_model
 
+    skip_without_default_model()
     model, tok, _ = load_model("default")
     return HybridModel(model), tok
 

@@ -4,10 +4,12 @@ import json
 import pytest
 
 from deploy.cli import main
+from tests.conftest import skip_without_default_model
 
 
 @pytest.mark.slow
 def test_cli_batch_equals_per_prompt_reference(capsys):
+    skip_without_default_model()
     argv = ["generate", "--prompt", "The Python tutorial explains", "--prompt", "Once upon a time",
             "--prompt", "def add(a, b):", "--dsla-layers", "0,14,29", "--max-tokens", "8", "--json"]
     outs = {}

