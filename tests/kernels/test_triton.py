@@ -121,11 +121,7 @@ def test_prefill_launch_variants(monkeypatch, knobs):
         g = torch.Generator().manual_seed(9)
         do = torch.randn(1, 70, 2, 32, generator=g).to(DEV)
         d1, d2 = torch.randn_like(args[6]), torch.randn_like(args[7])
-        got = _grads(lambda x: dsla_chunk_fused(*x), args, do, d1, d2)
-        want = _grads(lambda x: _rec64(*x), [x.cpu() for x in args], do.cpu().double(), d1.cpu().double(),
-                      d2.cpu().double())
-        for name, a, b in zip(GRAD_NAMES, got, want):
-            assert _rel(a.cpu(), b) < 1e-5, name
+        _assert_grads_match_fp64(args, do, d1, d2, 1e-5)
 
 
 def test_prefill_strong_decay_is_exact():
@@ -170,6 +166,15 @@ def _grads(fn, args, do, d1, d2):
 GRAD_NAMES = ["q", "k", "v", "g1", "g2", "w", "s1", "s2"]
 
 
+def _assert_grads_match_fp64(args, do, d1, d2, tol):
+    """Every input's gradient through the fused kernels against the float64 recurrence."""
+    got = _grads(lambda x: dsla_chunk_fused(*x), args, do, d1, d2)
+    want = _grads(lambda x: _rec64(*x), [x.cpu() for x in args], do.cpu().double(), d1.cpu().double(),
+                  d2.cpu().double())
+    for name, a, b in zip(GRAD_NAMES, got, want):
+        assert _rel(a.cpu(), b) < tol, name
+
+
 @pytest.mark.parametrize("shape,strong", [((2, 37, 2, 1, 16, 16), False), ((1, 70, 1, 1, 16, 32), True)])
 def test_prefill_gradients_fp32(shape, strong):
     args = _inputs(*shape, torch.float32, seed=3, strong=strong)
@@ -182,13 +187,8 @@ def test_prefill_gradients_fp32(shape, strong):
         # leaves ~1e-7 absolute error, large relative to the tiny gradient. Leave the
         # final states out here; the other tests cover their gradient.
         d1, d2 = d1 * 0, d2 * 0
-    got = _grads(lambda x: dsla_chunk_fused(*x), args, do, d1, d2)
-    want = _grads(lambda x: _rec64(*x), [x.cpu() for x in args], do.cpu().double(), d1.cpu().double(),
-                  d2.cpu().double())
     # strong decay: ~1e-22 gate gradients; the GPU's approximate exp leaves 1.03e-5 there (H200)
-    tol = 2e-5 if strong else 1e-5
-    for name, a, b in zip(GRAD_NAMES, got, want):
-        assert _rel(a.cpu(), b) < tol, name
+    _assert_grads_match_fp64(args, do, d1, d2, 2e-5 if strong else 1e-5)
 
 
 def test_prefill_gradients_varlen_bf16():
