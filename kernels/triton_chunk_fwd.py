@@ -102,13 +102,6 @@ def exact_block(q, g, J, C: tl.constexpr, SUB: tl.constexpr, kJ):
 
 
 @triton.jit
-def from_row(g, r, C: tl.constexpr):
-    """sum_{u=r..t} g_u for every row t >= r of a [C, BK] tile of log decays (0 for t < r):
-    b_t - b_{r-1} as a direct sum, not a difference of two long cumsums."""
-    return tl.cumsum(tl.where((tl.arange(0, C) >= r)[:, None], g, 0.), axis=0)
-
-
-@triton.jit
 def to_end(x, g):
     """x_s exp(sum_{u>s} g_u): rows decayed to the chunk's end (<= 1, a direct sum)."""
     return x * tl.exp(tl.cumsum(g, axis=0, reverse=True) - g)

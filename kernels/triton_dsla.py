@@ -13,7 +13,8 @@ import torch
 import triton
 
 from kernels import triton_alloc
-from kernels.triton_chunk_bwd import _dg_finish, _dk_bwd, _dq_bwd, _dv_bwd, _states_bwd
+from kernels.triton_chunk_bwd import _dg_finish, _dv_bwd, _states_bwd
+from kernels.triton_chunk_dqk import _dk_bwd, _dp_bwd, _dq_bwd
 from kernels.triton_chunk_fwd import CHUNK, RANGE_MAX, SUB, _output_fwd, _scores_fwd, _states_fwd
 from kernels.triton_decode import dsla_decode_fused  # noqa: F401  (re-exported)
 
@@ -120,7 +121,7 @@ def _forward(q, k, v, g1, g2, w, s1, s2, scale, plan):
     _output_fwd[(plan.n_chunks, Hq, triton.cdiv(Dv, BVo))](
         q, v, g1, g2, w, h1, h2, A, o, plan.cu, plan.cseq, plan.coff, scale, Hq, Hkv, G=Hq // Hkv, Dk=Dk, Dv=Dv,
         C=CHUNK, BK=BK, BV=BVo, IEEE=ieee, num_warps=LAUNCH["output"])
-    return o, sT1, sT2, A
+    return o, sT1, sT2, A, b1, b2
 
 
 def _suffix(tot, plan):
@@ -132,15 +133,16 @@ def _suffix(tot, plan):
     return R[:-1] - t - R[nxt]
 
 
-def _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, scale, plan):
+def _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, b1, b2, scale, plan):
     Ttot, Hq, Dk = q.shape
     Hkv, Dv = k.shape[1], v.shape[2]
     G = Hq // Hkv
     dev = q.device
     ieee = q.dtype == torch.float32
     BKs, BVs, BK, BV = _blocks(Dk, Dv)
-    # fp32 chunk states for the backward: bf16 snapshots biased dw by ~1% (0.1% in fp32)
-    h1, h2, _, _ = _states(k, v, g1, g2, s1, s2, plan, Hkv, Dk, Dv, True, ieee, torch.float32)
+    # fp32 chunk states for the backward (bf16 snapshots biased dw by ~1%, 0.1% in fp32),
+    # walked from the forward's block cumsums b1, b2 (no gate scans)
+    h1, h2, _, _ = _states(k, v, b1, b2, s1, s2, plan, Hkv, Dk, Dv, True, ieee, torch.float32, pre=True)
     do = do.contiguous()
     N = plan.n_seq
     has_dst = dsT1 is not None or dsT2 is not None
@@ -158,14 +160,16 @@ def _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, scale, pl
                       Dk=Dk, Dv=Dv, C=CHUNK, BK=BKs, BV=BVs, HAS_DST=has_dst, IEEE=ieee,
                       num_warps=LAUNCH["states_bwd"])
     common = dict(G=G, Dk=Dk, Dv=Dv, C=CHUNK, SUB=SUB, BV=BV, RANGE_MAX=RANGE_MAX, IEEE=ieee)
-    NB = CHUNK // SUB  # dq and dk: one program per 16-row block and Dk block
+    dP = triton_alloc.empty(Ttot, Hq, CHUNK, **f32)  # scale dO v^T, read by both dq and dk
+    _dp_bwd[(plan.n_chunks, Hq)](v, do, dP, plan.cu, plan.cseq, plan.coff, scale, Hq, Hkv, G=G, Dv=Dv, C=CHUNK,
+                                 BV=min(BV, 64), IEEE=ieee, num_warps=4)
     BKq, BKk = min(BK, LAUNCH["dq_bk"]), min(BK, LAUNCH["dk_bk"])
     dq = triton_alloc.empty(Ttot, Hq, Dk, dtype=q.dtype, device=dev)
     dBq1 = triton_alloc.empty(Ttot, Hq, Dk, **f32)
     dBq2 = triton_alloc.empty(Ttot, Hq, Dk, **f32)
-    dwp = triton_alloc.empty(plan.n_chunks * NB, Hq, triton.cdiv(Dk, BKq), 2, **f32)
-    _dq_bwd[(plan.n_chunks * NB, Hq, triton.cdiv(Dk, BKq))](
-        q, k, v, g1, g2, w, h1, h2, do, dq, dBq1, dBq2, dwp, plan.cu, plan.cseq, plan.coff, scale, Hq, Hkv,
+    dwp = triton_alloc.empty(plan.n_chunks, Hq, triton.cdiv(Dk, BKq), 2, **f32)
+    _dq_bwd[(plan.n_chunks, Hq, triton.cdiv(Dk, BKq))](
+        q, k, g1, g2, w, h1, h2, do, dP, dq, dBq1, dBq2, dwp, plan.cu, plan.cseq, plan.coff, scale, Hq, Hkv,
         BK=BKq, BVH=min(BV, LAUNCH["dq_bv"]), num_warps=LAUNCH["dq"], **common)
     dv = triton_alloc.empty(Ttot, Hkv, Dv, dtype=v.dtype, device=dev)
     BVd = min(BV, LAUNCH["dv_bv"])
@@ -175,22 +179,20 @@ def _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, scale, pl
     dk = triton_alloc.empty(Ttot, Hkv, Dk, dtype=k.dtype, device=dev)
     dgl1 = triton_alloc.empty(Ttot, Hkv, Dk, **f32)
     dgl2 = triton_alloc.empty(Ttot, Hkv, Dk, **f32)
-    tot1 = triton_alloc.empty(plan.n_chunks, NB, Hkv, Dk, **f32)
+    tot1 = triton_alloc.empty(plan.n_chunks, Hkv, Dk, **f32)
     tot2 = triton_alloc.empty(*tot1.shape, **f32)
-    _dk_bwd[(plan.n_chunks * NB, Hkv, triton.cdiv(Dk, BKk))](
-        q, k, v, g1, g2, w, dS1, dS2, do, dBq1, dBq2, dk, dgl1, dgl2, tot1, tot2, plan.cu, plan.cseq, plan.coff,
-        scale, Hq, Hkv, BK=BKk, BVH=min(BV, LAUNCH["dk_bv"]), num_warps=LAUNCH["dk"], **common)
+    _dk_bwd[(plan.n_chunks, Hkv, triton.cdiv(Dk, BKk))](
+        q, k, v, g1, g2, w, dS1, dS2, dP, dBq1, dBq2, dk, dgl1, dgl2, tot1, tot2, plan.cu, plan.cseq, plan.coff,
+        Hq, Hkv, BK=BKk, BVH=min(BV, LAUNCH["dk_bv"]), num_warps=LAUNCH["dk"], **common)
     dw = dwp.sum((0, 1, 2)).to(w.dtype)
     dgs = []
     for dgl, tot, dsT, sT, g in ((dgl1, tot1, dsT1, sT1, g1), (dgl2, tot2, dsT2, sT2, g2)):
-        t = tot.double()
-        # per block: the later chunks' totals plus the same chunk's later blocks'
-        suf = _suffix(t.sum(1), plan)[:, None] + (t.flip(1).cumsum(1).flip(1) - t)
+        suf = _suffix(tot, plan)  # per chunk: the later chunks' totals of the same sequence
         if has_dst:  # the final states carry exp(B_T) in every term
-            suf = suf + (dsT * sT).sum(-1).double()[plan.cseq.long()][:, None]
+            suf = suf + (dsT * sT).sum(-1).double()[plan.cseq.long()]
         dg = triton_alloc.empty(Ttot, Hkv, Dk, dtype=g.dtype, device=dev)
         _dg_finish[(plan.n_chunks, Hkv)](dgl, suf.float().contiguous(), dg, plan.cu, plan.cseq, plan.coff,
-                                         Hkv, Dk=Dk, C=CHUNK, SUB=SUB, BK=BK, num_warps=4)
+                                         Hkv, Dk=Dk, C=CHUNK, BK=BK, num_warps=4)
         dgs.append(dg)
     ds1 = ds01.to(s1.dtype) if s1 is not None else None
     ds2 = ds02.to(s2.dtype) if s2 is not None else None
@@ -200,15 +202,15 @@ def _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, scale, pl
 class _ChunkFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g1, g2, w, s1, s2, scale, plan):
-        o, sT1, sT2, A = _forward(q, k, v, g1, g2, w, s1, s2, scale, plan)
-        ctx.save_for_backward(q, k, v, g1, g2, w, s1, s2, sT1, sT2, A)
+        o, sT1, sT2, A, b1, b2 = _forward(q, k, v, g1, g2, w, s1, s2, scale, plan)
+        ctx.save_for_backward(q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, b1, b2)
         ctx.scale, ctx.plan = scale, plan
         return o, sT1, sT2
 
     @staticmethod
     def backward(ctx, do, dsT1, dsT2):
-        q, k, v, g1, g2, w, s1, s2, sT1, sT2, A = ctx.saved_tensors
-        grads = _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, ctx.scale, ctx.plan)
+        q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, b1, b2 = ctx.saved_tensors
+        grads = _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, b1, b2, ctx.scale, ctx.plan)
         return (*grads, None, None)
 
 
