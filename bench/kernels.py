@@ -199,12 +199,8 @@ SWEEP = (
     ("scores", [dict(scores=2), dict(scores=4)]),
     ("output", [dict(output=4, output_bv=128), dict(output=8, output_bv=128)]),
 )
-# dq / dk at whole-chunk tiles: warps, Dk block and the Dv slice of the inter-chunk products
-BWD_SWEEP = [dict(dq=4, dk=4, dq_bk=32, dk_bk=32, dq_bv=32, dk_bv=32),
-             dict(dq=4, dk=4, dq_bk=32, dk_bk=32, dq_bv=64, dk_bv=64),
-             dict(dq=8, dk=8, dq_bk=64, dk_bk=64, dq_bv=32, dk_bv=32),
-             dict(dq=4, dk=4, dq_bk=64, dk_bk=64, dq_bv=32, dk_bv=32),
-             dict(dq=8, dk=8, dq_bk=32, dk_bk=32, dq_bv=64, dk_bv=64)]
+# warps must follow the Dk block (64 rows with 4 warps spills; kernels/triton_chunk_bwd.py)
+BWD_SWEEP = [dict(dq=8, dk=8, dq_bk=64, dk_bk=64, dv=8, states_bwd=8), dict(dq=4, dk=4, dq_bk=32, dk_bk=32, dv=8, states_bwd=8)]
 
 
 def _qkvg(T):
@@ -219,11 +215,9 @@ def _qkvg(T):
 def _kernel_stats(rows, T):
     """Registers / spills of every compiled variant of the chunk kernels (from Triton's cache)."""
     from kernels import triton_chunk_bwd as B
-    from kernels import triton_chunk_dqk as Q
     from kernels import triton_chunk_fwd as F
 
-    for fn in (F._states_fwd, F._scores_fwd, F._output_fwd, B._states_bwd, Q._dp_bwd, Q._dq_bwd, B._dv_bwd,
-               Q._dk_bwd):
+    for fn in (F._states_fwd, F._scores_fwd, F._output_fwd, B._states_bwd, B._dq_bwd, B._dv_bwd, B._dk_bwd):
         for dev_cache in getattr(fn, "device_caches", {}).values():
             for key, kern in dev_cache[0].items():
                 nw = getattr(getattr(kern, "metadata", None), "num_warps", None)

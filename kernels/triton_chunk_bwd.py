@@ -1,24 +1,45 @@
-"""Fused dual-state chunked prefill, backward: the state walks, dv and the gate-gradient finish (Triton).
+"""Fused dual-state chunked prefill, backward (Triton).
 
 Notation per state i: b = chunk-relative inclusive cumsum of the log decay,
 h_c = state at the start of chunk c (recomputed by `_states_fwd`, fp32),
-dS_c = gradient w.r.t. the state at the END of chunk c, dO' = scale * dO.
+dS_c = gradient w.r.t. the state at the END of chunk c, dO' = scale * dO,
+dP[t,s] = dO'_t . v_s for s < t (the diagonal s = t is handled apart, see below).
 
   1. `_states_bwd`: per (sequence, kv head, Dk block, Dv block), walk the chunks backwards
      carrying both dS in registers:  dS_{c-1} = exp(b_last) dS_c + w_i sum_group (q exp(b))^T dO'
      storing dS_c for every chunk and, at the end, the initial states' gradients.
-  2. dP, dq and dk: kernels/triton_chunk_dqk.py.
+  2. `_dq_bwd` per (chunk, query head, 16-row query block, Dk block):
+         dq~_i = (dO' h_i^T) exp(b_i) + sum_{s<t} dP[t,s] k_s exp(b_t - b_s)     (unweighted)
+         dq    = sum_i w_i dq~_i + (w_0 + w_1) dpd k,   dpd_t = dO'_t . v_t (the diagonal)
+     and writes dBq_i = w_i q dq~_i (the query half of the gate gradient) and per-program dw sums.
   3. `_dv_bwd` per (chunk, kv head): dv = sum_group A^T dO' + sum_i (k exp(b_last - b_i)) dS_i,
      with A the mixed scores the forward stored.
-  4. `_dg_finish`: the gate gradient = `_dk_bwd`'s chunk-local reverse cumsum + the later
-     chunks' totals of the sequence (summed on the host).
+  4. `_dk_bwd` per (chunk, kv head, 16-row key block, Dk block):
+         dk_i = w_i sum_{t>s} dP[t,s] q_t exp(b_t - b_s) + (v dS_i^T) exp(b_last - b_i)
+         dk   = sum_i dk_i + (w_0 + w_1) sum_group dpd q
+     and the gate gradient's block-local part: dB_i = sum_group dBq_i - k dk_i, reverse-cumsummed
+     inside the block, plus each block's total; the host sums the later blocks' totals of the
+     sequence and `_dg_finish` adds them.
+The diagonal pairs s = t cancel in the gate gradient, so they stay out of dq~ and dk_i.
+Every output column depends only on the same column of k, q and g (dP does not depend on Dk),
+so dq and dk also split Dk across programs, which keeps their tiles small.
+The intra-chunk sums use the forward's block walk (triton_chunk_fwd.py): a program
+owns one block and walks the other blocks carrying the decay of the blocks strictly between,
+so every exponent is a direct sum of log decays <= 0 and only 16-row scans are needed; the
+diagonal block factors exp(b) when it decays by at most RANGE_MAX, else takes an exact form.
+
+Product order: Triton (warpsPerTileV2, mma v2) gives every tensor-core product of a region
+the warp layout of the one it lays out first, the last in program order. A [16, 16] product
+(dP) laid out first puts all warps on its 16 rows, which makes the [16, Dk] products of the
+region run replicated in every warp with the whole right operand in each (255 registers and
+heavy spills, measured with ptxas). So each region ends with a [16, Dk] product.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from kernels.triton_chunk_fwd import chunk_tile, load_rows, mm, to_end
+from kernels.triton_chunk_fwd import chunk_tile, from_row, load_rows, mm, mm_precise, row_of, to_end
 
 
 @triton.jit
@@ -75,6 +96,112 @@ def _states_bwd(q, g1, g2, w, do, dsT1, dsT2, dS1, dS2, ds01, ds02, cu, coff, sc
 
 
 @triton.jit
+def dq_diag_exact(dPm, kI, gI, SUB: tl.constexpr):
+    """sum_{s<t} dPm[t,s] k_s exp(sum_{u in (s, t]} g_u) inside one block, key column by key
+    column: for a block that decays by more than RANGE_MAX, where a factored exp(-b) could
+    overflow. dPm is zero for s >= t."""
+    sr = tl.arange(0, SUB)
+    out = tl.zeros_like(gI)
+    for j in range(SUB):  # rows t <= j have dPm = 0: their exp(0) = 1 is harmless
+        ps = tl.sum(tl.where((sr == j)[None, :], dPm, 0.), axis=1)
+        out += ps[:, None] * row_of(kI, j, SUB)[None, :] * tl.exp(from_row(gI, j + 1, SUB))
+    return out
+
+
+@triton.jit
+def _dq_bwd(q, k, v, g1, g2, w, h1, h2, do, dq, dBq1, dBq2, dwp, cu, cseq, coff, scale,
+            Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr,
+            C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BVH: tl.constexpr,
+            RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
+    """Per (chunk, query head, query block I, Dk block): dq of the block's rows, the query half
+    of both gate gradients, and dw's per-program sums.
+
+    Key blocks J < I are visited from I-1 down to 0 carrying mid_i = the log decay of the
+    blocks strictly between J and I, so that for t in I, s in J
+        exp(b_t - b_s) = exp(bI_t) exp(rest_J,s + mid_i)
+    (bI: within-block inclusive cumsum, rest_J: decay from a key row to its block's end): the
+    walk accumulates dP_IJ (k_J exp(rest_J + mid)) with exponents <= 0 and the block's rows take
+    exp(bI) once at the end. The diagonal block starts the sum with dP_II (k_I exp(-bI)) when
+    it decays by at most RANGE_MAX, else takes the exact form after. After the walk mid_i is
+    b at the block's start, which gives the inter-chunk term (dO' h_i^T) exp(mid_i) exp(bI).
+    h is read BVH columns of Dv at a time, so its tile never sits in registers whole."""
+    pid = tl.program_id(0)
+    hq = tl.program_id(1)
+    ik = tl.program_id(2)
+    hk = hq // G
+    ic = pid // (C // SUB)
+    I = C // SUB - 1 - pid % (C // SUB)  # the longest walks start first
+    t0, eos, _, _ = chunk_tile(cu, cseq, coff, ic, C)
+    sr = tl.arange(0, SUB)
+    dk = ik * BK + tl.arange(0, BK)
+    dv = tl.arange(0, BV)
+    mk = dk < Dk
+    mv = dv < Dv
+    w0 = tl.load(w)
+    w1 = tl.load(w + 1)
+    tI = t0 + I * SUB + sr
+    mI = tI < eos
+    # dP = dO' v^T from the inputs' own dtype (exact bf16 products, fp32 sums), scaled after;
+    # pairs s < t only: the diagonal s = t stays out of dq~ (it cancels in the gate gradient)
+    dd = load_rows(do, tI, mI, Hq, hq, Dv, dv, mv)
+    dPm = tl.where(sr[:, None] > sr[None, :], mm(dd, tl.trans(load_rows(v, tI, mI, Hkv, hk, Dv, dv, mv)), IEEE), 0.)
+    dPm = dPm * scale
+    kI = load_rows(k, tI, mI, Hkv, hk, Dk, dk, mk).to(tl.float32)
+    gI = load_rows(g1, tI, mI, Hkv, hk, Dk, dk, mk).to(tl.float32)
+    fast1 = tl.max(-tl.sum(gI, axis=0), axis=0) <= RANGE_MAX
+    acc1 = mm(tl.where(fast1, dPm, 0.), kI * tl.exp(tl.minimum(-tl.cumsum(gI, axis=0), RANGE_MAX)), IEEE)
+    gI = load_rows(g2, tI, mI, Hkv, hk, Dk, dk, mk).to(tl.float32)
+    fast2 = tl.max(-tl.sum(gI, axis=0), axis=0) <= RANGE_MAX
+    acc2 = mm(tl.where(fast2, dPm, 0.), kI * tl.exp(tl.minimum(-tl.cumsum(gI, axis=0), RANGE_MAX)), IEEE)
+    mid1 = tl.zeros([BK], dtype=tl.float32)
+    mid2 = tl.zeros([BK], dtype=tl.float32)
+    # a block past the sequence's end stores zeros: it skips the walk
+    for jj in range(0, tl.where(t0 + I * SUB < eos, I, 0)):
+        J = I - 1 - jj
+        tJ = t0 + J * SUB + sr
+        mJ = tJ < eos
+        kJ = load_rows(k, tJ, mJ, Hkv, hk, Dk, dk, mk).to(tl.float32)
+        dP = mm(dd, tl.trans(load_rows(v, tJ, mJ, Hkv, hk, Dv, dv, mv)), IEEE) * scale
+        gJ = load_rows(g1, tJ, mJ, Hkv, hk, Dk, dk, mk).to(tl.float32)
+        acc1 += mm(dP, kJ * tl.exp(tl.cumsum(gJ, axis=0, reverse=True) - gJ + mid1[None, :]), IEEE)
+        mid1 += tl.sum(gJ, axis=0)
+        gJ = load_rows(g2, tJ, mJ, Hkv, hk, Dk, dk, mk).to(tl.float32)
+        acc2 += mm(dP, kJ * tl.exp(tl.cumsum(gJ, axis=0, reverse=True) - gJ + mid2[None, :]), IEEE)
+        mid2 += tl.sum(gJ, axis=0)
+    # the inter-chunk products end the kernel body (see the module docstring: product order)
+    x1 = tl.zeros([SUB, BK], dtype=tl.float32)
+    x2 = tl.zeros([SUB, BK], dtype=tl.float32)
+    hrow = ((ic * Hkv + hk) * Dk + dk[:, None]).to(tl.int64) * Dv
+    for iv in tl.static_range(0, BV, BVH):
+        dvh = iv + tl.arange(0, BVH)
+        mvh = dvh < Dv
+        mh = mk[:, None] & mvh[None, :]
+        ddh = load_rows(do, tI, mI, Hq, hq, Dv, dvh, mvh).to(tl.float32)
+        x1 += mm(ddh, tl.trans(tl.load(h1 + hrow + dvh[None, :], mask=mh, other=0.)), IEEE)
+        x2 += mm(ddh, tl.trans(tl.load(h2 + hrow + dvh[None, :], mask=mh, other=0.)), IEEE)
+    qI = load_rows(q, tI, mI, Hq, hq, Dk, dk, mk).to(tl.float32)
+    dpd = scale * tl.sum(dd.to(tl.float32) * load_rows(v, tI, mI, Hkv, hk, Dv, dv, mv).to(tl.float32), axis=1)
+    qk_diag = tl.sum(dpd * tl.sum(qI * kI, axis=1), axis=0)
+    gI = load_rows(g1, tI, mI, Hkv, hk, Dk, dk, mk).to(tl.float32)
+    dq1 = tl.exp(tl.cumsum(gI, axis=0)) * (acc1 + x1 * (scale * tl.exp(mid1))[None, :])
+    if not fast1:
+        dq1 += dq_diag_exact(dPm, kI, gI, SUB)
+    gI = load_rows(g2, tI, mI, Hkv, hk, Dk, dk, mk).to(tl.float32)
+    dq2 = tl.exp(tl.cumsum(gI, axis=0)) * (acc2 + x2 * (scale * tl.exp(mid2))[None, :])
+    if not fast2:
+        dq2 += dq_diag_exact(dPm, kI, gI, SUB)
+    out = (tI[:, None] * Hq + hq).to(tl.int64) * Dk + dk[None, :]
+    m_out = mI[:, None] & mk[None, :]
+    tl.store(dBq1 + out, w0 * qI * dq1, mask=m_out)
+    tl.store(dBq2 + out, w1 * qI * dq2, mask=m_out)
+    wp = dwp + ((pid * Hq + hq) * tl.num_programs(2) + ik) * 2
+    tl.store(wp, tl.sum(tl.sum(qI * dq1, axis=1), axis=0) + qk_diag)
+    tl.store(wp + 1, tl.sum(tl.sum(qI * dq2, axis=1), axis=0) + qk_diag)
+    dq_tot = w0 * dq1 + w1 * dq2 + (w0 + w1) * dpd[:, None] * kI
+    tl.store(dq + out, dq_tot.to(dq.dtype.element_ty), mask=m_out)
+
+
+@triton.jit
 def _dv_bwd(k, g1, g2, A, dS1, dS2, do, dv_out, cu, cseq, coff, scale,
             Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr,
             C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr):
@@ -107,14 +234,152 @@ def _dv_bwd(k, g1, g2, A, dS1, dS2, do, dv_out, cu, cseq, coff, scale,
 
 
 @triton.jit
-def _dg_finish(dgl, suf, dg, cu, cseq, coff, Hkv, Dk: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
-    """dg = chunk-local reverse cumsum + the later chunks' totals of the same sequence."""
+def dk_diag_state(dPt, qJ, gJ, fast, wi, SUB: tl.constexpr, RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
+    """One state's dk_i from the diagonal block: the block form when the block decays by at
+    most RANGE_MAX, the exact row-by-row form otherwise."""
+    b = tl.cumsum(gJ, axis=0)
+    d = wi * tl.exp(tl.minimum(-b, RANGE_MAX)) * mm(tl.where(fast, dPt, 0.), qJ * tl.exp(b), IEEE)
+    if not fast:
+        d += wi * dk_diag_exact(dPt, qJ, gJ, SUB)
+    return d
+
+
+@triton.jit
+def dk_diag_exact(dPt, qJ, gJ, SUB: tl.constexpr):
+    """sum_{t>s} dPt[s,t] q_t exp(sum_{u in (s, t]} g_u) inside one block, query row by query
+    row: for a block that decays by more than RANGE_MAX. dPt (= dP^T) is zero for t <= s."""
+    sr = tl.arange(0, SUB)
+    out = tl.zeros_like(gJ)
+    for i in range(SUB):  # rows s >= i have dPt = 0
+        gm = tl.where((sr <= i)[:, None], gJ, 0.)
+        pt = tl.sum(tl.where((sr == i)[None, :], dPt, 0.), axis=1)
+        out += pt[:, None] * row_of(qJ, i, SUB)[None, :] * tl.exp(tl.cumsum(gm, axis=0, reverse=True) - gm)
+    return out
+
+
+@triton.jit
+def dk_inter(v, dS, tJ, mJ, hk, Hkv, srow, Dv: tl.constexpr, mk, SUB: tl.constexpr, BK: tl.constexpr,
+             BV: tl.constexpr, BVH: tl.constexpr, IEEE: tl.constexpr):
+    """v_J dS^T, BVH columns of Dv at a time (the dS tile never sits in registers whole). fp32
+    dS and a near-fp32 product: k.dk from the final state cancels against the final-state term
+    of the gate gradient (dS_T . S_T), computed in fp32."""
+    x = tl.zeros([SUB, BK], dtype=tl.float32)
+    for iv in tl.static_range(0, BV, BVH):
+        dvh = iv + tl.arange(0, BVH)
+        mvh = dvh < Dv
+        vh = load_rows(v, tJ, mJ, Hkv, hk, Dv, dvh, mvh).to(tl.float32)
+        dSh = tl.load(dS + srow + dvh[None, :], mask=mk[:, None] & mvh[None, :], other=0.)
+        x += mm_precise(vh, tl.trans(dSh), IEEE)
+    return x
+
+
+@triton.jit
+def _dk_bwd(q, k, v, g1, g2, w, dS1, dS2, do, dBq1, dBq2, dk_out, dgl1, dgl2, tot1, tot2, cu, cseq, coff, scale,
+            Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr,
+            C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BVH: tl.constexpr,
+            RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
+    """Per (chunk, kv head, key block J, Dk block): dk of the block's rows (both states, the
+    whole query group) and the gate gradients' block-local parts: the reverse cumsum of dB_i
+    inside the block and the block's total (`_dg_finish` adds the later blocks'; reads dBq
+    from `_dq_bwd`).
+
+    Query blocks I > J are visited in order carrying mid_i = the log decay of the blocks
+    strictly between J and I, so that for s in J, t in I
+        exp(b_t - b_s) = exp(rest_J,s) exp(bI_t + mid_i)
+    and the walk accumulates dP_IJ^T (q_I exp(bI + mid)) with exponents <= 0; the block's rows
+    take exp(rest_J) once at the end. The diagonal block is exp(-bJ) dP_JJ^T (q_J exp(bJ))
+    when it decays by at most RANGE_MAX, else exact. After the walk mid_i is the decay from
+    the block's end to the chunk's end, which gives the inter-chunk term (v dS_i^T) exp(b_last - b)."""
+    pid = tl.program_id(0)
+    hk = tl.program_id(1)
+    ik = tl.program_id(2)
+    ic = pid // (C // SUB)
+    J = pid % (C // SUB)  # the longest walks start first
+    t0, eos, _, _ = chunk_tile(cu, cseq, coff, ic, C)
+    sr = tl.arange(0, SUB)
+    dk = ik * BK + tl.arange(0, BK)
+    dv = tl.arange(0, BV)
+    mk = dk < Dk
+    mv = dv < Dv
+    w0 = tl.load(w)
+    w1 = tl.load(w + 1)
+    tJ = t0 + J * SUB + sr
+    mJ = tJ < eos
+    mJK = mJ[:, None] & mk[None, :]
+    vJ = load_rows(v, tJ, mJ, Hkv, hk, Dv, dv, mv)  # dP from the inputs' own dtype, scaled after
+    kJ = load_rows(k, tJ, mJ, Hkv, hk, Dk, dk, mk).to(tl.float32)
+    gJ1 = load_rows(g1, tJ, mJ, Hkv, hk, Dk, dk, mk).to(tl.float32)
+    gJ2 = load_rows(g2, tJ, mJ, Hkv, hk, Dk, dk, mk).to(tl.float32)
+    fast1 = tl.max(-tl.sum(gJ1, axis=0), axis=0) <= RANGE_MAX
+    fast2 = tl.max(-tl.sum(gJ2, axis=0), axis=0) <= RANGE_MAX
+    # the diagonal block, the diagonal pairs s = t (they stay out of dk_i: they cancel in the
+    # gate gradient) and the group's dBq; dk_i's diagonal part goes straight into dk and dB_i
+    dk_tot = tl.zeros([SUB, BK], dtype=tl.float32)
+    dB1 = tl.zeros([SUB, BK], dtype=tl.float32)
+    dB2 = tl.zeros([SUB, BK], dtype=tl.float32)
+    for gi in range(G):
+        hq = hk * G + gi
+        qoff = (tJ[:, None] * Hq + hq).to(tl.int64) * Dk + dk[None, :]
+        qJ = tl.load(q + qoff, mask=mJK, other=0.).to(tl.float32)
+        dJ = load_rows(do, tJ, mJ, Hq, hq, Dv, dv, mv)
+        dk_tot += (w0 + w1) * (scale * tl.sum(dJ.to(tl.float32) * vJ.to(tl.float32), axis=1))[:, None] * qJ
+        dPt = tl.where(sr[:, None] < sr[None, :], mm(vJ, tl.trans(dJ), IEEE), 0.) * scale  # [s, t]
+        d = dk_diag_state(dPt, qJ, gJ1, fast1, w0, SUB, RANGE_MAX, IEEE)
+        dk_tot += d
+        dB1 += tl.load(dBq1 + qoff, mask=mJK, other=0.) - kJ * d
+        d = dk_diag_state(dPt, qJ, gJ2, fast2, w1, SUB, RANGE_MAX, IEEE)
+        dk_tot += d
+        dB2 += tl.load(dBq2 + qoff, mask=mJK, other=0.) - kJ * d
+    acc1 = tl.zeros([SUB, BK], dtype=tl.float32)
+    acc2 = tl.zeros([SUB, BK], dtype=tl.float32)
+    mid1 = tl.zeros([BK], dtype=tl.float32)
+    mid2 = tl.zeros([BK], dtype=tl.float32)
+    # blocks past the sequence's end add nothing (their g reads 0, so neither does their decay)
+    for I in range(J + 1, tl.minimum(tl.cdiv(eos - t0, SUB), C // SUB).to(tl.int32)):
+        tI = t0 + I * SUB + sr
+        mI = tI < eos
+        gI = load_rows(g1, tI, mI, Hkv, hk, Dk, dk, mk).to(tl.float32)
+        e1 = tl.exp(tl.cumsum(gI, axis=0) + mid1[None, :])
+        mid1 += tl.sum(gI, axis=0)
+        gI = load_rows(g2, tI, mI, Hkv, hk, Dk, dk, mk).to(tl.float32)
+        e2 = tl.exp(tl.cumsum(gI, axis=0) + mid2[None, :])
+        mid2 += tl.sum(gI, axis=0)
+        for gi in range(G):
+            hq = hk * G + gi
+            qI = load_rows(q, tI, mI, Hq, hq, Dk, dk, mk).to(tl.float32)
+            dPt = mm(vJ, tl.trans(load_rows(do, tI, mI, Hq, hq, Dv, dv, mv)), IEEE) * scale  # [s, t]
+            acc1 += mm(dPt, qI * e1, IEEE)
+            acc2 += mm(dPt, qI * e2, IEEE)
+    # the inter-chunk products end the kernel body (see the module docstring: product order)
+    srow = ((ic * Hkv + hk) * Dk + dk[:, None]).to(tl.int64) * Dv
+    toff = (pid * Hkv + hk).to(tl.int64) * Dk + dk
+    out = (tJ[:, None] * Hkv + hk).to(tl.int64) * Dk + dk[None, :]
+    x = dk_inter(v, dS1, tJ, mJ, hk, Hkv, srow, Dv, mk, SUB, BK, BV, BVH, IEEE)
+    d = tl.exp(tl.cumsum(gJ1, axis=0, reverse=True) - gJ1) * (w0 * acc1 + x * tl.exp(mid1)[None, :])
+    dk_tot += d
+    dB1 -= kJ * d
+    tl.store(dgl1 + out, tl.cumsum(dB1, axis=0, reverse=True), mask=mJK)
+    tl.store(tot1 + toff, tl.sum(dB1, axis=0), mask=mk)
+    x = dk_inter(v, dS2, tJ, mJ, hk, Hkv, srow, Dv, mk, SUB, BK, BV, BVH, IEEE)
+    d = tl.exp(tl.cumsum(gJ2, axis=0, reverse=True) - gJ2) * (w1 * acc2 + x * tl.exp(mid2)[None, :])
+    dk_tot += d
+    dB2 -= kJ * d
+    tl.store(dgl2 + out, tl.cumsum(dB2, axis=0, reverse=True), mask=mJK)
+    tl.store(tot2 + toff, tl.sum(dB2, axis=0), mask=mk)
+    tl.store(dk_out + out, dk_tot.to(dk_out.dtype.element_ty), mask=mJK)
+
+
+@triton.jit
+def _dg_finish(dgl, suf, dg, cu, cseq, coff, Hkv, Dk: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr,
+               BK: tl.constexpr):
+    """dg = block-local reverse cumsum + the later blocks' totals of the same sequence."""
     ic = tl.program_id(0)
     hk = tl.program_id(1)
     t0, eos, t, mt = chunk_tile(cu, cseq, coff, ic, C)
     dk = tl.arange(0, BK)
     mk = dk < Dk
+    blk = ic * (C // SUB) + tl.arange(0, C) // SUB
     x = load_rows(dgl, t, mt, Hkv, hk, Dk, dk, mk)
-    x += tl.load(suf + (ic * Hkv + hk).to(tl.int64) * Dk + dk, mask=mk, other=0.)[None, :]
+    x += tl.load(suf + (blk[:, None] * Hkv + hk).to(tl.int64) * Dk + dk[None, :], mask=mk[None, :], other=0.)
     tl.store(dg + (t[:, None] * Hkv + hk).to(tl.int64) * Dk + dk[None, :], x.to(dg.dtype.element_ty),
              mask=mt[:, None] & mk[None, :])

@@ -14,7 +14,7 @@ Three launches:
      states. With PRE it reads the block cumsums, so a step needs no scan; the next
      chunk's loads are issued before the current chunk's arithmetic (PREFETCH).
   3. `_output_fwd`: per (chunk, query head, Dv block): A v plus q exp(b_i) h_i of both
-     states, at M = C rows.
+     states, at M = C rows, exp(b_i) from the block cumsums.
 
 Every exponent is a sum of log decays over at most one block plus whole-block totals, so
 it is <= 0 or bounded by the block's own decay (see `_scores_fwd`); a block that decays by
@@ -102,26 +102,52 @@ def exact_block(q, g, J, C: tl.constexpr, SUB: tl.constexpr, kJ):
 
 
 @triton.jit
+def from_row(g, r, C: tl.constexpr):
+    """sum_{u=r..t} g_u for every row t >= r of a [C, BK] tile of log decays (0 for t < r):
+    b_t - b_{r-1} as a direct sum, not a difference of two long cumsums."""
+    return tl.cumsum(tl.where((tl.arange(0, C) >= r)[:, None], g, 0.), axis=0)
+
+
+@triton.jit
 def to_end(x, g):
     """x_s exp(sum_{u>s} g_u): rows decayed to the chunk's end (<= 1, a direct sum)."""
     return x * tl.exp(tl.cumsum(g, axis=0, reverse=True) - g)
 
 
 @triton.jit
+def block_end_total(b_ptr, J, t0, eos, Hkv, hk, Dk: tl.constexpr, dk, mk, SUB: tl.constexpr):
+    """Block J's total log decay: the block cumsum at its last row inside the sequence (0 past the end)."""
+    r = tl.minimum(t0 + J * SUB + SUB - 1, eos - 1) + 0 * dk  # a vector: the interpreter rejects scalar masks
+    return tl.load(b_ptr + (r * Hkv + hk).to(tl.int64) * Dk + dk, mask=mk & (r >= t0 + J * SUB), other=0.)
+
+
+@triton.jit
 def decay_to_end(x, bt, b_ptr, t0, eos, Hkv, hk, Dk: tl.constexpr, dk, mk, C: tl.constexpr, SUB: tl.constexpr):
     """(x_s exp(sum_{u>s} g_u), exp(chunk total)) from the block cumsums bt that `_scores_fwd` writes:
     the exponent of row s in block J is (total_J - bt_s) + the totals of the later blocks, so
-    the walk needs no scan. A block's total is bt at its last row inside the sequence."""
+    the walk needs no scan."""
     rows = tl.arange(0, C)
     e = -bt
     later = tl.sum(bt * 0., axis=0)  # zeros in the column layout of bt
     for jj in tl.static_range(C // SUB):
         J = C // SUB - 1 - jj
-        r = tl.minimum(t0 + J * SUB + SUB - 1, eos - 1) + 0 * dk  # a vector: the interpreter rejects scalar masks
-        tot = tl.load(b_ptr + (r * Hkv + hk).to(tl.int64) * Dk + dk, mask=mk & (r >= t0 + J * SUB), other=0.)
+        tot = block_end_total(b_ptr, J, t0, eos, Hkv, hk, Dk, dk, mk, SUB)
         e = tl.where((rows // SUB == J)[:, None], e + (tot + later)[None, :], e)
         later += tot
     return x * tl.exp(e), tl.exp(later)
+
+
+@triton.jit
+def decay_from_start(bt, b_ptr, t0, eos, Hkv, hk, Dk: tl.constexpr, dk, mk, C: tl.constexpr, SUB: tl.constexpr):
+    """(exp(b_t), exp(chunk total)) from the block cumsums bt, b_t the chunk-relative cumsum:
+    bt_t + the totals of the earlier blocks, a direct sum with no scan."""
+    rows = tl.arange(0, C)
+    e = bt
+    before = tl.sum(bt * 0., axis=0)
+    for J in tl.static_range(C // SUB):
+        e = tl.where((rows // SUB == J)[:, None], e + before[None, :], e)
+        before += block_end_total(b_ptr, J, t0, eos, Hkv, hk, Dk, dk, mk, SUB)
+    return tl.exp(e), tl.exp(before)
 
 
 @triton.jit
@@ -263,12 +289,13 @@ def _scores_fwd(q, k, g1, g2, w, A, b1, b2, cu, cseq, coff, Hq, Hkv, G: tl.const
 
 
 @triton.jit
-def _output_fwd(q, v, g1, g2, w, h1, h2, A, o, cu, cseq, coff, scale,
+def _output_fwd(q, v, b1, b2, w, h1, h2, A, o, cu, cseq, coff, scale,
                       Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr,
-                      C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr):
+                      C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
+                      SUB: tl.constexpr):
     """o = scale (w0 (q exp(b1)) h1 + w1 (q exp(b2)) h2 + A v) for one chunk, query head and
     Dv block: the inter-chunk products at M = C rows (per 16-row block they cost more than
-    the scores: bench/results/kernels.md)."""
+    the scores: bench/results/kernels.md). exp(b) from the block cumsums (no scan)."""
     ic = tl.program_id(0)
     hq = tl.program_id(1)
     iv = tl.program_id(2)
@@ -282,12 +309,12 @@ def _output_fwd(q, v, g1, g2, w, h1, h2, A, o, cu, cseq, coff, scale,
     hoff = ((ic * Hkv + hk) * Dk + dk[:, None]).to(tl.int64) * Dv + dv[None, :]
     qq = load_rows(q, t, mt, Hq, hq, Dk, dk, mk)
     vv = load_rows(v, t, mt, Hkv, hk, Dv, dv, mv)
-    b = tl.cumsum(load_rows(g1, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32), axis=0)
+    e, _ = decay_from_start(load_rows(b1, t, mt, Hkv, hk, Dk, dk, mk), b1, t0, eos, Hkv, hk, Dk, dk, mk, C, SUB)
     hh = tl.load(h1 + hoff, mask=mst, other=0.)
-    acc = tl.load(w) * mm((qq * tl.exp(b)).to(hh.dtype), hh, IEEE)
-    b = tl.cumsum(load_rows(g2, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32), axis=0)
+    acc = tl.load(w) * mm((qq * e).to(hh.dtype), hh, IEEE)
+    e, _ = decay_from_start(load_rows(b2, t, mt, Hkv, hk, Dk, dk, mk), b2, t0, eos, Hkv, hk, Dk, dk, mk, C, SUB)
     hh = tl.load(h2 + hoff, mask=mst, other=0.)
-    acc += tl.load(w + 1) * mm((qq * tl.exp(b)).to(hh.dtype), hh, IEEE)
+    acc += tl.load(w + 1) * mm((qq * e).to(hh.dtype), hh, IEEE)
     cols = tl.arange(0, C)
     Am = tl.load(A + (t[:, None] * Hq + hq).to(tl.int64) * C + cols[None, :], mask=mt[:, None], other=0.)
     acc += mm(Am.to(vv.dtype), vv, IEEE)

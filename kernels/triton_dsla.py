@@ -13,8 +13,7 @@ import torch
 import triton
 
 from kernels import triton_alloc
-from kernels.triton_chunk_bwd import _dg_finish, _dv_bwd, _states_bwd
-from kernels.triton_chunk_dqk import _dk_bwd, _dp_bwd, _dq_bwd
+from kernels.triton_chunk_bwd import _dg_finish, _dk_bwd, _dq_bwd, _dv_bwd, _states_bwd
 from kernels.triton_chunk_fwd import CHUNK, RANGE_MAX, SUB, _output_fwd, _scores_fwd, _states_fwd
 from kernels.triton_decode import dsla_decode_fused  # noqa: F401  (re-exported)
 
@@ -45,7 +44,7 @@ class _Plan:
 
 # num_warps per kernel, the state walks' tiles and the output kernel's Dv block.
 # bench/kernels.py sweeps them at T=16K and reports what it kept; the values here are the
-# ones that measured best there (H200, run 6 in bench/results/kernels.md). walk_pre: the walk
+# ones that measured best there (H200, runs 6-7 in bench/results/kernels.md). walk_pre: the walk
 # reads the scores pass's block cumsums instead of scanning the gates (whole forward 3.03 vs
 # 3.45 ms). dq/dk (per 16-row block): num_warps, Dk block, Dv slice of the inter-chunk
 # product; the warps must follow the Dk block (64 with 4 warps spills): 8 warps / 64 gave
@@ -119,8 +118,8 @@ def _forward(q, k, v, g1, g2, w, s1, s2, scale, plan):
     o = triton_alloc.empty(Ttot, Hq, Dv, dtype=q.dtype, device=dev)
     BVo = min(BV, LAUNCH["output_bv"])
     _output_fwd[(plan.n_chunks, Hq, triton.cdiv(Dv, BVo))](
-        q, v, g1, g2, w, h1, h2, A, o, plan.cu, plan.cseq, plan.coff, scale, Hq, Hkv, G=Hq // Hkv, Dk=Dk, Dv=Dv,
-        C=CHUNK, BK=BK, BV=BVo, IEEE=ieee, num_warps=LAUNCH["output"])
+        q, v, b1, b2, w, h1, h2, A, o, plan.cu, plan.cseq, plan.coff, scale, Hq, Hkv, G=Hq // Hkv, Dk=Dk, Dv=Dv,
+        C=CHUNK, BK=BK, BV=BVo, IEEE=ieee, SUB=SUB, num_warps=LAUNCH["output"])
     return o, sT1, sT2, A, b1, b2
 
 
@@ -141,7 +140,8 @@ def _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, b1, b2, s
     ieee = q.dtype == torch.float32
     BKs, BVs, BK, BV = _blocks(Dk, Dv)
     # fp32 chunk states for the backward (bf16 snapshots biased dw by ~1%, 0.1% in fp32),
-    # walked from the forward's block cumsums b1, b2 (no gate scans)
+    # walked from the forward's block cumsums b1, b2: no gate scans (H200, T=16K: the forward's
+    # walk and this one 2.43 -> 1.93 ms, bench/results/kernels.md run 7)
     h1, h2, _, _ = _states(k, v, b1, b2, s1, s2, plan, Hkv, Dk, Dv, True, ieee, torch.float32, pre=True)
     do = do.contiguous()
     N = plan.n_seq
@@ -160,16 +160,14 @@ def _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, b1, b2, s
                       Dk=Dk, Dv=Dv, C=CHUNK, BK=BKs, BV=BVs, HAS_DST=has_dst, IEEE=ieee,
                       num_warps=LAUNCH["states_bwd"])
     common = dict(G=G, Dk=Dk, Dv=Dv, C=CHUNK, SUB=SUB, BV=BV, RANGE_MAX=RANGE_MAX, IEEE=ieee)
-    dP = triton_alloc.empty(Ttot, Hq, CHUNK, **f32)  # scale dO v^T, read by both dq and dk
-    _dp_bwd[(plan.n_chunks, Hq)](v, do, dP, plan.cu, plan.cseq, plan.coff, scale, Hq, Hkv, G=G, Dv=Dv, C=CHUNK,
-                                 BV=min(BV, 64), IEEE=ieee, num_warps=4)
+    NB = CHUNK // SUB  # dq and dk: one program per 16-row block and Dk block
     BKq, BKk = min(BK, LAUNCH["dq_bk"]), min(BK, LAUNCH["dk_bk"])
     dq = triton_alloc.empty(Ttot, Hq, Dk, dtype=q.dtype, device=dev)
     dBq1 = triton_alloc.empty(Ttot, Hq, Dk, **f32)
     dBq2 = triton_alloc.empty(Ttot, Hq, Dk, **f32)
-    dwp = triton_alloc.empty(plan.n_chunks, Hq, triton.cdiv(Dk, BKq), 2, **f32)
-    _dq_bwd[(plan.n_chunks, Hq, triton.cdiv(Dk, BKq))](
-        q, k, g1, g2, w, h1, h2, do, dP, dq, dBq1, dBq2, dwp, plan.cu, plan.cseq, plan.coff, scale, Hq, Hkv,
+    dwp = triton_alloc.empty(plan.n_chunks * NB, Hq, triton.cdiv(Dk, BKq), 2, **f32)
+    _dq_bwd[(plan.n_chunks * NB, Hq, triton.cdiv(Dk, BKq))](
+        q, k, v, g1, g2, w, h1, h2, do, dq, dBq1, dBq2, dwp, plan.cu, plan.cseq, plan.coff, scale, Hq, Hkv,
         BK=BKq, BVH=min(BV, LAUNCH["dq_bv"]), num_warps=LAUNCH["dq"], **common)
     dv = triton_alloc.empty(Ttot, Hkv, Dv, dtype=v.dtype, device=dev)
     BVd = min(BV, LAUNCH["dv_bv"])
@@ -179,20 +177,22 @@ def _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, b1, b2, s
     dk = triton_alloc.empty(Ttot, Hkv, Dk, dtype=k.dtype, device=dev)
     dgl1 = triton_alloc.empty(Ttot, Hkv, Dk, **f32)
     dgl2 = triton_alloc.empty(Ttot, Hkv, Dk, **f32)
-    tot1 = triton_alloc.empty(plan.n_chunks, Hkv, Dk, **f32)
+    tot1 = triton_alloc.empty(plan.n_chunks, NB, Hkv, Dk, **f32)
     tot2 = triton_alloc.empty(*tot1.shape, **f32)
-    _dk_bwd[(plan.n_chunks, Hkv, triton.cdiv(Dk, BKk))](
-        q, k, v, g1, g2, w, dS1, dS2, dP, dBq1, dBq2, dk, dgl1, dgl2, tot1, tot2, plan.cu, plan.cseq, plan.coff,
-        Hq, Hkv, BK=BKk, BVH=min(BV, LAUNCH["dk_bv"]), num_warps=LAUNCH["dk"], **common)
+    _dk_bwd[(plan.n_chunks * NB, Hkv, triton.cdiv(Dk, BKk))](
+        q, k, v, g1, g2, w, dS1, dS2, do, dBq1, dBq2, dk, dgl1, dgl2, tot1, tot2, plan.cu, plan.cseq, plan.coff,
+        scale, Hq, Hkv, BK=BKk, BVH=min(BV, LAUNCH["dk_bv"]), num_warps=LAUNCH["dk"], **common)
     dw = dwp.sum((0, 1, 2)).to(w.dtype)
     dgs = []
     for dgl, tot, dsT, sT, g in ((dgl1, tot1, dsT1, sT1, g1), (dgl2, tot2, dsT2, sT2, g2)):
-        suf = _suffix(tot, plan)  # per chunk: the later chunks' totals of the same sequence
+        t = tot.double()
+        # per block: the later chunks' totals plus the same chunk's later blocks'
+        suf = _suffix(t.sum(1), plan)[:, None] + (t.flip(1).cumsum(1).flip(1) - t)
         if has_dst:  # the final states carry exp(B_T) in every term
-            suf = suf + (dsT * sT).sum(-1).double()[plan.cseq.long()]
+            suf = suf + (dsT * sT).sum(-1).double()[plan.cseq.long()][:, None]
         dg = triton_alloc.empty(Ttot, Hkv, Dk, dtype=g.dtype, device=dev)
         _dg_finish[(plan.n_chunks, Hkv)](dgl, suf.float().contiguous(), dg, plan.cu, plan.cseq, plan.coff,
-                                         Hkv, Dk=Dk, C=CHUNK, BK=BK, num_warps=4)
+                                         Hkv, Dk=Dk, C=CHUNK, SUB=SUB, BK=BK, num_warps=4)
         dgs.append(dg)
     ds1 = ds01.to(s1.dtype) if s1 is not None else None
     ds2 = ds02.to(s2.dtype) if s2 is not None else None
