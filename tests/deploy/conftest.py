@@ -8,6 +8,7 @@ on 127.0.0.1 ports picked here, and shut down when tests/deploy ends.
 from __future__ import annotations
 
 import json
+import random
 import socket
 import time
 import urllib.request
@@ -21,10 +22,43 @@ STORE_ORDER = [2, 0, 3, 1]
 MODEL_NAME = "tiny-test"
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = map(int, f.read().split())
+            return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port outside the kernel's ephemeral range and Ray's worker ports.
+
+    A port the kernel hands out for bind(0) can be taken again, before Serve binds it,
+    as the local end of one of the many connections Ray opens (CI failed on exactly
+    that), so pick from the gap between Ray's worker ports (10002-19999) and the
+    ephemeral range, starting at a random point so parallel sessions don't collide.
+    """
+    low = 20000
+    high = min(_ephemeral_range()[0], 32768) - 1
+    if high - low < 100:
+        high = 29999
+    rng = random.Random()
+    start = rng.randrange(low, high)
+    for offset in range(high - low):
+        port = low + (start - low + offset) % (high - low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError(f"no free port in {low}-{high}")
+
+
+_handed_out: set[int] = set()
 
 
 def get_json(url: str, timeout: float = 10.0):
