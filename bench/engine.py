@@ -173,6 +173,7 @@ def gemv_bench(out):
 
     from kernels import triton_gemv as tg
 
+    configs = tg.CONFIGS + tg.STREAMK_CONFIGS
     bw = copy_bandwidth()
     big = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)  # 2 GB
     read_bw = 2 * big.numel() / (do_bench(lambda: big.amax(), warmup=5, rep=50, return_mode="median") * 1e-3)
@@ -180,8 +181,8 @@ def gemv_bench(out):
     rows, L = [], [f"# Skinny GEMM (decode projections), {torch.cuda.get_device_name()}\n",
                    f"copy (read + write) {bw / 1e12:.2f} TB/s; read-only (amax over 2 GB) {read_bw / 1e12:.2f} TB/s. "
                    "Weight-bytes bandwidth in TB/s, median of do_bench (L2 cleared between runs).\n",
-                   "| shape | M | cuBLAS | " + " | ".join("BN%d BK%d w%d s%d" % c for c in tg.CONFIGS) + " | best |",
-                   "| --- " * (len(tg.CONFIGS) + 4) + "|"]
+                   "| shape | M | cuBLAS | " + " | ".join(tg.config_name(c) for c in configs) + " | best |",
+                   "| --- " * (len(configs) + 4) + "|"]
     for name, N, K, n2, pro in GEMV_SHAPES:
         wb = (N + n2) * K * 2
         for M in (1, 4, 16):
@@ -192,7 +193,7 @@ def gemv_bench(out):
             scale = torch.rand(K // 128, device="cuda", dtype=torch.bfloat16) + 0.5 if pro == "scale" else None
             args = (x, w, w2, scale, 128)
             ts = {"cublas": do_bench(lambda: tg._cublas(*args), warmup=5, rep=30, return_mode="median")}
-            for cfg in tg.CONFIGS:
+            for cfg in configs:
                 try:
                     ts[cfg] = do_bench(lambda: tg.gemv_triton(*args, cfg), warmup=5, rep=30, return_mode="median")
                 except Exception as e:  # noqa: BLE001
