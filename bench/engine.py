@@ -193,8 +193,12 @@ def gemv_bench(out):
             scale = torch.rand(K // 128, device="cuda", dtype=torch.bfloat16) + 0.5 if pro == "scale" else None
             args = (x, w, w2, scale, 128)
             ts = {"cublas": do_bench(lambda: tg._cublas(*args), warmup=5, rep=30, return_mode="median")}
+            ref = tg._cublas(*args).float()
             for cfg in configs:
                 try:
+                    err = ((tg.gemv_triton(*args, cfg).float() - ref).norm() / ref.norm()).item()
+                    if not err < 1e-2:  # a fast wrong config must not be reported as the best
+                        raise RuntimeError(f"relative error {err:.3g} vs cuBLAS")
                     ts[cfg] = do_bench(lambda: tg.gemv_triton(*args, cfg), warmup=5, rep=30, return_mode="median")
                 except Exception as e:  # noqa: BLE001
                     print("config failed", cfg, repr(e)[:200], flush=True)

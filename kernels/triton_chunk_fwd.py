@@ -222,7 +222,8 @@ def _scores_fwd(q, k, g1, g2, w, A, b1, b2, cu, cseq, coff, Hq, Hkv, G: tl.const
                 C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
     """Mixed scores w_0 A_1 + w_1 A_2 of the SUB query rows of block I of one chunk and query
     head, written to A [total_T, Hq, C] (zeros right of the diagonal block); the first query
-    head of each kv group also writes the block cumsums b_i for the states walk.
+    head of each kv group also writes the block cumsums b_i, which the states walks, the output
+    pass and the backward read.
 
     Key blocks J < I are visited from I-1 down to 0 carrying mid_i = the log decay of the
     blocks strictly between J and I, so that

@@ -44,9 +44,9 @@ class _Plan:
 
 # num_warps per kernel, the state walks' tiles and the output kernel's Dv block.
 # bench/kernels.py sweeps them at T=16K and reports what it kept; the values here are the
-# ones that measured best there (H200, runs 6-7 in bench/results/kernels.md). walk_pre: the walk
-# reads the scores pass's block cumsums instead of scanning the gates (whole forward 3.03 vs
-# 3.45 ms). dq/dk (per 16-row block): num_warps, Dk block, Dv slice of the inter-chunk
+# ones that measured best there (H200, runs 6-7 in bench/results/kernels.md). walk_pre: the
+# forward's walk reads the scores pass's block cumsums instead of scanning the gates (whole
+# forward 3.03 vs 3.45 ms); the backward's walk always reads them. dq/dk (per 16-row block): num_warps, Dk block, Dv slice of the inter-chunk
 # product; the warps must follow the Dk block (64 with 4 warps spills): 8 warps / 64 gave
 # fwd+bwd 25.5 ms, 4 warps / 32 gave 18.7 ms.
 LAUNCH = dict(scores=2, states_fwd=4, states_bk=16, states_bv=128, prefetch=False, walk_pre=True, output=4,
@@ -203,6 +203,8 @@ class _ChunkFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g1, g2, w, s1, s2, scale, plan):
         o, sT1, sT2, A, b1, b2 = _forward(q, k, v, g1, g2, w, s1, s2, scale, plan)
+        # b1, b2 (fp32, the size of g1, g2) are kept so the backward's walk needs no gate scans
+        # (walks 2.43 -> 1.93 ms at T=16K on the H200) at that much more saved memory per layer
         ctx.save_for_backward(q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, b1, b2)
         ctx.scale, ctx.plan = scale, plan
         return o, sT1, sT2

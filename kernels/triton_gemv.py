@@ -140,7 +140,11 @@ def _gemv_streamk(X, W, W2, S, Y, WS, CNT, M, N, N2, K, s_xm, s_wn, s_w2n, s_ym,
             n_contrib = ((nb * KB + KB) * P - 1) // U - first + 1
             base = WS + nb * MAXS * (BN * BM)
             tl.store(base + (pid - first) * (BN * BM) + part, acc)
-            # acq_rel: our partial is visible before the count; the last sees everyone's
+            # A scalar atomic runs on one thread, whose release covers its own stores only: the
+            # barrier first orders every thread's slice of the partial before it (Triton 3.6, the
+            # GPU machine's, does not always insert one; 3.9 does).
+            tl.debug_barrier()
+            # acq_rel: the partial is visible before the count; the last contributor sees everyone's
             if tl.atomic_add(CNT + nb, 1, sem="acq_rel") == n_contrib - 1:
                 tot = tl.zeros([BN, BM], dtype=tl.float32)
                 for c in range(0, n_contrib):
@@ -173,6 +177,8 @@ def gemv_triton(x, w, w2=None, scale=None, group=1, config=CONFIGS[0]):
         return y
     kb = triton.cdiv(K, BK)
     units = nb * kb
+    if units == 0:  # no rows, or K = 0 (an empty sum)
+        return y.zero_()
     programs = min(units, config[4] * _num_sms(x.device))  # >= 1 unit each: no empty contributor
     maxs = -(-kb // (units // programs)) + 1
     ws, cnt = _scratch(x.device, nb * maxs * BN * MAX_M, nb)
@@ -180,7 +186,9 @@ def gemv_triton(x, w, w2=None, scale=None, group=1, config=CONFIGS[0]):
     return y
 
 
-_scratch_bufs: dict = {}  # device -> (fp32 partials, int32 counters); counters are left at zero by every launch
+# device -> (fp32 partials, int32 counters); counters are left at zero by every launch. One
+# scratch per device: stream-K launches must not overlap (one stream, as the engine's decode is).
+_scratch_bufs: dict = {}
 _retired: list = []  # outgrown scratch stays allocated: a captured CUDA graph may still point at it
 
 

@@ -31,31 +31,37 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
+def _port_range() -> tuple[int, int]:
+    """[low, high): above Ray's worker ports (10002-19999), outside the ephemeral range."""
+    eph_low, eph_high = _ephemeral_range()
+    for low, high in ((20000, min(eph_low, 32768)), (max(20000, eph_high + 1), 65536)):
+        if high - low >= 100:
+            return low, high
+    raise RuntimeError(f"no port range outside the ephemeral range {eph_low}-{eph_high} and Ray's worker ports")
+
+
 def free_port() -> int:
     """A free port outside the kernel's ephemeral range and Ray's worker ports.
 
     A port the kernel hands out for bind(0) can be taken again, before Serve binds it,
     as the local end of one of the many connections Ray opens (CI failed on exactly
-    that), so pick from the gap between Ray's worker ports (10002-19999) and the
-    ephemeral range, starting at a random point so parallel sessions don't collide.
+    that), so pick from a range neither uses, starting at a random point so parallel
+    sessions don't collide.
     """
-    low = 20000
-    high = min(_ephemeral_range()[0], 32768) - 1
-    if high - low < 100:
-        high = 29999
-    rng = random.Random()
-    start = rng.randrange(low, high)
+    low, high = _port_range()
+    start = random.Random().randrange(low, high)
     for offset in range(high - low):
         port = low + (start - low + offset) % (high - low)
+        if port in _handed_out:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
-    raise RuntimeError(f"no free port in {low}-{high}")
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {low}-{high - 1}")
 
 
 _handed_out: set[int] = set()

@@ -121,8 +121,8 @@ def test_prefill_launch_variants(monkeypatch, knobs):
         g = torch.Generator().manual_seed(9)
         do = torch.randn(1, 70, 2, 32, generator=g).to(DEV)
         d1, d2 = torch.randn_like(args[6]), torch.randn_like(args[7])
-        # 2e-5: on the GPU, fp32 exps are the hardware's approximate ones (1.04e-5 on the H200)
-        _assert_grads_match_fp64(args, do, d1, d2, 2e-5)
+        # 2e-5 on the GPU: fp32 exps are the hardware's approximate ones (1.04e-5 on the H200)
+        _assert_grads_match_fp64(args, do, d1, d2, 2e-5 if DEV == "cuda" else 1e-5)
 
 
 def test_prefill_strong_decay_is_exact():
