@@ -37,8 +37,8 @@ async def request_with_one_retry(aclient, i, log):
 def test_killing_a_replica_loses_no_request(server):
     from openai import AsyncOpenAI
 
-    before = get_json(server["base"] + "/status")["replicas"]
-    assert len(before) == 2
+    before = wait_for(lambda: (lambda r: r if len(r) == 2 else None)(get_json(server["base"] + "/status")["replicas"]),
+                      60, what="both replicas reporting")
     victim_id, victim = next(iter(before.items()))
     results, log = [], []
 

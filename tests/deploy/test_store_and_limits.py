@@ -33,7 +33,7 @@ def aux(ray_session, tiny_model_dir, tmp_path_factory):
                               "retry_after_s": 2},
                      ingress={"max_ongoing_requests": 4, "max_queued_requests": 2, "retry_after_s": 3},
                      distill={"num_workers": 1, "num_cpus": 0, "worker_kwargs": {
-                         "tokens_per_layer": 1536, "train_blocks": 2, "block_size": 64, "threads": 1}})
+                         "tokens_per_layer": 6144, "train_blocks": 2, "block_size": 64, "threads": 1}})
     serve.run(build_app(cfg), name="aux", route_prefix="/aux")
     base = f"http://127.0.0.1:{ray_session['http_port']}/aux"
     wait_for(lambda: len(get_json(base + "/status")["replicas"]) == 1, 180, what="aux replica reporting")
@@ -71,16 +71,20 @@ def test_backpressure_answers_429_and_503_with_retry_after(aux):
 
 def test_killing_the_distill_actor_loses_no_published_layer(aux):
     store = aux["store"]
-    # wait until a layer is published and the next one is being trained
-    s = wait_for(lambda: (lambda s: s if len(s["store"]["published_layers"]) >= 1 and any(
-        w.get("state") == "training" for w in s["distill"]["workers"].values()) else None)(status(aux)),
-        240, interval=0.5, what="a published layer and training in progress")
-    name, worker = next(iter(s["distill"]["workers"].items()))
-    replica_before = next(iter(s["replicas"].values()))
+    s = wait_for(lambda: (lambda s: s if s["distill"]["workers"] else None)(status(aux)), 120, what="a distill worker")
+    name = next(iter(s["distill"]["workers"]))
+    actor = ray.get_actor(name, namespace=s["distill"]["namespace"])
+    # kill while a layer is published and the worker itself (not the controller's 2 s old copy)
+    # is training with more to come: killed after its last layer, no replacement would publish
+    worker = wait_for(lambda: (lambda w: w if w["state"] == "training" and len(w["remaining"]) >= 2
+                               and store.published_layers() else None)(ray.get(actor.status.remote(), timeout=30)),
+                      240, interval=0.2, what="a published layer and training in progress")
+    replica_before = next(iter(status(aux)["replicas"].values()))
     manifest = store.read_manifest()
     published = {k: v["sha256"] for k, v in manifest["layers"].items()}
+    assert len(published) < len(STORE_ORDER), "the chain finished before the kill: the test lost its race"
 
-    ray.kill(ray.get_actor(name, namespace=s["distill"]["namespace"]))
+    ray.kill(actor)
 
     # a new worker (new process) takes over and publishes the next layer
     s = wait_for(lambda: (lambda s: s if s["distill"]["restarts"] >= 1 and
@@ -92,7 +96,8 @@ def test_killing_the_distill_actor_loses_no_published_layer(aux):
         assert after[layer]["sha256"] == sha
     for layer in published:  # still verified against this model's weights
         store.load_layer(int(layer), aux["fingerprint"])
-    assert store.published_layers() == STORE_ORDER[:len(store.published_layers())]
+    pub = store.published_layers()  # read once: the replacement is still publishing
+    assert pub == STORE_ORDER[:len(pub)]
 
     # the replica preloaded the new layers in place: same actor, newer store version
     def preloaded():

@@ -20,8 +20,8 @@ def ray_local():
 
 
 def _wait(pred, timeout, what):
-    end = time.time() + timeout
-    while time.time() < end:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
         v = pred()
         if v:
             return v
