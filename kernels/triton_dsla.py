@@ -46,9 +46,10 @@ class _Plan:
 # bench/kernels.py sweeps them at T=16K and reports what it kept; the values here are the
 # ones that measured best there (H200, runs 6-7 in bench/results/kernels.md). walk_pre: the
 # forward's walk reads the scores pass's block cumsums instead of scanning the gates (whole
-# forward 3.03 vs 3.45 ms); the backward's walk always reads them. dq/dk (per 16-row block): num_warps, Dk block, Dv slice of the inter-chunk
-# product; the warps must follow the Dk block (64 with 4 warps spills): 8 warps / 64 gave
-# fwd+bwd 25.5 ms, 4 warps / 32 gave 18.7 ms.
+# forward 3.03 vs 3.45 ms); the backward's walk always reads them. dq/dk (per 16-row
+# block): num_warps, Dk block, Dv slice of the inter-chunk product; the warps must follow
+# the Dk block (64 with 4 warps spills): 8 warps / 64 gave fwd+bwd 25.5 ms, 4 warps / 32
+# gave 18.7 ms.
 LAUNCH = dict(scores=2, states_fwd=4, states_bk=16, states_bv=128, prefetch=False, walk_pre=True, output=4,
               output_bv=128, states_bwd=8, dq=4, dq_bk=32, dq_bv=32, dk=4, dk_bk=32, dk_bv=32, dv=8,
               dv_bv=128)

@@ -86,6 +86,13 @@ def wait_for(predicate, timeout: float, interval: float = 0.25, what: str = "con
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
+def wait_for_replicas(base: str, n: int, timeout: float) -> dict:
+    """/status once n replicas report (a replica silent for report_timeout_s, e.g. stalled on a
+    loaded machine, drops out until it reports again)."""
+    return wait_for(lambda: (lambda s: s if len(s["replicas"]) == n else None)(get_json(base + "/status")),
+                    timeout, what=f"{n} replicas reporting")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from transformers import AutoTokenizer
@@ -164,7 +171,7 @@ def server(ray_session, tiny_model_dir, tiny_store):
 
     serve.run(build_app(app_config(tiny_model_dir, tiny_store)), name="dsla", route_prefix="/")
     base = f"http://127.0.0.1:{ray_session['http_port']}"
-    wait_for(lambda: len(get_json(base + "/status")["replicas"]) == 2, 120, what="two replicas reporting")
+    wait_for_replicas(base, 2, 120)
     return {"base": base, "metrics": f"http://127.0.0.1:{ray_session['metrics_port']}/metrics",
             "model_dir": tiny_model_dir, "store": tiny_store}
 

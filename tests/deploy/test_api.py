@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.deploy.conftest import MODEL_NAME, get_json, wait_for
+from tests.deploy.conftest import MODEL_NAME, get_json, wait_for_replicas
 
 pytestmark = pytest.mark.usefixtures("server")
 
@@ -115,9 +115,7 @@ def test_chat_streaming(client):
 
 
 def test_status_route(server):
-    # retried: a replica silent for report_timeout_s (a stall on a loaded machine) drops out until it reports
-    s = wait_for(lambda: (lambda s: s if len(s["replicas"]) == 2 else None)(get_json(server["base"] + "/status")),
-                 60, what="both replicas reporting")
+    s = wait_for_replicas(server["base"], 2, 60)
     assert s["num_layers"] == 4
     assert s["store"]["published_layers"] == [2, 0, 3, 1]
     for r in s["replicas"].values():

@@ -8,7 +8,7 @@ import time
 
 import ray
 
-from tests.deploy.conftest import MODEL_NAME, get_json, wait_for
+from tests.deploy.conftest import MODEL_NAME, get_json, wait_for, wait_for_replicas
 
 CLIENTS = 16
 MAX_TOKENS = 60
@@ -37,8 +37,7 @@ async def request_with_one_retry(aclient, i, log):
 def test_killing_a_replica_loses_no_request(server):
     from openai import AsyncOpenAI
 
-    before = wait_for(lambda: (lambda r: r if len(r) == 2 else None)(get_json(server["base"] + "/status")["replicas"]),
-                      60, what="both replicas reporting")
+    before = wait_for_replicas(server["base"], 2, 60)["replicas"]
     victim_id, victim = next(iter(before.items()))
     results, log = [], []
 

@@ -9,7 +9,7 @@ import httpx
 import pytest
 import ray
 
-from tests.deploy.conftest import MODEL_NAME, STORE_ORDER, app_config, get_json, wait_for
+from tests.deploy.conftest import MODEL_NAME, STORE_ORDER, app_config, get_json, wait_for, wait_for_replicas
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def aux(ray_session, tiny_model_dir, tmp_path_factory):
                          "tokens_per_layer": 6144, "train_blocks": 2, "block_size": 64, "threads": 1}})
     serve.run(build_app(cfg), name="aux", route_prefix="/aux")
     base = f"http://127.0.0.1:{ray_session['http_port']}/aux"
-    wait_for(lambda: len(get_json(base + "/status")["replicas"]) == 1, 180, what="aux replica reporting")
+    wait_for_replicas(base, 1, 180)
     yield {"base": base, "store": store, "fingerprint": fingerprint}
     serve.delete("aux")
 
