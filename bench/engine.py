@@ -141,77 +141,61 @@ def engine_step_time(eng, batch, ctx):
     return statistics.median(ts)
 
 
-def profile_steps(eng, hyb, path):
-    """Kernel time breakdown of 75%-converted decode steps at batch 4, 16K (graph replays)."""
+def kernel_timeline(trace_path):
+    """Busy time, idle gaps and per-kernel totals of the device kernels in a chrome trace:
+    the gaps are what kernel boundaries cost inside a graph replay."""
+    evs = sorted((e for e in json.load(open(trace_path))["traceEvents"] if e.get("cat") == "kernel"),
+                 key=lambda e: e["ts"])
+    if not evs:
+        return {"kernels": 0}
+    busy, end, per = 0.0, evs[0]["ts"], {}
+    for e in evs:
+        start, stop = max(e["ts"], end), e["ts"] + e["dur"]
+        busy += max(0.0, stop - start)
+        end = max(end, stop)
+        n = e["name"].split("(")[0][:60]
+        c, t = per.get(n, (0, 0.0))
+        per[n] = (c + 1, t + e["dur"])
+    span = end - evs[0]["ts"]
+    return {"kernels": len(evs), "span_us": span, "busy_us": busy, "idle_us": span - busy,
+            "per_kernel_us": {n: {"calls": c, "total": t} for n, (c, t) in
+                              sorted(per.items(), key=lambda kv: -kv[1][1])}}
+
+
+def profile_steps(eng, hyb, out, steps=5):
+    """Kernel time breakdown of decode steps at batch 4, 16K (graph replays), all-attention and 75%
+    converted: per-kernel totals and the idle time between kernels (engine_profile.json/.txt)."""
     from torch.profiler import ProfilerActivity, profile
 
-    eng.set_conversion(list(range(round(0.75 * hyb.num_layers))))
-    add_prefilled(eng, 4, CONTEXTS[1], 20)
-    for _ in range(3):
-        eng.step()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
+    res, lines = {}, []
+    for conv in (0.0, 0.75):
+        eng.set_conversion(list(range(round(conv * hyb.num_layers))))
+        add_prefilled(eng, 4, CONTEXTS[1], 3 + steps + 2)
+        for _ in range(3):
             eng.step()
         torch.cuda.synchronize()
-    for rid in list(eng.requests):
-        eng.abort(rid)
-    eng.step()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
-    open(path, "w").write("5 engine steps, 75% conversion, batch 4, 16K context\n" + table)
-    print(table[:6000], flush=True)
-
-
-GEMV_SHAPES = (("qkv", 12288, 4096, 0, False), ("qkv+gate_down", 12288, 4096, 32, False), ("o", 4096, 4096, 0, False),
-               ("o*head_scale", 4096, 4096, 0, "scale"), ("gate_up", 22016, 4096, 0, False),
-               ("down", 4096, 11008, 0, False), ("lm_head", 32000, 4096, 0, False))
-
-
-def gemv_bench(out):
-    """The 7B decode projections at M = 1, 4, 16: cuBLAS (the head scale as one torch multiply)
-    against each Triton config, same run; TB/s = weight bytes / time."""
-    from triton.testing import do_bench
-
-    from kernels import triton_gemv as tg
-
-    configs = tg.CONFIGS + tg.STREAMK_CONFIGS
-    bw = copy_bandwidth()
-    big = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)  # 2 GB
-    read_bw = 2 * big.numel() / (do_bench(lambda: big.amax(), warmup=5, rep=50, return_mode="median") * 1e-3)
-    del big
-    rows, L = [], [f"# Skinny GEMM (decode projections), {torch.cuda.get_device_name()}\n",
-                   f"copy (read + write) {bw / 1e12:.2f} TB/s; read-only (amax over 2 GB) {read_bw / 1e12:.2f} TB/s. "
-                   "Weight-bytes bandwidth in TB/s, median of do_bench (L2 cleared between runs).\n",
-                   "| shape | M | cuBLAS | " + " | ".join(tg.config_name(c) for c in configs) + " | best |",
-                   "| --- " * (len(configs) + 4) + "|"]
-    for name, N, K, n2, pro in GEMV_SHAPES:
-        wb = (N + n2) * K * 2
-        for M in (1, 4, 16):
-            g = torch.Generator(device="cuda").manual_seed(M)
-            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=g)
-            w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=g) * K ** -0.5
-            w2 = torch.randn(n2, K, device="cuda", dtype=torch.bfloat16, generator=g) if n2 else None
-            scale = torch.rand(K // 128, device="cuda", dtype=torch.bfloat16) + 0.5 if pro == "scale" else None
-            args = (x, w, w2, scale, 128)
-            ts = {"cublas": do_bench(lambda: tg._cublas(*args), warmup=5, rep=30, return_mode="median")}
-            ref = tg._cublas(*args).float()
-            for cfg in configs:
-                try:
-                    err = ((tg.gemv_triton(*args, cfg).float() - ref).norm() / ref.norm()).item()
-                    if not err < 1e-2:  # a fast wrong config must not be reported as the best
-                        raise RuntimeError(f"relative error {err:.3g} vs cuBLAS")
-                    ts[cfg] = do_bench(lambda: tg.gemv_triton(*args, cfg), warmup=5, rep=30, return_mode="median")
-                except Exception as e:  # noqa: BLE001
-                    print("config failed", cfg, repr(e)[:200], flush=True)
-                    ts[cfg] = float("nan")
-            best = min(ts, key=lambda k: ts[k] if ts[k] == ts[k] else 1e9)
-            tb = {k: wb / (t * 1e-3) / 1e12 for k, t in ts.items()}
-            rows.append({"shape": name, "N": N, "K": K, "N2": n2, "M": M, "ms": {str(k): t for k, t in ts.items()},
-                         "best": str(best)})
-            L.append(f"| {name} {N}x{K} | {M} | " + " | ".join(f"{tb[k]:.2f}" for k in ts) + f" | {best} |")
-            print(L[-1], flush=True)
-    open(os.path.join(out, "engine_gemv.md"), "w").write("\n".join(L) + "\n")
-    json.dump({"card": torch.cuda.get_device_name(), "copy_Bps": bw, "read_Bps": read_bw, "rows": rows},
-              open(os.path.join(out, "engine_gemv.json"), "w"), indent=1)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                eng.step()
+            torch.cuda.synchronize()
+        for rid in list(eng.requests):
+            eng.abort(rid)
+        eng.step()
+        trace = os.path.join(out, f"engine_trace_{int(conv * 100)}.json")
+        prof.export_chrome_trace(trace)
+        tl_ = kernel_timeline(trace)
+        os.remove(trace)
+        res[str(conv)] = tl_
+        lines.append(f"## {conv:.0%} conversion, batch 4, {CONTEXTS[1] // 1024}K, {steps} steps: "
+                     f"{tl_['kernels'] / steps:.0f} kernels/step, span {tl_['span_us'] / steps / 1e3:.3f} ms/step, "
+                     f"busy {tl_['busy_us'] / steps / 1e3:.3f}, idle between kernels "
+                     f"{tl_['idle_us'] / steps / 1e3:.3f}")
+        lines += [f"| {n} | {v['calls'] / steps:.0f} | {v['total'] / steps:.1f} |"
+                  for n, v in tl_["per_kernel_us"].items()]
+    json.dump(res, open(os.path.join(out, "engine_profile.json"), "w"), indent=1)
+    open(os.path.join(out, "engine_profile.txt"), "w").write(
+        "kernel | calls/step | us/step\n" + "\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
 
 
 def step_bytes(weight_bytes, hyb, n_dsla, batch, ctx):
@@ -309,7 +293,7 @@ def run(args):
 
         res["gemv_choices"] = choices()
     if args.profile and DEV == "cuda":
-        profile_steps(eng, hyb, os.path.join(args.out, "engine_profile.txt"))
+        profile_steps(eng, hyb, args.out)
     res["complete"] = True
     return res
 
@@ -415,7 +399,6 @@ def main():
     ap.add_argument("--quick", action="store_true", help="a few configurations only (a smoke run)")
     ap.add_argument("--plot-only", action="store_true")
     ap.add_argument("--profile", action="store_true", help="also write a kernel-time profile (engine_profile.txt)")
-    ap.add_argument("--gemv", action="store_true", help="GPU: the skinny-GEMM micro-benchmark (engine_gemv.*)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU: checks the script runs")
     ap.add_argument("--cpu-throughput", action="store_true",
                     help="default model on the CPU: 16 requests, engine vs HF generate one by one")
@@ -425,9 +408,6 @@ def main():
 
         os.makedirs(args.out, exist_ok=True)
         return cpu_throughput(args.out)
-    if args.gemv:
-        os.makedirs(args.out, exist_ok=True)
-        return gemv_bench(args.out)
     if args.cpu_smoke:
         global DEV, BUDGET, RESERVE, CONTEXTS, BATCHES, STEPS
         DEV, BUDGET, RESERVE, CONTEXTS, BATCHES, STEPS = "cpu", 40e6, 0, (64, 128, 256), (1, 4, 16), 3

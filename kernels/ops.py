@@ -78,3 +78,17 @@ def dsla_decode_slots(q, k, v, g1, g2, w, s1_pool, s2_pool, slots, scale=None):
 
         return dsla_decode_fused(q, k, v, g1, g2, w, s1_pool, s2_pool, slots, scale)
     return reference.dsla_step_slots(q, k, v, g1, g2, w, s1_pool, s2_pool, slots, scale)
+
+
+def dsla_decode_step(qkv, t, up1, up2, cos, sin, w, head_scale, s1_pool, s2_pool, slots,
+                     num_heads, num_kv_heads, gate_norm, gate_floor, scale=None):
+    """A plain-gates layer's decode step from its q/k/v and gate-down projections to its o
+    projection's input (RoPE, log decays, the step over slot pools updated in place, head
+    scales); returns o [B,Hq,Dv]. See reference.dsla_decode_step for layouts."""
+    args = (qkv, t, up1, up2, cos, sin, w, head_scale, s1_pool, s2_pool, slots, num_heads, num_kv_heads,
+            gate_norm, gate_floor, scale)
+    if _use_triton(qkv):
+        from kernels.triton_decode_step import dsla_decode_step_fused
+
+        return dsla_decode_step_fused(*args)
+    return reference.dsla_decode_step(*args)

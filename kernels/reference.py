@@ -16,6 +16,10 @@ Layout (the projections' natural layout, as in flash-linear-attention):
 
 Sharing one state between the query heads of a GQA group keeps the state as
 small as the model's KV heads allow.
+
+`dsla_decode_step` adds what surrounds one decode step of a layer with plain
+low-rank gates in the engine (RoPE on q and k, the gates' up projections and log
+decays, the per-head output scales), rounded where the fused kernel rounds.
 """
 from __future__ import annotations
 
@@ -144,3 +148,68 @@ def dsla_step_slots(q, k, v, g1, g2, w, s1_pool, s2_pool, slots, scale=None):
     s1_pool.index_copy_(0, slots, s1)
     s2_pool.index_copy_(0, slots, s2)
     return o[:, 0]
+
+
+def decode_step_dims(qkv, t, up1, up2, cos, sin, head_scale, s1_pool, s2_pool, slots, num_heads, num_kv_heads):
+    """Checks the shapes of dsla_decode_step's arguments; returns (B, Hq, Hkv, Dk, Dv, R)."""
+    Hq, Hkv = int(num_heads), int(num_kv_heads)
+    if qkv.dim() != 2 or t.dim() != 2 or cos.dim() != 2 or cos.shape != sin.shape:
+        raise ValueError("qkv and t must be [B, *], cos and sin [B, Dk]")
+    B, Dk = cos.shape
+    if Hkv < 1 or Hq % Hkv:
+        raise ValueError(f"query heads {Hq} must be a multiple of kv heads {Hkv}")
+    if Dk % 2:
+        raise ValueError(f"RoPE needs an even head dim, got {Dk}")
+    rest = qkv.shape[1] - (Hq + Hkv) * Dk
+    if qkv.shape[0] != B or rest <= 0 or rest % Hkv:
+        raise ValueError(f"qkv {tuple(qkv.shape)} is not [B, (Hq + Hkv) * Dk + Hkv * Dv] for B={B}, "
+                         f"Hq={Hq}, Hkv={Hkv}, Dk={Dk}")
+    Dv, R = rest // Hkv, up1[0].shape[-1]
+    for wu, bu in (up1, up2):
+        if tuple(wu.shape) != (Hkv * Dk, R) or tuple(bu.shape) != (Hkv * Dk,):
+            raise ValueError(f"up projections must be weight [{Hkv * Dk}, R] and bias [{Hkv * Dk}]")
+    if tuple(t.shape) != (B, 2 * R):
+        raise ValueError(f"t must be [B, 2R] = [{B}, {2 * R}], got {tuple(t.shape)}")
+    if tuple(head_scale.shape) != (Hq,) or tuple(slots.shape) != (B,):
+        raise ValueError("head_scale must be [Hq] and slots [B]")
+    for p in (s1_pool, s2_pool):
+        if tuple(p.shape[1:]) != (Hkv, Dk, Dv):
+            raise ValueError(f"state pools must be [num_slots, {Hkv}, {Dk}, {Dv}], got {tuple(p.shape)}")
+    return B, Hq, Hkv, Dk, Dv, R
+
+
+def _rope_rounded(x, cos, sin):
+    """x [B,H,D], cos/sin [B,D]: HF's rotate-half RoPE computed in fp32, rounded to x's dtype once."""
+    half = x.shape[-1] // 2
+    xf, c, s = x.float(), cos.float()[:, None], sin.float()[:, None]
+    lo = xf[..., :half] * c[..., :half] - xf[..., half:] * s[..., :half]
+    hi = xf[..., half:] * c[..., half:] + xf[..., :half] * s[..., half:]
+    return torch.cat([lo, hi], -1).to(x.dtype)
+
+
+def _log_decays(code, up, dtype, shape, norm, floor):
+    """max(logsigmoid(up(code)) / norm, floor) in fp32, the up projection rounded to `dtype` first."""
+    wu, bu = up
+    p = (code.float() @ wu.float().T + bu.float()).to(dtype).float()
+    return (torch.nn.functional.logsigmoid(p) / norm).clamp_min(floor).view(shape)
+
+
+def dsla_decode_step(qkv, t, up1, up2, cos, sin, w, head_scale, s1_pool, s2_pool, slots,
+                     num_heads, num_kv_heads, gate_norm, gate_floor, scale=None):
+    """One decode step of a plain-gates DSLA layer, from its projections to its o projection's input.
+
+    qkv [B, Hq*Dk + Hkv*Dk + Hkv*Dv]: the q, k, v projections side by side; t [B, 2R]: both
+    gates' low-rank codes (down projections); up1, up2: (up weight [Hkv*Dk, R], bias [Hkv*Dk]);
+    cos, sin [B, Dk]; w [2]; head_scale [Hq]; fp32 pools [num_slots, Hkv, Dk, Dv], updated in
+    place at slots [B] (distinct). Returns o [B, Hq, Dv] in qkv's dtype: the step's output
+    rounded to that dtype, times the head scales in fp32, rounded again."""
+    B, Hq, Hkv, Dk, Dv, R = decode_step_dims(qkv, t, up1, up2, cos, sin, head_scale, s1_pool, s2_pool,
+                                             slots, num_heads, num_kv_heads)
+    a = (Hq + Hkv) * Dk
+    q = _rope_rounded(qkv[:, :Hq * Dk].reshape(B, Hq, Dk), cos, sin)
+    k = _rope_rounded(qkv[:, Hq * Dk:a].reshape(B, Hkv, Dk), cos, sin)
+    v = qkv[:, a:].reshape(B, Hkv, Dv)
+    g1, g2 = (_log_decays(c, up, qkv.dtype, (B, Hkv, Dk), gate_norm, gate_floor)
+              for c, up in ((t[:, :R], up1), (t[:, R:], up2)))
+    o = dsla_step_slots(q, k, v, g1, g2, w, s1_pool, s2_pool, slots, scale)
+    return (o.float() * head_scale.float()[:, None]).to(o.dtype)

@@ -19,6 +19,20 @@ from kernels import triton_alloc
 
 
 @triton.jit
+def _step_states(s1, s2, st, mst, S1, S2, kk, vv, a1, a2, w, scale):
+    """Decay the two loaded state tiles, add k^T v, store them back in place; returns the mixed
+    state scaled for the output. Shared with triton_decode_step.py so that both kernels do the
+    same operations in the same order: that kernel must match this one bit for bit."""
+    kv = kk[:, None] * vv[None, :]
+    S1 = S1 * a1[:, None] + kv
+    S2 = S2 * a2[:, None] + kv
+    tl.store(s1 + st, S1, mask=mst)
+    tl.store(s2 + st, S2, mask=mst)
+    # Mixing before the product with q: one reduction per query head, not two.
+    return (tl.load(w) * S1 + tl.load(w + 1) * S2) * scale
+
+
+@triton.jit
 def _decode_kernel(q, k, v, g1, g2, w, s1, s2, slots, o, scale,
                    Hkv: tl.constexpr, G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr):
@@ -37,13 +51,8 @@ def _decode_kernel(q, k, v, g1, g2, w, s1, s2, slots, o, scale,
     vv = tl.load(v + kv_row * Dv + dv, mask=mv, other=0.).to(tl.float32)
     a1 = tl.exp(tl.load(g1 + kv_row * Dk + dk, mask=mk, other=0.).to(tl.float32))
     a2 = tl.exp(tl.load(g2 + kv_row * Dk + dk, mask=mk, other=0.).to(tl.float32))
-    kv = kk[:, None] * vv[None, :]
-    S1 = tl.load(s1 + st, mask=mst, other=0.) * a1[:, None] + kv
-    S2 = tl.load(s2 + st, mask=mst, other=0.) * a2[:, None] + kv
-    tl.store(s1 + st, S1, mask=mst)
-    tl.store(s2 + st, S2, mask=mst)
-    # Mixing before the product with q: one reduction per query head, not two.
-    M = (tl.load(w) * S1 + tl.load(w + 1) * S2) * scale
+    M = _step_states(s1, s2, st, mst, tl.load(s1 + st, mask=mst, other=0.), tl.load(s2 + st, mask=mst, other=0.),
+                     kk, vv, a1, a2, w, scale)
     for gi in tl.static_range(G):
         hq = hk * G + gi
         qq = tl.load(q + (ib * Hkv * G + hq) * Dk + dk, mask=mk, other=0.).to(tl.float32)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from dsla_model.dsla_attention import GATE_FLOOR, GATE_NORMALIZER, apply_rope
 from dsla_model.engine.attention import attend_pieces, paged_decode
-from kernels import dsla_decode_slots, dsla_prefill
+from kernels import dsla_decode_slots, dsla_decode_step, dsla_prefill
 
 
 def _have_fused_kernels() -> bool:
@@ -191,11 +191,11 @@ class ModelRunner:
             self.gate_up_w.append(fuse([mlp.gate_proj, mlp.up_proj]) if ok else None)
 
     @staticmethod
-    def _proj(mod, x, **prologue):
+    def _proj(mod, x):
         """A bias-free nn.Linear through the skinny-GEMM dispatch (Triton or cuBLAS, per shape)."""
         from kernels.triton_gemv import linear
 
-        y = linear(x, mod.weight, **prologue)
+        y = linear(x, mod.weight)
         return y if mod.bias is None else y + mod.bias
 
     def _mlp(self, i, layer, h):
@@ -242,10 +242,9 @@ class ModelRunner:
 
     def _forward_decode_fused(self, conf, ids, pos, tables, slots, num_splits):
         """The CUDA decode step with fused kernels (residual+RMSNorm, RoPE+cache write, paged
-        attention, DSLA input prep, SiLU*up); same math as the op-by-op form, rounded once
-        per fused kernel instead of once per op."""
-        from kernels.triton_paged_attention import (add_rms_norm, dsla_prep, paged_decode_attention,
-                                                    rope_and_cache_write)
+        attention, a DSLA layer's step from its projections to its o projection's input, SiLU*up);
+        same math as the op-by-op form, rounded once per fused kernel instead of once per op."""
+        from kernels.triton_paged_attention import add_rms_norm, paged_decode_attention, rope_and_cache_write
 
         B = ids.shape[0]
         bs = self.pool.block_size
@@ -271,12 +270,11 @@ class ModelRunner:
                 w, head_scale, down = self._frozen_consts(mod)
                 # q/k/v and both gates' down projections share h: one launch reads all their weights
                 qkv, code = self._qkv_flat(i, t, h, down)
-                q, k, v, g1, g2 = dsla_prep(qkv, code, self._gate_w(mod.gate1), self._gate_w(mod.gate2), cos, sin,
-                                            self.Hq, self.Hkv, GATE_NORMALIZER, GATE_FLOOR)
-                o = dsla_decode_slots(q, k, v, g1, g2, w, self.pool.s1, self.pool.s2, slots[i],
-                                      1.0 / math.sqrt(self.D))
-                # = mod.finish, minus its head-scale ops: the scales are the o projection's prologue
-                a = self._proj(t.o_proj, o.view(B, nq), scale=head_scale, group=self.D)
+                # RoPE, gates, state step and head scales (mod.finish's first op) in one launch
+                o = dsla_decode_step(qkv, code, self._gate_w(mod.gate1), self._gate_w(mod.gate2), cos, sin, w,
+                                     head_scale, self.pool.s1, self.pool.s2, slots[i], self.Hq, self.Hkv,
+                                     GATE_NORMALIZER, GATE_FLOOR, 1.0 / math.sqrt(self.D))
+                a = self._proj(t.o_proj, o.view(B, nq))
                 if getattr(mod, "out_bias", None) is not None:
                     a = a + mod.out_bias.to(a.dtype)
             else:
