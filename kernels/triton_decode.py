@@ -19,6 +19,21 @@ from kernels import triton_alloc
 
 
 @triton.jit
+def _state_tile(slots, Hkv, Dk: tl.constexpr, Dv: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """This program's sequence, kv head and Dk/Dv indices (grid: sequence, kv head, Dv block),
+    and its state tile's offsets and mask in a slot pool [num_slots, Hkv, Dk, Dv]."""
+    ib = tl.program_id(0)
+    hk = tl.program_id(1)
+    dk = tl.arange(0, BK)
+    dv = tl.program_id(2) * BV + tl.arange(0, BV)
+    mk = dk < Dk
+    mv = dv < Dv
+    slot = tl.load(slots + ib).to(tl.int64)
+    st = ((slot * Hkv + hk) * Dk + dk[:, None]) * Dv + dv[None, :]
+    return ib, hk, dk, dv, mk, mv, st, mk[:, None] & mv[None, :]
+
+
+@triton.jit
 def _step_states(s1, s2, st, mst, S1, S2, kk, vv, a1, a2, w, scale):
     """Decay the two loaded state tiles, add k^T v, store them back in place; returns the mixed
     state scaled for the output. Shared with triton_decode_step.py so that both kernels do the
@@ -36,16 +51,7 @@ def _step_states(s1, s2, st, mst, S1, S2, kk, vv, a1, a2, w, scale):
 def _decode_kernel(q, k, v, g1, g2, w, s1, s2, slots, o, scale,
                    Hkv: tl.constexpr, G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr):
-    ib = tl.program_id(0)
-    hk = tl.program_id(1)
-    iv = tl.program_id(2)
-    dk = tl.arange(0, BK)
-    dv = iv * BV + tl.arange(0, BV)
-    mk = dk < Dk
-    mv = dv < Dv
-    slot = tl.load(slots + ib).to(tl.int64)
-    st = ((slot * Hkv + hk) * Dk + dk[:, None]) * Dv + dv[None, :]
-    mst = mk[:, None] & mv[None, :]
+    ib, hk, dk, dv, mk, mv, st, mst = _state_tile(slots, Hkv, Dk, Dv, BK, BV)
     kv_row = ib * Hkv + hk
     kk = tl.load(k + kv_row * Dk + dk, mask=mk, other=0.).to(tl.float32)
     vv = tl.load(v + kv_row * Dv + dv, mask=mv, other=0.).to(tl.float32)

@@ -35,7 +35,7 @@ import triton.language as tl
 
 from kernels import triton_alloc
 from kernels.reference import decode_step_dims
-from kernels.triton_decode import _step_states
+from kernels.triton_decode import _state_tile, _step_states
 
 
 @triton.jit
@@ -76,16 +76,7 @@ def _decode_step_kernel(QKV, T, Wu1, Bu1, Wu2, Bu2, Cos, Sin, w, HS, s1, s2, slo
                         s_qkv, s_t, s_c, R, gate_norm, gate_floor, scale,
                         Hkv: tl.constexpr, G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr,
                         BV: tl.constexpr, RP: tl.constexpr):
-    ib = tl.program_id(0)
-    hk = tl.program_id(1)
-    iv = tl.program_id(2)
-    dk = tl.arange(0, Dk)
-    dv = iv * BV + tl.arange(0, BV)
-    mk = dk < Dk
-    mv = dv < Dv
-    slot = tl.load(slots + ib).to(tl.int64)
-    st = ((slot * Hkv + hk) * Dk + dk[:, None]) * Dv + dv[None, :]
-    mst = mk[:, None] & mv[None, :]
+    ib, hk, dk, dv, _, mv, st, mst = _state_tile(slots, Hkv, Dk, Dv, Dk, BV)
     # Every load is issued before any math, so the state tiles (nearly all of the bytes) are in
     # flight while the RoPE and the gates are computed. The gate operands are loaded before
     # them: in this order Triton (3.9) keeps the state tiles, and the sums over Dk, in the
