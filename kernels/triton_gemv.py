@@ -106,14 +106,15 @@ _MODE = os.environ.get("DSLA_GEMV", "auto")  # auto | cublas | triton (the last 
 
 
 def _time_resident(launch, weights) -> float:
-    """ms per launch of `launch(w)` over copies of the weights that together overflow L2, back to
-    back in one CUDA graph: each launch then starts cold with the previous one's bytes still in
-    flight, as it does between a decode step's kernels. (Timed alone, with L2 flushed by a write
-    before each run, the winners differ: on an H200 that picked configs 10% slower in the step.)"""
+    """ms per launch of `launch(w)` over copies of the weights (at least two, and together three
+    times L2) back to back in one CUDA graph: each launch then starts cold with the previous
+    one's bytes still in flight, as it does between a decode step's kernels. (Timed alone, with
+    L2 flushed by a write before each run, the winners differ: on an H200 that picked configs
+    10% slower for the o and down projections inside a chain, bench/gemv_chain.py.)"""
     l2 = torch.cuda.get_device_properties(weights[0].device).L2_cache_size
     nbytes = sum(w.numel() * w.element_size() for w in weights if w is not None)
     copies = [weights] + [[None if w is None else w.clone() for w in weights]
-                          for _ in range(max(1, -(-3 * l2 // max(nbytes, 1))) - 1)]
+                          for _ in range(max(2, -(-3 * l2 // max(nbytes, 1))) - 1)]
     for c in copies:
         launch(*c)
     torch.cuda.synchronize()
