@@ -6,7 +6,8 @@ Writes kernels.json (every number) and kernels.md (tables) naming the card, the
 command and the date. Everything compared is measured in this same run:
   ceiling  device-to-device copy bandwidth (bytes read + written)
   decode   DSLA fused step over slot pools   vs 2x fla fused_recurrent_gla (T=1)
-           and SDPA attention decode over a KV cache of 4K / 16K context
+           and SDPA attention decode over a KV cache of 4K / 16K context; the engine's whole
+           DSLA layer step (RoPE, gates, states, head scales) at a few launch shapes
   prefill  DSLA fused chunked forward and backward   vs 2x fla chunk_gla (fwd, fwd+bwd)
            and SDPA causal (flash) prefill
 32 heads, head dim 128, bf16 inputs, fp32 states and gates. Times are medians of
@@ -131,6 +132,7 @@ def decode_rows(B, bw, fla, rows, eager=False):
                              pct_of_copy=100 * bytes_ / ms / 1e9 / bw, timing="eager"))
             print(rows[-1], flush=True)
     del sets
+    layer_step_rows(B, bw, rows)
     for ctx in (4096, 16384):
         kv_bytes = 2 * B * H * ctx * D * 2
         if kv_bytes > 24 * GiB:
@@ -327,6 +329,45 @@ def strong_decay_row(T, bw, rows):
     rows.append(dict(op="prefill", T=T, impl="dsla fused fwd, recency gate -10/step (exact path)", ms=ms,
                      bytes=bytes_, TBps=bytes_ / ms / 1e9, floor_ms=bytes_ / bw / 1e9))
     print(rows[-1], flush=True)
+
+
+def layer_step_rows(B, bw, rows, launches=((32, 4), (16, 4), (16, 2), (32, 8), (64, 8)), R=16):
+    """The engine's plain-gates DSLA layer step (kernels/triton_decode_step.py) from the q/k/v and
+    gate-down GEMV outputs to the o projection's input, per (block_v, num_warps); the first
+    launch is the one the engine uses."""
+    from kernels.triton_decode_step import dsla_decode_step_fused
+
+    state_bytes = 2 * B * H * D * D * 4
+    bytes_ = 2 * state_bytes + B * (3 * H * D + 2 * R + H * D) * 2 + 2 * H * D * (R + 1) * 2
+    copies = max(1, math.ceil(400e6 / state_bytes))
+    w = torch.softmax(torch.randn(2, device=DEV), 0)
+    up = [((torch.randn(H * D, R, device=DEV) * 0.3).bfloat16(), torch.randn(H * D, device=DEV).bfloat16())
+          for _ in range(2)]
+    hs = (torch.rand(H, device=DEV) + 0.5).bfloat16()
+    sets = []
+    for _ in range(copies):
+        pos = torch.randint(0, 16384, (B, 1), device=DEV).float()
+        ang = pos * torch.logspace(0, -4, D // 2, device=DEV)[None]
+        cos, sin = torch.cat([ang.cos()] * 2, 1).bfloat16(), torch.cat([ang.sin()] * 2, 1).bfloat16()
+        p1 = torch.randn(B + 8, H, D, D, device=DEV)
+        sets.append((torch.randn(B, 3 * H * D, device=DEV).bfloat16(), torch.randn(B, 2 * R, device=DEV).bfloat16(),
+                     cos, sin, p1, torch.randn_like(p1), torch.randperm(B + 8, device=DEV)[:B]))
+    for bv, nw in launches:
+        def step(s, bv=bv, nw=nw):
+            qkv, t, cos, sin, p1, p2, slots = s
+            return dsla_decode_step_fused(qkv, t, up[0], up[1], cos, sin, w, hs, p1, p2, slots, H, H, 16.0, -50.0,
+                                          block_v=bv, num_warps=nw)
+        try:
+            ms = graph_ms([lambda s=s: step(s) for s in sets])
+        except Exception as e:  # noqa: BLE001 - a launch shape the compiler rejects
+            print("layer step failed", bv, nw, repr(e)[:200], flush=True)
+            continue
+        rows.append(dict(op="decode", impl=f"dsla layer step, BV {bv} warps {nw}", B=B, ms=ms, bytes=bytes_,
+                         TBps=bytes_ / ms / 1e9, floor_ms=bytes_ / bw / 1e9, pct_of_copy=100 * bytes_ / ms / 1e9 / bw,
+                         graph_copies=copies))
+        print(rows[-1], flush=True)
+    del sets
+    torch.cuda.empty_cache()
 
 
 def write(out, meta, rows):

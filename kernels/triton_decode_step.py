@@ -106,9 +106,11 @@ def _decode_step_kernel(QKV, T, Wu1, Bu1, Wu2, Bu2, Cos, Sin, w, HS, s1, s2, slo
 
 
 def dsla_decode_step_fused(qkv, t, up1, up2, cos, sin, w, head_scale, s1_pool, s2_pool, slots,
-                           num_heads, num_kv_heads, gate_norm, gate_floor, scale=None):
+                           num_heads, num_kv_heads, gate_norm, gate_floor, scale=None, block_v=32, num_warps=4):
     """See reference.dsla_decode_step for the arguments. Returns o [B,Hq,Dv] in qkv's dtype,
-    already multiplied by the head scales; the pools are updated in place."""
+    already multiplied by the head scales; the pools are updated in place. block_v and
+    num_warps are for launch sweeps (bench/kernels.py): the defaults are triton_decode.py's,
+    which the bitwise equality with the three-step path depends on."""
     B, Hq, Hkv, Dk, Dv, R = decode_step_dims(qkv, t, up1, up2, cos, sin, head_scale, s1_pool, s2_pool,
                                              slots, num_heads, num_kv_heads)
     if Dk & (Dk - 1):
@@ -125,9 +127,9 @@ def dsla_decode_step_fused(qkv, t, up1, up2, cos, sin, w, head_scale, s1_pool, s
         return o
     # BV and num_warps as triton_decode.py launches its kernel: the state tiles must get the
     # same layout there and here, or the sums over Dk would run in another order.
-    BV = min(32, triton.next_power_of_2(Dv))
+    BV = min(int(block_v), triton.next_power_of_2(Dv))
     _decode_step_kernel[(B, Hkv, triton.cdiv(Dv, BV))](
         qkv, t, *up1, *up2, cos, sin, w.float().contiguous(), head_scale, s1_pool, s2_pool, slots.contiguous(), o,
         qkv.stride(0), t.stride(0), cos.stride(0), R, float(gate_norm), float(gate_floor), scale,
-        Hkv=Hkv, G=Hq // Hkv, Dk=Dk, Dv=Dv, BV=BV, RP=max(16, triton.next_power_of_2(R)), num_warps=4)
+        Hkv=Hkv, G=Hq // Hkv, Dk=Dk, Dv=Dv, BV=BV, RP=max(16, triton.next_power_of_2(R)), num_warps=int(num_warps))
     return o

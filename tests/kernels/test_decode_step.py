@@ -5,26 +5,19 @@ slot-pool step of triton_decode.py, the head scales as a separate multiply).
 On CPU the kernels run through TRITON_INTERPRET=1 (see conftest.py) on small shapes; on CUDA
 the same tests run compiled, and the `gpu` tests add model-sized shapes.
 """
-import os
-
 import pytest
 import torch
 
 from kernels import reference as ref
+from tests.kernels.where import CUDA, DEV  # also skips this module where no Triton path runs
 
-triton = pytest.importorskip("triton")
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-CUDA = torch.cuda.is_available()
-if not CUDA and not INTERPRET:
-    pytest.skip("no CUDA and the Triton interpreter is off", allow_module_level=True)
-
+import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from kernels import triton_alloc  # noqa: E402
 from kernels.triton_decode import dsla_decode_fused  # noqa: E402
 from kernels.triton_decode_step import dsla_decode_step_fused  # noqa: E402
 
-DEV = "cuda" if CUDA else "cpu"
 NORM, FLOOR = 16.0, -50.0  # the model's GATE_NORMALIZER and GATE_FLOOR
 
 

@@ -4,23 +4,15 @@ On CPU the kernels run through TRITON_INTERPRET=1 (see conftest.py) on small
 shapes; on CUDA the same tests run compiled, and the `gpu` tests add model-sized
 shapes, CUDA-graph capture and the ops dispatch.
 """
-import os
-
 import pytest
 import torch
 
 from kernels import reference as ref
-
-triton = pytest.importorskip("triton")
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-CUDA = torch.cuda.is_available()
-if not CUDA and not INTERPRET:
-    pytest.skip("no CUDA and the Triton interpreter is off", allow_module_level=True)
+from tests.kernels.where import CUDA, DEV  # also skips this module where no Triton path runs
 
 from kernels import triton_alloc  # noqa: E402
 from kernels.triton_dsla import dsla_chunk_fused, dsla_decode_fused  # noqa: E402
 
-DEV = "cuda" if CUDA else "cpu"
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
