@@ -141,11 +141,21 @@ def engine_step_time(eng, batch, ctx):
     return statistics.median(ts)
 
 
-def kernel_timeline(trace_path):
-    """Busy time, idle gaps and per-kernel totals of the device kernels in a chrome trace:
-    the gaps are what kernel boundaries cost inside a graph replay."""
-    evs = sorted((e for e in json.load(open(trace_path))["traceEvents"] if e.get("cat") == "kernel"),
-                 key=lambda e: e["ts"])
+def kernel_events(prof, out):
+    """The device kernels a torch profiler saw, in start order (via its chrome trace, written
+    to `out` and removed): dicts with name, ts and dur in us."""
+    path = os.path.join(out, "profile_trace.json")
+    prof.export_chrome_trace(path)
+    try:
+        evs = [e for e in json.load(open(path))["traceEvents"] if e.get("cat") == "kernel"]
+    finally:
+        os.remove(path)
+    return sorted(evs, key=lambda e: e["ts"])
+
+
+def kernel_timeline(evs):
+    """Busy time, idle gaps and per-kernel totals of kernel events (kernel_events): the gaps
+    are what kernel boundaries cost inside a graph replay."""
     if not evs:
         return {"kernels": 0}
     busy, end, per = 0.0, evs[0]["ts"], {}
@@ -181,10 +191,7 @@ def profile_steps(eng, hyb, out, steps=5):
         for rid in list(eng.requests):
             eng.abort(rid)
         eng.step()
-        trace = os.path.join(out, f"engine_trace_{int(conv * 100)}.json")
-        prof.export_chrome_trace(trace)
-        tl_ = kernel_timeline(trace)
-        os.remove(trace)
+        tl_ = kernel_timeline(kernel_events(prof, out))
         res[str(conv)] = tl_
         lines.append(f"## {conv:.0%} conversion, batch 4, {CONTEXTS[1] // 1024}K, {steps} steps: "
                      f"{tl_['kernels'] / steps:.0f} kernels/step, span {tl_['span_us'] / steps / 1e3:.3f} ms/step, "
@@ -192,9 +199,12 @@ def profile_steps(eng, hyb, out, steps=5):
                      f"{tl_['idle_us'] / steps / 1e3:.3f}")
         lines += [f"| {n} | {v['calls'] / steps:.0f} | {v['total'] / steps:.1f} |"
                   for n, v in tl_["per_kernel_us"].items()]
-    json.dump(res, open(os.path.join(out, "engine_profile.json"), "w"), indent=1)
+    meta = {"card": torch.cuda.get_device_name(), "command": "python " + " ".join(sys.argv),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    json.dump(dict(meta, profile=res), open(os.path.join(out, "engine_profile.json"), "w"), indent=1)
     open(os.path.join(out, "engine_profile.txt"), "w").write(
-        "kernel | calls/step | us/step\n" + "\n".join(lines) + "\n")
+        f"# {meta['card']}, {meta['date']}, `{meta['command']}`\nkernel | calls/step | us/step\n"
+        + "\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 
 

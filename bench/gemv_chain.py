@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.engine import copy_bandwidth  # noqa: E402
+from bench.engine import copy_bandwidth, kernel_events  # noqa: E402
 from kernels import triton_gemv as tg  # noqa: E402
 
 LAYERS, M = 8, 4
@@ -72,10 +72,7 @@ def kernel_times(graph, out, reps=3):
         for _ in range(reps):
             graph.replay()
         torch.cuda.synchronize()
-    path = os.path.join(out, "gemv_chain_trace.json")
-    prof.export_chrome_trace(path)
-    evs = sorted((e for e in json.load(open(path))["traceEvents"] if e.get("cat") == "kernel"), key=lambda e: e["ts"])
-    os.remove(path)
+    evs = kernel_events(prof, out)
     n = LAYERS * len(SHAPES)
     if len(evs) != reps * n:  # e.g. a split-K reduce kernel: no clean per-shape mapping
         return None
