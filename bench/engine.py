@@ -172,6 +172,24 @@ def kernel_timeline(evs):
                               sorted(per.items(), key=lambda kv: -kv[1][1])}}
 
 
+def gemv_breakdown(evs, layers, n_dsla):
+    """The _gemv kernels of whole decode steps by projection and layer kind: a step launches
+    q/k/v, o, gate/up and down per layer (DSLA layers first), then lm_head. None when the
+    trace does not have that shape (cuBLAS picked for some projection)."""
+    g = [e for e in evs if e["name"].startswith("_gemv")]
+    per_step = 4 * layers + 1
+    if not g or len(g) % per_step:
+        return None
+    out = {}
+    for i, e in enumerate(g):
+        j = i % per_step
+        name = "lm_head" if j == 4 * layers else (("dsla " if j // 4 < n_dsla else "attention ")
+                                                   + ("qkv", "o", "gate_up", "down")[j % 4])
+        c, t = out.get(name, (0, 0.0))
+        out[name] = (c + 1, t + e["dur"])
+    return {n: {"calls": c, "total": t} for n, (c, t) in out.items()}
+
+
 def profile_steps(eng, hyb, out, steps=5):
     """Kernel time breakdown of decode steps at batch 4, 16K (graph replays), all-attention and 75%
     converted: per-kernel totals and the idle time between kernels (engine_profile.json/.txt)."""
@@ -191,7 +209,9 @@ def profile_steps(eng, hyb, out, steps=5):
         for rid in list(eng.requests):
             eng.abort(rid)
         eng.step()
-        tl_ = kernel_timeline(kernel_events(prof, out))
+        evs = kernel_events(prof, out)
+        tl_ = kernel_timeline(evs)
+        tl_["gemv_us"] = gemv_breakdown(evs, hyb.num_layers, round(conv * hyb.num_layers))
         res[str(conv)] = tl_
         lines.append(f"## {conv:.0%} conversion, batch 4, {CONTEXTS[1] // 1024}K, {steps} steps: "
                      f"{tl_['kernels'] / steps:.0f} kernels/step, span {tl_['span_us'] / steps / 1e3:.3f} ms/step, "
@@ -199,6 +219,8 @@ def profile_steps(eng, hyb, out, steps=5):
                      f"{tl_['idle_us'] / steps / 1e3:.3f}")
         lines += [f"| {n} | {v['calls'] / steps:.0f} | {v['total'] / steps:.1f} |"
                   for n, v in tl_["per_kernel_us"].items()]
+        lines += [f"| _gemv: {n} | {v['calls'] / steps:.0f} | {v['total'] / steps:.1f} |"
+                  for n, v in (tl_["gemv_us"] or {}).items()]
     meta = {"card": torch.cuda.get_device_name(), "command": "python " + " ".join(sys.argv),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     json.dump(dict(meta, profile=res), open(os.path.join(out, "engine_profile.json"), "w"), indent=1)
@@ -299,7 +321,7 @@ def run(args):
             save(res, args.out)
     res["graph_captures"] = eng.graphs.captures if eng.graphs else 0
     if DEV == "cuda":
-        from kernels.triton_gemv import choices
+        from kernels.gemv_dispatch import choices
 
         res["gemv_choices"] = choices()
     if args.profile and DEV == "cuda":

@@ -1,57 +1,75 @@
-"""Skinny GEMM for decode steps (M <= 16 rows): y = x @ w.T in Triton, and the dispatch
-that uses it or cuBLAS, whichever this card measured faster for the shape.
+"""Skinny GEMM for decode steps (M <= 16 rows): y = x @ w.T in Triton, with the decoder's
+elementwise neighbours fused into its epilogue. The dispatch that picks a config or cuBLAS
+per shape is kernels/gemv_dispatch.py.
 
-Why: a decode step of a 7B model reads ~13 GB of weights at 1..16 rows of x. cuBLAS's
-skinny kernels reach ~3.5 TB/s on an H200 and add a split-K reduce kernel for the
-narrow projections. Here each program owns BN rows of w over the whole K: no split,
-no reduce launch, sums in a fixed order (deterministic). BN is small enough that the
-grid holds a few programs per SM, and the K loop is software-pipelined (num_stages)
-so that several weight tiles are in flight per program. x is padded to 16 rows for
-the tensor-core dot; its tiles are tiny and come from L2.
-Prologues fused into the x load cost more than the launch they save: a silu(gate) * up
-prologue made down_proj 2-3x slower, a per-head scale o_proj ~10% slower (H200); DSLA's head
-scales are applied by its decode kernel instead.
+Why: a decode step of a 7B model reads ~13 GB of weights at 1..16 rows of x. Each program
+owns BN rows of w; the K loop is software-pipelined (num_stages) so that several weight
+tiles are in flight per program. x is padded to 16 rows for the tensor-core dot; its tiles
+are tiny and come from L2. Sums run in a fixed order (deterministic).
+Split-K (each row block's K range cut over 2-4 programs, the last one summing fp32
+partials in a fixed order) was measured inside the chain of bench/gemv_chain.py on an H200
+and lost to this form on every shape, o and down included (gemv_chain.split-h200.md).
+Epilogues (`Epilogue`), so that a decode layer is four GEMVs and its mixer, with no norm
+or activation kernels between them:
+  - residual + norm_weight: y = residual + x @ w.T (the new residual stream), and the next
+    RMSNorm's input without its 1/rms: hg = y * norm_weight, plus fp32 sums of y^2 per row
+    block (`sq`). The 1/rms needs all of y, which no program has;
+  - rstd_sq: the consumer of (hg, sq) sums the partials and scales its rows by
+    rsqrt(mean + eps): hg @ w.T * rstd = rmsnorm(y) @ w.T, rounded once instead of twice;
+  - gated: w = [gate; up] (2N rows), y = silu(x @ gate.T) * (x @ up.T).
+Prologues fused into the x load cost more than they save (measured on an H200: a
+silu(gate) * up prologue made down_proj 2-3x slower, a per-head scale o_proj ~10%): x
+feeds the tensor-core dot untouched; everything else happens on the accumulator.
 `w2` appends a second weight matrix: y = x @ [w; w2].T in one launch (a DSLA layer's
 q/k/v and gate-down projections share their input).
 """
 from __future__ import annotations
 
-import os
-
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from kernels import triton_alloc
-
-MAX_M = 16
-# (BN, BK, num_warps, num_stages): the tuner times these against cuBLAS per shape, inside a CUDA
-# graph (`_time_resident`). Candidates from the in-graph chain benchmark on an H200
-# (bench/results/gemv_chain.run2-h200.md): deep pipelines for the 4096-row projections, wide
-# tiles for gate/up.
-CONFIGS = ((32, 128, 4, 6), (64, 128, 4, 4), (128, 128, 8, 3), (32, 128, 4, 8), (16, 128, 4, 8), (16, 256, 4, 6))
+from kernels.gemv_epilogue import MAX_M, PLAIN, Epilogue
 
 
 @triton.jit
-def _gemv(X, W, W2, Y, M, N, N2, K, s_xm, s_wn, s_w2n, s_ym, HAS_W2: tl.constexpr, EVEN_K: tl.constexpr,
-          IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """Row block nb of [w; w2] against all of x: y[:, rows] = x @ w[rows].T, summed over K in order."""
+def _gemv(X, W, W2, Y, M, N, N2, K, s_xm, s_wn, s_w2n, s_ym, SQI, NSQI, R, s_rm, G, HG, SQO, eps,
+          HAS_W2: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+          BK: tl.constexpr, RSTD: tl.constexpr, GATED: tl.constexpr, RESNORM: tl.constexpr, NSQ_B: tl.constexpr):
+    """Row block nb of [w; w2] against all of x, summed over K in order, then the epilogue."""
     nb = tl.program_id(0)
-    rn = nb * BN + tl.arange(0, BN)
-    n_ok = rn < N
-    ycol = rn
-    wp = W + rn[:, None] * s_wn
-    if HAS_W2:
-        nb1 = tl.cdiv(N, BN)
-        if nb >= nb1:  # this block's rows come from w2; its outputs follow w's N columns
-            rn = (nb - nb1) * BN + tl.arange(0, BN)
-            n_ok = rn < N2
-            ycol = N + rn
-            wp = W2 + rn[:, None] * s_w2n
+    if GATED:
+        # half the block's rows from gate, the same rows of up below: one weight tile per K step,
+        # as in the plain form (two tiles per step measured 9% slower on an H200)
+        i = tl.arange(0, BN)
+        rn = nb * (BN // 2) + i % (BN // 2)
+        n_ok = rn < N
+        wp = W + (rn + (i >= BN // 2) * N)[:, None] * s_wn
+        ycol = nb * (BN // 2) + tl.arange(0, BN // 2)
+    else:
+        rn = nb * BN + tl.arange(0, BN)
+        n_ok = rn < N
+        ycol = rn
+        wp = W + rn[:, None] * s_wn
+        if HAS_W2:
+            nb1 = tl.cdiv(N, BN)
+            if nb >= nb1:  # this block's rows come from w2; its outputs follow w's N columns
+                rn = (nb - nb1) * BN + tl.arange(0, BN)
+                n_ok = rn < N2
+                ycol = N + rn
+                wp = W2 + rn[:, None] * s_w2n
     rm = tl.arange(0, BM)
     rk = tl.arange(0, BK)
     m_ok = rm < M
+    # The epilogue's operands are loaded before the loop: their latency hides behind the weights.
+    if RSTD:
+        i = tl.arange(0, NSQ_B)
+        sq = tl.load(SQI + i[:, None] * BM + rm[None, :], mask=(i < NSQI)[:, None] & m_ok[None, :], other=0.0)
+    if RESNORM:
+        ym = n_ok[:, None] & m_ok[None, :]
+        res = tl.load(R + rm[None, :] * s_rm + ycol[:, None], mask=ym, other=0.0).to(tl.float32)
+        g = tl.load(G + ycol, mask=n_ok, other=0.0).to(tl.float32)
     wp += rk[None, :]
     xp = X + rm[:, None] * s_xm + rk[None, :]
     acc = tl.zeros([BN, BM], dtype=tl.float32)
@@ -71,109 +89,69 @@ def _gemv(X, W, W2, Y, M, N, N2, K, s_xm, s_wn, s_w2n, s_ym, HAS_W2: tl.constexp
             acc += tl.dot(w, tl.trans(x))
         wp += BK
         xp += BK
-    tl.store(Y + rm[None, :] * s_ym + ycol[:, None], acc.to(Y.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
+    if RSTD:
+        acc = acc * tl.rsqrt(tl.sum(sq, 0) / K + eps)[None, :]
+    if GATED:
+        gate, up = tl.split(tl.permute(tl.reshape(acc, (2, BN // 2, BM)), (1, 2, 0)))
+        acc = gate / (1.0 + tl.exp(-gate)) * up
+        n_ok = ycol < N
+    ym = n_ok[:, None] & m_ok[None, :]
+    if RESNORM:
+        acc += res
+    y = acc.to(Y.dtype.element_ty)
+    tl.store(Y + rm[None, :] * s_ym + ycol[:, None], y, mask=ym)
+    if RESNORM:
+        yf = y.to(tl.float32)  # the rounded residual, as the next RMSNorm reads it (zero where masked)
+        tl.store(HG + rm[None, :] * s_ym + ycol[:, None], (yf * g[:, None]).to(HG.dtype.element_ty), mask=ym)
+        tl.store(SQO + nb * BM + rm, tl.sum(yf * yf, 0))
 
 
-def gemv_triton(x, w, w2=None, config=CONFIGS[0]):
-    """x [M,K] (M <= 16, unit stride along K) -> x @ [w; w2].T [M, N + N2]; w, w2 [*, K] contiguous."""
-    M = x.shape[0]
-    N, K = w.shape
-    N2 = w2.shape[0] if w2 is not None else 0
+def _check_args(x, w, w2, epi):
+    M, K = x.shape
     if M > MAX_M or x.stride(1) != 1 or not w.is_contiguous() or (w2 is not None and not w2.is_contiguous()):
         raise ValueError("gemv_triton needs M <= 16, x with unit stride along K and contiguous weights")
-    if x.shape[1] != K or (w2 is not None and w2.shape[1] != K):
+    if w.shape[1] != K or (w2 is not None and w2.shape[1] != K):
         raise ValueError(f"shapes do not match: x {tuple(x.shape)}, w {tuple(w.shape)}")
+    if epi.gated and (w2 is not None or w.shape[0] % 2):
+        raise ValueError("a gated GEMV takes one [gate; up] matrix with an even row count")
+    if (epi.residual is None) != (epi.norm_weight is None):
+        raise ValueError("residual and norm_weight come together")
+    if epi.residual is not None and (w2 is not None or epi.gated):
+        raise ValueError("the residual epilogue is for a plain projection")
+    n_out = w.shape[0] // 2 if epi.gated else w.shape[0] + (w2.shape[0] if w2 is not None else 0)
+    if epi.residual is not None and (epi.residual.shape != (M, n_out) or epi.residual.stride(1) != 1):
+        raise ValueError(f"residual must be [{M}, {n_out}] with unit column stride")
+    if epi.rstd_sq is not None and (epi.rstd_sq.dim() != 2 or epi.rstd_sq.shape[1] != MAX_M
+                                    or not epi.rstd_sq.is_contiguous()):
+        raise ValueError(f"rstd_sq must be a contiguous [P, {MAX_M}] tensor of row sums of squares")
+    return n_out
+
+
+def gemv_triton(x, w, w2=None, config=(32, 128, 4, 6), epi: Epilogue = PLAIN):
+    """x [M,K] (M <= 16, unit stride along K) -> x @ [w; w2].T [M, N + N2] with `epi` applied;
+    with a residual epilogue, (y, hg, sq). config: (BN, BK, warps, stages); a gated GEMV's
+    BN counts gate and up rows together."""
     BN, BK, warps, stages = config
-    y = triton_alloc.empty(M, N + N2, dtype=x.dtype, device=x.device)
-    nb = triton.cdiv(N, BN) + triton.cdiv(N2, BN)
-    args = (x, w, w2 if w2 is not None else w, y)
-    shape = (M, N, N2, K, x.stride(0), w.stride(0), w2.stride(0) if w2 is not None else 0, y.stride(0))
-    flags = dict(HAS_W2=w2 is not None, EVEN_K=K % BK == 0,
-                 IEEE=x.dtype == torch.float32, BM=MAX_M, BN=BN, BK=BK, num_warps=warps, num_stages=stages)
-    _gemv[(nb,)](*args, *shape, **flags)
-    return y
-
-
-def gemv_reference(x, w, w2=None):
-    """The torch form x @ [w; w2].T (cuBLAS on CUDA): also the dispatch's fallback."""
-    y = F.linear(x, w)
-    return torch.cat([y, F.linear(x, w2)], 1) if w2 is not None else y
-
-
-# ---- dispatch ---------------------------------------------------------------------------
-_choice: dict = {}  # (device, M class, w shape, N2, dtype) -> a CONFIGS entry, or None for cuBLAS
-_MODE = os.environ.get("DSLA_GEMV", "auto")  # auto | cublas | triton (the last two for comparisons)
-
-
-def _time_resident(launch, weights) -> float:
-    """ms per launch of `launch(w)` over copies of the weights (at least two, and together three
-    times L2) back to back in one CUDA graph: each launch then starts cold with the previous
-    one's bytes still in flight, as it does between a decode step's kernels. (Timed alone, with
-    L2 flushed by a write before each run, the winners differ: on an H200 that picked configs
-    10% slower for the o and down projections inside a chain, bench/gemv_chain.py.)"""
-    l2 = torch.cuda.get_device_properties(weights[0].device).L2_cache_size
-    nbytes = sum(w.numel() * w.element_size() for w in weights if w is not None)
-    copies = [weights] + [[None if w is None else w.clone() for w in weights]
-                          for _ in range(max(2, -(-3 * l2 // max(nbytes, 1))) - 1)]
-    for c in copies:
-        launch(*c)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in copies:
-            launch(*c)
-    graph.replay()
-    ts = []
-    for _ in range(5):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        graph.replay()
-        e1.record()
-        e1.synchronize()
-        ts.append(e0.elapsed_time(e1) / len(copies))
-    del graph, copies
-    return sorted(ts)[len(ts) // 2]
-
-
-def _tune(x, w, w2):
-    """Time cuBLAS and each Triton config on these inputs."""
-    best, best_t = None, _time_resident(lambda a, b: gemv_reference(x, a, b), [w, w2])
-    for cfg in CONFIGS:
-        try:
-            t = _time_resident(lambda a, b: gemv_triton(x, a, b, cfg), [w, w2])
-        except Exception:  # noqa: BLE001 - a config the compiler rejects (shared memory) is skipped
-            continue
-        if t < best_t:
-            best, best_t = cfg, t
-    return best
-
-
-def linear(x, w, w2=None):
-    """x @ [w; w2].T for a decode step: y [M,N], or (y [M,N], y2 [M,N2]) with w2. Triton for M <= 16 on CUDA
-    where it measured faster than cuBLAS for this shape (measured on first use, outside graph
-    capture; while capturing an unmeasured shape takes cuBLAS), cuBLAS otherwise."""
-    M = x.shape[0]
-    cfg = None
-    if x.is_cuda and M <= MAX_M and _MODE != "cublas" and x.stride(1) == 1 and w.is_contiguous():
-        key = (x.device.index, triton.next_power_of_2(M), w.shape, None if w2 is None else w2.shape[0], x.dtype)
-        if key not in _choice:
-            if torch.cuda.is_current_stream_capturing():
-                key = None
-            else:
-                _choice[key] = CONFIGS[1] if _MODE == "triton" else _tune(x, w, w2)
-        cfg = _choice.get(key)
-    y = gemv_triton(x, w, w2, cfg) if cfg else gemv_reference(x, w, w2)
-    return (y[:, :w.shape[0]], y[:, w.shape[0]:]) if w2 is not None else y
-
-
-def config_name(cfg) -> str:
-    return "BN%d BK%d w%d s%d" % cfg
-
-
-def choices() -> dict:
-    """What the dispatch picked so far, for reports: 'N x K (+N2) M<=m' -> config or 'cublas'."""
-    out = {}
-    for (_, m, ws, n2, dt), cfg in _choice.items():
-        name = f"{ws[0]}x{ws[1]}" + (f"+{n2}" if n2 else "") + f" M<={m} {str(dt)[6:]}"
-        out[name] = "cublas" if cfg is None else "triton " + config_name(cfg)
-    return out
+    n_out = _check_args(x, w, w2, epi)
+    M, K = x.shape
+    N = w.shape[0] // 2 if epi.gated else w.shape[0]
+    N2 = w2.shape[0] if w2 is not None else 0
+    y = triton_alloc.empty(M, n_out, dtype=x.dtype, device=x.device)
+    nb = triton.cdiv(N, BN // 2) if epi.gated else triton.cdiv(N, BN) + triton.cdiv(N2, BN)
+    res = epi.residual is not None
+    hg = triton_alloc.empty(M, n_out, dtype=x.dtype, device=x.device) if res else y
+    sq = triton_alloc.empty(nb, MAX_M, dtype=torch.float32, device=x.device) if res else y
+    if nb == 0:
+        return (y, hg, sq) if res else y
+    sqi = epi.rstd_sq
+    args = (x, w, w2 if w2 is not None else w, y, M, N, N2, K, x.stride(0), w.stride(0),
+            w2.stride(0) if w2 is not None else 0, y.stride(0),
+            sqi if sqi is not None else y, sqi.shape[0] if sqi is not None else 0,
+            epi.residual if res else y, epi.residual.stride(0) if res else 0,
+            epi.norm_weight if res else y, hg, sq, float(epi.eps))
+    flags = dict(HAS_W2=w2 is not None, EVEN_K=K % BK == 0, IEEE=x.dtype == torch.float32, BM=MAX_M, BN=BN,
+                 BK=BK, RSTD=sqi is not None, GATED=epi.gated, RESNORM=res,
+                 NSQ_B=triton.next_power_of_2(sqi.shape[0]) if sqi is not None else 1,
+                 num_warps=warps, num_stages=stages)
+    _gemv[(nb,)](*args, **flags)
+    return (y, hg, sq) if res else y

@@ -8,11 +8,14 @@
     them (log-sum-exp).
   - `rope_and_cache_write`: RoPE on q and k, and k, v stored into each sequence's
     current block slot: one launch instead of a dozen small ones.
-  - `add_rms_norm`: the residual add fused with the next RMSNorm (HF Llama
-    semantics: statistics in fp32, weight applied in the model dtype).
+  - `add_rms_norm`, `silu_mul`: the residual add fused with the next RMSNorm (HF
+    Llama semantics: statistics in fp32, weight applied in the model dtype), and
+    SiLU(gate) * up. The engine now does both in its projections' epilogues
+    (triton_gemv.py); these stay as the separate-kernel form bench/gemv_chain.py
+    compares against.
 A decode step of a 7B model is ~1500 tiny launches when written op by op; even
-inside a CUDA graph each costs ~2 us, a large share of a ~5 ms step. These three
-cut most of them. Shapes are fixed by the batch and every program finds its
+inside a CUDA graph each costs ~2 us, a large share of a ~5 ms step. These kernels
+and the GEMV epilogues cut most of them. Shapes are fixed by the batch and every program finds its
 work from device-side lengths, so everything here can be captured in a graph.
 
 Layouts: q [B,Hq,D]; kv_pool [num_blocks, 2 (k, v), block_size, Hkv, D];

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from dsla_model.dsla_attention import GATE_FLOOR, GATE_NORMALIZER, apply_rope
 from dsla_model.engine.attention import attend_pieces, paged_decode
 from kernels import dsla_decode_slots, dsla_decode_step, dsla_prefill
+from kernels.gemv_epilogue import Epilogue, norm_parts, rms_normalize
 
 
 def _have_fused_kernels() -> bool:
@@ -190,32 +191,33 @@ class ModelRunner:
             ok = hasattr(mlp, "gate_proj") and getattr(mlp.config, "hidden_act", "silu") == "silu"
             self.gate_up_w.append(fuse([mlp.gate_proj, mlp.up_proj]) if ok else None)
 
-    @staticmethod
-    def _proj(mod, x):
-        """A bias-free nn.Linear through the skinny-GEMM dispatch (Triton or cuBLAS, per shape)."""
-        from kernels.triton_gemv import linear
-
-        y = linear(x, mod.weight)
-        return y if mod.bias is None else y + mod.bias
-
-    def _mlp(self, i, layer, h):
-        from kernels.triton_gemv import linear
-        from kernels.triton_paged_attention import silu_mul
-
-        w = self.gate_up_w[i]
-        if w is None:
-            return layer.mlp(h)
-        return self._proj(layer.mlp.down_proj, silu_mul(linear(h, w)))
-
-    def _qkv_flat(self, i, t, h, w2=None):
-        """[q|k|v] projections of h; with w2 also h @ w2.T (returned second)."""
-        from kernels.triton_gemv import linear
+    def _qkv_flat(self, i, t, hg, sq, eps, w2=None):
+        """[q|k|v] projections of rmsnorm(h) given as (hg, sq) (gemv_epilogue.norm_parts); with
+        w2 also rmsnorm(h) @ w2.T (returned second)."""
+        from kernels.gemv_dispatch import linear
 
         w = self.qkv_w[i]
         if w is not None:
-            return linear(h, w, w2)
+            return linear(hg, w, w2, Epilogue(rstd_sq=sq, eps=eps))
+        h = rms_normalize(hg, sq, eps)
         qkv = torch.cat([t.q_proj(h), t.k_proj(h), t.v_proj(h)], dim=-1)
         return qkv if w2 is None else (qkv, F.linear(h, w2))
+
+    @staticmethod
+    def _add_out(x, proj, inp, norm_weight, bias=None):
+        """The residual stream after x + proj(inp) (+ bias), and the next RMSNorm's (hg, sq):
+        in the GEMV's epilogue for a bias-free projection, by separate ops otherwise."""
+        from kernels.gemv_dispatch import linear
+
+        if proj.bias is None and bias is None:
+            return linear(inp, proj.weight, epi=Epilogue(residual=x, norm_weight=norm_weight))
+        a = proj(inp) if bias is None else proj(inp) + bias.to(x.dtype)
+        return ModelRunner._add(x, a, norm_weight)
+
+    @staticmethod
+    def _add(x, a, norm_weight):
+        y = x + a
+        return (y, *norm_parts(y, norm_weight))
 
     @staticmethod
     def _plain_gates(mod) -> bool:
@@ -241,10 +243,12 @@ class ModelRunner:
         return c
 
     def _forward_decode_fused(self, conf, ids, pos, tables, slots, num_splits):
-        """The CUDA decode step with fused kernels (residual+RMSNorm, RoPE+cache write, paged
-        attention, a DSLA layer's step from its projections to its o projection's input, SiLU*up);
-        same math as the op-by-op form, rounded once per fused kernel instead of once per op."""
-        from kernels.triton_paged_attention import add_rms_norm, paged_decode_attention, rope_and_cache_write
+        """The CUDA decode step with fused kernels: every residual add, RMSNorm and SiLU*up in
+        a projection's epilogue (triton_gemv.Epilogue), RoPE+cache write, paged attention, a
+        DSLA layer's step from its projections to its o projection's input. Same math as the
+        op-by-op form, rounded once per fused kernel instead of once per op."""
+        from kernels.gemv_dispatch import linear
+        from kernels.triton_paged_attention import paged_decode_attention, rope_and_cache_write
 
         B = ids.shape[0]
         bs = self.pool.block_size
@@ -255,35 +259,42 @@ class ModelRunner:
         lens = pos + 1
         cos, sin = self.cos[pos], self.sin[pos]  # [B,D]
         layers = self.inner.layers
-        ln0 = layers[0].input_layernorm
-        x, h = add_rms_norm(self.inner.embed_tokens(ids), None, ln0.weight, ln0.variance_epsilon)
+        x = self.inner.embed_tokens(ids)
+        ln = layers[0].input_layernorm
+        hg, sq = norm_parts(x, ln.weight)
         for i, layer in enumerate(layers):
             mod = conf.modules[i]
             t = layer.self_attn.teacher
+            eps = ln.variance_epsilon
+            ln = layer.post_attention_layernorm
             if mod is None:
-                qkv = self._qkv_flat(i, t, h)
+                qkv = self._qkv_flat(i, t, hg, sq, eps)
                 q = rope_and_cache_write(qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:], cos, sin,
                                          self.pool.kv, wblk[i], woff)
                 o = paged_decode_attention(q, self.pool.kv, tables[i], lens, self.scale, num_splits)
-                a = self._proj(t.o_proj, o.view(B, nq))
+                x, hg, sq = self._add_out(x, t.o_proj, o.view(B, nq), ln.weight)
             elif self._plain_gates(mod):
                 w, head_scale, down = self._frozen_consts(mod)
                 # q/k/v and both gates' down projections share h: one launch reads all their weights
-                qkv, code = self._qkv_flat(i, t, h, down)
+                qkv, code = self._qkv_flat(i, t, hg, sq, eps, down)
                 # RoPE, gates, state step and head scales (mod.finish's first op) in one launch
                 o = dsla_decode_step(qkv, code, self._gate_w(mod.gate1), self._gate_w(mod.gate2), cos, sin, w,
                                      head_scale, self.pool.s1, self.pool.s2, slots[i], self.Hq, self.Hkv,
                                      GATE_NORMALIZER, GATE_FLOOR, 1.0 / math.sqrt(self.D))
-                a = self._proj(t.o_proj, o.view(B, nq))
-                if getattr(mod, "out_bias", None) is not None:
-                    a = a + mod.out_bias.to(a.dtype)
+                x, hg, sq = self._add_out(x, t.o_proj, o.view(B, nq), ln.weight, getattr(mod, "out_bias", None))
             else:
+                h = rms_normalize(hg, sq, eps)
                 q, k, v, g1, g2 = mod.project(h[:, None], cos[:, None], sin[:, None])
                 o = dsla_decode_slots(q[:, 0], k[:, 0], v[:, 0], g1[:, 0], g2[:, 0], mod.mix_weights(),
                                       self.pool.s1, self.pool.s2, slots[i], 1.0 / math.sqrt(self.D))
-                a = mod.finish(o[:, None])[:, 0]
-            ln = layer.post_attention_layernorm
-            x, h = add_rms_norm(x, a, ln.weight, ln.variance_epsilon)
+                x, hg, sq = self._add(x, mod.finish(o[:, None])[:, 0], ln.weight)
+            eps = ln.variance_epsilon
             ln = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.inner.norm
-            x, h = add_rms_norm(x, self._mlp(i, layer, h), ln.weight, ln.variance_epsilon)
-        return self._proj(self.lm_head, h)
+            w = self.gate_up_w[i]
+            if w is None:
+                x, hg, sq = self._add(x, layer.mlp(rms_normalize(hg, sq, eps)), ln.weight)
+            else:
+                m = linear(hg, w, epi=Epilogue(rstd_sq=sq, eps=eps, gated=True))
+                x, hg, sq = self._add_out(x, layer.mlp.down_proj, m, ln.weight)
+        logits = linear(hg, self.lm_head.weight, epi=Epilogue(rstd_sq=sq, eps=ln.variance_epsilon))
+        return logits if self.lm_head.bias is None else logits + self.lm_head.bias

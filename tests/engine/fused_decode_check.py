@@ -2,6 +2,7 @@
 views) against the general piece-wise forward, for attention layers and every DSLA layer form.
 Started in a subprocess by test_fused_decode.py, since the interpreter must be chosen before
 triton is imported."""
+import contextlib
 import sys
 
 import torch
@@ -10,6 +11,27 @@ from dsla_model.dsla_attention import DSLAConfig
 from dsla_model.engine import Engine, EngineConfig, SamplingParams
 from kernels import ops
 from tests.engine.conftest import padded_decode_inputs, random_prompts, tiny_hybrid
+
+
+@contextlib.contextmanager
+def _projections(kind):
+    """The decode projections through the dispatch as is (torch off CUDA), or through the Triton
+    GEMV with a small config (interpreted)."""
+    if kind == "torch":
+        yield
+        return
+    from kernels import gemv_dispatch
+    from kernels.triton_gemv import gemv_triton
+
+    def linear(x, w, w2=None, epi=gemv_dispatch.PLAIN):
+        y = gemv_triton(x.contiguous(), w, w2, (16, 32, 4, 2), epi)
+        return (y[:, :w.shape[0]], y[:, w.shape[0]:]) if w2 is not None else y
+
+    saved, gemv_dispatch.linear = gemv_dispatch.linear, linear
+    try:
+        yield
+    finally:
+        gemv_dispatch.linear = saved
 
 
 def main():
@@ -38,17 +60,22 @@ def main():
     r = eng.runner
     r.fused_decode = True
     r._fuse_weights()
-    # the DSLA ops take their Triton kernels too (interpreted), as they do on CUDA
+    # the DSLA ops take their Triton kernels too (interpreted), as they do on CUDA; the projections
+    # run once through the dispatch's CPU form (torch epilogues) and once through the Triton GEMV
     use_triton, ops._use_triton = ops._use_triton, lambda t: True
     try:
-        out = r.forward_decode(conf, ids, pos, tables, slots)
+        for gemv in ("torch", "triton"):
+            for t, s in zip((eng.pool.s1, eng.pool.s2, eng.pool.kv), saved):
+                t.copy_(s)
+            with _projections(gemv):
+                out = r.forward_decode(conf, ids, pos, tables, slots)
+            torch.testing.assert_close(out[:len(items)], ref, rtol=1e-4, atol=1e-4)
+            skip = eng.pool.blocks_per_pair  # group 0 is scratch: padding rows write there
+            torch.testing.assert_close(eng.pool.kv[skip:], after_ref[2][skip:], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(eng.pool.s1[2:], after_ref[0][2:], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(eng.pool.s2[2:], after_ref[1][2:], rtol=1e-5, atol=1e-5)
     finally:
         ops._use_triton = use_triton
-    torch.testing.assert_close(out[:len(items)], ref, rtol=1e-4, atol=1e-4)
-    skip = eng.pool.blocks_per_pair  # group 0 is scratch: padding rows write there
-    torch.testing.assert_close(eng.pool.kv[skip:], after_ref[2][skip:], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(eng.pool.s1[2:], after_ref[0][2:], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(eng.pool.s2[2:], after_ref[1][2:], rtol=1e-5, atol=1e-5)
     t = h.decoder_layers[0].self_attn.teacher
     assert t.q_proj.weight.data_ptr() == r.qkv_w[0].data_ptr()  # fused weights are views, not copies
     print("fused decode matches")

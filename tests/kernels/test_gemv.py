@@ -1,4 +1,5 @@
-"""The skinny GEMM (kernels/triton_gemv.py) against its torch form x @ w.T.
+"""The skinny GEMM (kernels/triton_gemv.py) against its torch form x @ w.T (its epilogues:
+test_gemv_epilogue.py).
 
 CPU: small shapes through Triton's interpreter (tests/kernels/conftest.py sets it).
 GPU (@gpu): the Llama-2-7B decode projections at M = 1, 4, 16, every config the tuner
@@ -41,7 +42,9 @@ def _inputs(M, N, K, dtype, n2=0, seed=0):
 
 
 def _check(M, N, K, dtype, n2=0, config=None, seed=0):
-    from kernels.triton_gemv import CONFIGS, gemv_reference, gemv_triton
+    from kernels.gemv_dispatch import CONFIGS
+    from kernels.gemv_epilogue import gemv_reference
+    from kernels.triton_gemv import gemv_triton
 
     x, w, w2 = _inputs(M, N, K, dtype, n2, seed)
     got = gemv_triton(x, w, w2, config or CONFIGS[0])
@@ -71,7 +74,8 @@ def test_gemv_second_matrix(n2, dtype):
 
 def test_dispatch_cpu_is_reference():
     """Off CUDA (or above 16 rows) the dispatch is the torch form, with w2 split off."""
-    from kernels.triton_gemv import gemv_reference, linear
+    from kernels.gemv_dispatch import linear
+    from kernels.gemv_epilogue import gemv_reference
 
     x, w, w2 = _inputs(20, 32, 64, torch.float32, n2=8)
     y1, y2 = linear(x, w, w2)
@@ -97,7 +101,7 @@ SHAPES_7B = [(12288, 4096, 0), (12288, 4096, 32), (4096, 4096, 0), (22016, 4096,
 @pytest.mark.parametrize("N,K,n2", SHAPES_7B)
 @pytest.mark.parametrize("M", [1, 4, 16])
 def test_gemv_7b_shapes_every_config(N, K, n2, M):
-    from kernels.triton_gemv import CONFIGS
+    from kernels.gemv_dispatch import CONFIGS
 
     for i, cfg in enumerate(CONFIGS):
         _check(M, N, K, torch.bfloat16, n2, config=cfg, seed=i)
@@ -113,7 +117,7 @@ def test_gemv_fp32_cuda(M, N, K):
 @cuda
 @pytest.mark.gpu
 def test_dispatch_cuda():
-    from kernels.triton_gemv import choices, linear
+    from kernels.gemv_dispatch import choices, linear
 
     for M in (1, 4, 16, 17):
         x, w, w2 = _inputs(M, 12288, 4096, torch.bfloat16, n2=32, seed=M)
