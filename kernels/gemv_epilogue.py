@@ -12,7 +12,7 @@ import torch.nn.functional as F
 MAX_M = 16  # rows of x the Triton kernel takes; also the width of the sum-of-squares partials
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: compare `kind`, never the tensors
 class Epilogue:
     """What the GEMV does to x @ w.T before storing it (kernels/triton_gemv.py's docstring says why)."""
     rstd_sq: torch.Tensor | None = None  # [P, 16] fp32 row sums of squares from a producer
