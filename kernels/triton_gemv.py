@@ -64,8 +64,8 @@ def _gemv(X, W, W2, Y, M, N, N2, K, s_xm, s_wn, s_w2n, s_ym, SQI, NSQI, R, s_rm,
     m_ok = rm < M
     # The epilogue's operands are loaded before the loop: their latency hides behind the weights.
     if RSTD:
-        i = tl.arange(0, NSQ_B)
-        sq = tl.load(SQI + i[:, None] * BM + rm[None, :], mask=(i < NSQI)[:, None] & m_ok[None, :], other=0.0)
+        p = tl.arange(0, NSQ_B)  # the producer's partials, one per its row blocks
+        sq = tl.load(SQI + p[:, None] * BM + rm[None, :], mask=(p < NSQI)[:, None] & m_ok[None, :], other=0.0)
     if RESNORM:
         ym = n_ok[:, None] & m_ok[None, :]
         res = tl.load(R + rm[None, :] * s_rm + ycol[:, None], mask=ym, other=0.0).to(tl.float32)
