@@ -25,6 +25,8 @@ import math
 
 import torch
 
+from kernels.decode_io import greedy_next
+
 BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
@@ -64,11 +66,8 @@ class DecodeGraphs:
 
         def run():
             logits = self.runner.forward_decode(conf, st["ids"], st["pos"], st["tables"], st["slots"], splits)
-            nxt = torch.argmax(logits, dim=-1)
             # the next step's inputs, on the device (padding rows stay at token 0, position 0)
-            st["ids"].copy_(nxt * st["live"])
-            st["pos"].add_(st["live"])
-            return logits, nxt
+            return logits, greedy_next(logits, st["live"], st["ids"], st["pos"])
 
         if not self.capture:
             return run, st

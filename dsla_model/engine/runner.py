@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from dsla_model.dsla_attention import GATE_FLOOR, GATE_NORMALIZER, apply_rope
 from dsla_model.engine.attention import attend_pieces, paged_decode
 from kernels import dsla_decode_slots, dsla_decode_step, dsla_prefill
+from kernels.decode_io import step_inputs
 from kernels.gemv_epilogue import Epilogue, norm_parts, rms_normalize
 
 
@@ -251,17 +252,11 @@ class ModelRunner:
         from kernels.triton_paged_attention import paged_decode_attention, rope_and_cache_write
 
         B = ids.shape[0]
-        bs = self.pool.block_size
         nq, nkv = self.Hq * self.D, self.Hkv * self.D
-        rows = torch.arange(B, device=ids.device)
-        wblk = tables[:, rows, pos // bs]  # [L,B]
-        woff = pos % bs
-        lens = pos + 1
-        cos, sin = self.cos[pos], self.sin[pos]  # [B,D]
         layers = self.inner.layers
-        x = self.inner.embed_tokens(ids)
         ln = layers[0].input_layernorm
-        hg, sq = norm_parts(x, ln.weight)
+        x, hg, sq, cos, sin, wblk, woff, lens = step_inputs(ids, pos, self.inner.embed_tokens.weight, ln.weight,
+                                                            self.cos, self.sin, tables, self.pool.block_size)
         for i, layer in enumerate(layers):
             mod = conf.modules[i]
             t = layer.self_attn.teacher

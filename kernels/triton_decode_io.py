@@ -1,0 +1,63 @@
+"""The ends of a CUDA-graph decode step in one launch each (Triton): what the step reads
+before its first GEMV, and the greedy token it writes after the lm_head.
+
+Why: done op by op in torch these were ~20 small kernels per step (embedding gather, the
+first RMSNorm's parts, cos/sin gathers, each layer's write block, the argmax, the next
+inputs), ~45 us of a 6 ms step on an H200 (bench/results/engine_profile.txt); the torch
+forms are in kernels/decode_io.py.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _prologue_kernel(IDS, POS, EMB, NW, COS_T, SIN_T, TABLES, X, HG, SQ, COS, SIN, WBLK, WOFF, LENS,
+                     B, L, s_emb, s_tl, s_tb, s_x, s_c, s_ct, BS,
+                     H: tl.constexpr, D: tl.constexpr, BH: tl.constexpr, LP: tl.constexpr):
+    b = tl.program_id(0)
+    if b < B:
+        tok = tl.load(IDS + b)
+        p = tl.load(POS + b)
+        acc = tl.zeros([BH], dtype=tl.float32)
+        for h0 in range(0, H, BH):
+            hh = h0 + tl.arange(0, BH)
+            ok = hh < H
+            x = tl.load(EMB + tok * s_emb + hh, mask=ok, other=0.0)
+            tl.store(X + b * s_x + hh, x, mask=ok)
+            xf = x.to(tl.float32)
+            # the product of two 16-bit floats is exact in fp32: one rounding, as in norm_parts
+            hg = xf * tl.load(NW + hh, mask=ok, other=0.0).to(tl.float32)
+            tl.store(HG + b * s_x + hh, hg.to(HG.dtype.element_ty), mask=ok)
+            acc += xf * xf
+        tl.store(SQ + b, tl.sum(acc, 0))
+        d = tl.arange(0, D)
+        tl.store(COS + b * s_c + d, tl.load(COS_T + p * s_ct + d))
+        tl.store(SIN + b * s_c + d, tl.load(SIN_T + p * s_ct + d))
+        li = tl.arange(0, LP)
+        blk = tl.load(TABLES + li * s_tl + b * s_tb + p // BS, mask=li < L, other=0)
+        tl.store(WBLK + li * B + b, blk, mask=li < L)
+        tl.store(WOFF + b, p % BS)
+        tl.store(LENS + b, p + 1)
+    else:
+        tl.store(SQ + b, 0.0)  # the partial is zero-padded to the GEMV's 16 rows
+
+
+@triton.jit
+def _greedy_kernel(LOGITS, s_l, V, LIVE, IDS, POS, NXT, BV: tl.constexpr):
+    b = tl.program_id(0)
+    best = tl.full([], -float("inf"), tl.float32)
+    arg = tl.full([], 0, tl.int32)
+    for v0 in range(0, V, BV):
+        vv = v0 + tl.arange(0, BV)
+        x = tl.load(LOGITS + b * s_l + vv, mask=vv < V, other=-float("inf")).to(tl.float32)
+        m = tl.max(x, 0)
+        i = tl.argmax(x, 0, tie_break_left=True)
+        # strictly greater: on a tie the earlier chunk keeps it (torch.argmax: the first maximum)
+        arg = tl.where(m > best, v0 + i, arg)
+        best = tl.maximum(best, m)
+    live = tl.load(LIVE + b)
+    tl.store(NXT + b, arg.to(tl.int64))
+    tl.store(IDS + b, arg.to(tl.int64) * live)
+    tl.store(POS + b, tl.load(POS + b) + live)
