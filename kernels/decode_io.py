@@ -29,6 +29,9 @@ def step_inputs(ids, pos, embed, norm_weight, cos_table, sin_table, tables, bloc
         return x, hg, sq, cos_table[pos], sin_table[pos], wblk, pos % block_size, pos + 1
     from kernels.triton_decode_io import _prologue_kernel
 
+    if embed.stride(1) != 1 or cos_table.stride(1) != 1 or cos_table.stride() != sin_table.stride() \
+            or tables.stride(2) != 1 or not norm_weight.is_contiguous():
+        raise ValueError("step_inputs needs unit stride along the embedding, RoPE and table rows")
     H, D, L = embed.shape[1], cos_table.shape[1], tables.shape[0]
     dev = ids.device
     x = torch.empty(B, H, dtype=embed.dtype, device=dev)
@@ -39,9 +42,6 @@ def step_inputs(ids, pos, embed, norm_weight, cos_table, sin_table, tables, bloc
     sin = torch.empty_like(cos)
     wblk = torch.empty(L, B, dtype=tables.dtype, device=dev)
     woff, lens = torch.empty_like(pos), torch.empty_like(pos)
-    if embed.stride(1) != 1 or cos_table.stride(1) != 1 or cos_table.stride() != sin_table.stride() \
-            or tables.stride(2) != 1 or not norm_weight.is_contiguous():
-        raise ValueError("step_inputs needs unit stride along the embedding, RoPE and table rows")
     _prologue_kernel[(rows,)](ids, pos, embed, norm_weight, cos_table, sin_table, tables, x, hg, sq, cos, sin,
                               wblk, woff, lens, B, L, embed.stride(0), tables.stride(0), tables.stride(1),
                               x.stride(0), cos.stride(0), cos_table.stride(0), block_size,
@@ -59,10 +59,10 @@ def greedy_next(logits, live, ids, pos):
         return nxt
     from kernels.triton_decode_io import _greedy_kernel
 
-    B, V = logits.shape
-    nxt = torch.empty(B, dtype=torch.int64, device=logits.device)
     if logits.stride(1) != 1:
         raise ValueError("greedy_next needs unit stride along the vocabulary")
+    B, V = logits.shape
+    nxt = torch.empty(B, dtype=torch.int64, device=logits.device)
     _greedy_kernel[(B,)](logits, logits.stride(0), V, live, ids, pos, nxt, BV=4096, num_warps=8, num_stages=3)
     return nxt
 
