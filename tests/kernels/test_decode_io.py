@@ -45,6 +45,9 @@ def test_greedy_next_matches_torch(monkeypatch, dtype, B, V):
     g = torch.Generator().manual_seed(V + B)
     logits = torch.randn(B, V, generator=g).to(DEV, dtype)
     logits[0, V // 2] = logits[0, V - 1] = 9.0  # a tie across chunks: the first one wins
+    if B > 1:  # a tie in one lane of the kernel's 4096-wide chunks, and one inside a chunk
+        logits[1, 7] = logits[1, 7 + 4096 if V > 4103 else V - 2] = 9.0
+        logits[-1, 3] = logits[-1, 5] = 9.0
     live = torch.tensor([1] * (B - 1) + [0], device=DEV)
     ids0 = torch.randint(0, V, (B,), generator=g).to(DEV)
     pos0 = torch.randint(0, 50, (B,), generator=g).to(DEV)
@@ -56,4 +59,6 @@ def test_greedy_next_matches_torch(monkeypatch, dtype, B, V):
     for a, b in zip(*out):
         assert torch.equal(a, b)
     assert out[1][0][0] == V // 2
+    if B > 1:
+        assert out[1][0][1] == 7 and out[1][0][-1] == 3
     assert out[1][1][-1] == 0 and out[1][2][-1] == pos0[-1]  # the padding row stays put
