@@ -44,7 +44,9 @@ class DecodeGraphs:
         self.nb = math.ceil(max_model_len / runner.pool.block_size)
         self.graphs: dict = {}  # (conf id, bucket) -> (graph, static buffers)
         self.mempools: dict = {}  # conf id -> memory pool shared by that configuration's graphs
-        self._members: dict = {}  # (conf id, bucket) -> the request ids whose tables are loaded
+        # (conf id, bucket) -> the requests whose tables are loaded: the objects, not their ids (an id
+        # can come back on a new request with another cache)
+        self._members: dict = {}
         self.captures = 0
 
     def bucket(self, batch: int) -> int:
@@ -97,7 +99,7 @@ class DecodeGraphs:
         if key not in self.graphs:
             self.graphs[key] = self._capture(conf, bucket)
         replay, st = self.graphs[key]
-        members = tuple(it.req.id for it in items)
+        members = tuple(it.req for it in items)
         if self._members.get(key) != members:
             assert not chained, "a chained step must keep the batch"
             tables = torch.zeros(self.num_layers, bucket, self.nb, dtype=torch.int64)

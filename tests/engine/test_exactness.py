@@ -77,3 +77,27 @@ def test_16_staggered_greedy_requests_match_alone_default_model(default_hybrid):
             assert g == generate_ids(h, p, sp.max_tokens, 0.0)
     finally:
         h.set_dsla_layers([])
+
+
+def test_reused_request_id_gets_its_own_cache_on_the_graph_path():
+    """A request id used again after its request finished names a new request with a new cache:
+    the decode graphs must load the new request's block tables and state slots even when the
+    batch has the same ids in the same places as before (a longer request here needs more blocks)."""
+    h = tiny_hybrid(dsla_layers=(0, 2))
+    short, long_, other = random_prompts(3, 256, lo=5, hi=40, seed=9)
+    eng = pipelined(Engine(h, None, EngineConfig(max_running=2, cache_memory_bytes=4 << 20)))
+    greedy = lambda n: SamplingParams(max_tokens=n, temperature=0)  # noqa: E731
+    eng.add_request(other, greedy(40), request_id="x")
+    eng.add_request(short[:5], greedy(3), request_id="a")
+    out = {"x": [], "a": []}
+    while "a" in eng.requests or eng._inflight is not None and any(it.req.id == "a" for it in eng._inflight[0]):
+        for ev in eng.step():
+            out[ev.request_id].append(ev.token_id)
+    assert len(out["a"]) == 3
+    out["a"] = []
+    eng.add_request(long_, greedy(12), request_id="a")  # same id, same place in the batch, more blocks
+    while eng.has_unfinished():
+        for ev in eng.step():
+            out[ev.request_id].append(ev.token_id)
+    assert out["a"] == generate_ids(h, long_, 12, 0.0)
+    assert out["x"] == generate_ids(h, other, 40, 0.0)
