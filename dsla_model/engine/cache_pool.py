@@ -55,6 +55,8 @@ class CachePool:
         self._group_free[0] = 0
         self.num_free = self.num_blocks - m
         self._heap = list(range(m, self.num_blocks))  # lazily cleaned: entries may be taken by states
+        self._in_heap = np.zeros(self.num_blocks, dtype=bool)  # one entry per block at most
+        self._in_heap[m:] = True
 
     # ---- sizing -------------------------------------------------------------------------
     @property
@@ -75,6 +77,7 @@ class CachePool:
         out = []
         while len(out) < n:
             b = heapq.heappop(self._heap)
+            self._in_heap[b] = False
             if self._free[b]:
                 self._free[b] = False
                 self._group_free[b // self.blocks_per_pair] -= 1
@@ -86,8 +89,13 @@ class CachePool:
         for b in blocks:
             self._free[b] = True
             self._group_free[b // self.blocks_per_pair] += 1
-            heapq.heappush(self._heap, b)
+            self._push(b)
         self.num_free += len(blocks)
+
+    def _push(self, b):
+        if not self._in_heap[b]:  # a pair's blocks keep their entries while it is taken
+            self._in_heap[b] = True
+            heapq.heappush(self._heap, b)
 
     def alloc_pair(self) -> int:
         """A zeroed state pair; returns its slot index (2 * group)."""
@@ -110,7 +118,7 @@ class CachePool:
         self._group_free[g] = m
         self.num_free += m
         for b in range(g * m, (g + 1) * m):
-            heapq.heappush(self._heap, b)
+            self._push(b)
 
     @property
     def used_bytes(self) -> int:

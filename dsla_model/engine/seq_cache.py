@@ -20,19 +20,21 @@ class SeqCache:
         self.pool = pool
         n_layers = len(conf.modules)
         nblk = math.ceil(max_len / pool.block_size)
+        # State pairs first: each takes a whole free group, which taking single blocks first (lowest
+        # index first) could break up after the pool's admission check counted it
+        # (CachePool.can_allocate).
+        self.slots = torch.zeros(n_layers, dtype=torch.int64)  # a DSLA layer's pair; 0 (scratch) elsewhere
+        self.pairs = []
+        for layer in conf.dsla_layers:
+            s = pool.alloc_pair()
+            self.slots[layer] = s
+            self.pairs.append(s)
         blocks = pool.alloc_blocks(nblk * len(conf.attn_layers))
         # table[layer] lists the blocks of an attention layer; rows of DSLA layers stay 0 (scratch)
         self.table = torch.zeros(n_layers, nblk, dtype=torch.int64)
         for j, layer in enumerate(conf.attn_layers):
             self.table[layer] = torch.tensor(blocks[j * nblk:(j + 1) * nblk], dtype=torch.int64)
         self.blocks = blocks
-        # slots[layer] is the state-pair slot of a DSLA layer; 0 (scratch) for attention layers
-        self.slots = torch.zeros(n_layers, dtype=torch.int64)
-        self.pairs = []
-        for layer in conf.dsla_layers:
-            s = pool.alloc_pair()
-            self.slots[layer] = s
-            self.pairs.append(s)
         self.nbytes = (len(blocks) + len(self.pairs) * pool.blocks_per_pair) * pool.block_bytes
 
     def free(self):
