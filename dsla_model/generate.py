@@ -9,9 +9,14 @@ from __future__ import annotations
 import torch
 
 
+# Temperatures below this sample greedily (vLLM's rule): logits / 1e-44 overflow to inf and
+# the softmax to NaN, and anything this cold is argmax anyway.
+GREEDY_BELOW = 1e-5
+
+
 def sample_next(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
-    """logits [V] -> token id; temperature 0 is greedy."""
-    if temperature <= 0:
+    """logits [V] -> token id; temperature 0 (or below GREEDY_BELOW) is greedy."""
+    if temperature < GREEDY_BELOW:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -4,7 +4,9 @@ The thread owns the engine's steps; callers add, abort and reconfigure under a
 lock that is held for one step at most, so every change lands between steps.
 Events travel to each request's asyncio queue through its event loop
 (`call_soon_threadsafe`). Leaving a `generate` iterator early (cancellation,
-`break`, client gone) aborts the request.
+`break`, client gone) aborts the request. Every stream ends with a finish event:
+if a step fails, each open stream gets an abort (the failed step's events are
+lost), and so does each one still open at shutdown.
 """
 from __future__ import annotations
 
@@ -34,25 +36,37 @@ class AsyncEngine:
             with self._wake:
                 while not self._stop and not self.engine.has_unfinished():
                     self._wake.wait()
-                if self._stop:
-                    return
-                try:
-                    events = self.engine.step()
-                except BaseException as e:  # noqa: BLE001 - the thread must report, not die silently
-                    self.error = e
-                    events = []
-                    for rid in list(self.engine.requests):
-                        self.engine.abort(rid)
-                    events = self.engine.step()
-                streams = dict(self._streams)
-            for ev in events:
-                target = streams.get(ev.request_id)
-                if target is not None:
-                    loop, q = target
+                stop = self._stop
+                if stop:
+                    events = self._abort_all()
+                else:
                     try:
-                        loop.call_soon_threadsafe(q.put_nowait, ev)
-                    except RuntimeError:  # the caller's loop is closed
-                        pass
+                        events = self.engine.step()
+                    except BaseException as e:  # noqa: BLE001 - the thread must report, not die silently
+                        self.error = e
+                        events = self._abort_all()
+                streams = dict(self._streams)
+            self._deliver(events, streams)
+            if stop:
+                return
+
+    def _abort_all(self) -> list[TokenEvent]:
+        """Abort events for every open stream: the engine's for its requests, and one made here for
+        a stream whose request is gone (finished in a step whose events were lost)."""
+        events = self.engine.abort_all()
+        done = {ev.request_id for ev in events}
+        return events + [TokenEvent(rid, -1, "", None, "abort", 0, 0) for rid in self._streams if rid not in done]
+
+    @staticmethod
+    def _deliver(events, streams):
+        for ev in events:
+            target = streams.get(ev.request_id)
+            if target is not None:
+                loop, q = target
+                try:
+                    loop.call_soon_threadsafe(q.put_nowait, ev)
+                except RuntimeError:  # the caller's loop is closed
+                    pass
 
     async def generate(self, prompt_ids, params, request_id: str | None = None) -> AsyncIterator[TokenEvent]:
         request_id = str(request_id) if request_id is not None else uuid.uuid4().hex

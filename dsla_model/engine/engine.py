@@ -101,6 +101,8 @@ class Engine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         req = Request(request_id, prompt_ids, params, c, self.tokenizer, self.eos_ids)
+        # an abort event of an earlier request with this id, not emitted yet, would read as this one's
+        self._events = [e for e in self._events if e.request_id != request_id]
         self.requests[request_id] = req
         self.scheduler.add(req)
         return request_id
@@ -111,6 +113,16 @@ class Engine:
             self._finish(req, "abort")
             self._events.append(TokenEvent(req.id, -1, "", None, "abort",
                                            req.num_prompt, req.num_generated))
+
+    def abort_all(self) -> list[TokenEvent]:
+        """Abort every request and forget the step in flight (its tokens are not read); returns the
+        abort events now instead of with the next step. For callers that stop, or that recover from
+        a step that raised (stepping again could raise again)."""
+        for rid in list(self.requests):
+            self.abort(rid)
+        self._inflight = None
+        events, self._events = self._events, []
+        return events
 
     def has_unfinished(self) -> bool:
         return bool(self.requests) or bool(self._events) or self._inflight is not None
@@ -147,7 +159,9 @@ class Engine:
             conf = group[0].req.conf
             want = [i for i, it in enumerate(group) if it.samples]
             if self.graphs is not None and all(it.n == 1 for it in group):
-                if len(groups) == 1 and self._greedy_only(group):
+                # every row must be a token that samples: a prompt chunk of one token that does not
+                # would have the graph's greedy guess emitted and fed back as its next prompt token
+                if len(groups) == 1 and self._greedy_only(group) and all(it.samples for it in group):
                     self._launch(conf, group, chained=False)  # its tokens come with the next step
                     continue
                 logits = self.graphs.run(conf, group)[0]
@@ -169,7 +183,7 @@ class Engine:
     # ---- pipelined decode (see the module docstring) ----------------------------------
     @staticmethod
     def _greedy_only(group) -> bool:
-        return all(it.req.params.temperature <= 0 and not it.req.params.logprobs for it in group)
+        return all(it.req.params.greedy and not it.req.params.logprobs for it in group)
 
     def _launch(self, conf, group, chained):
         """Replay the decode graph for `group`; its tokens become the step in flight. Returns the

@@ -26,8 +26,8 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 def sample_row(logits: torch.Tensor, params, generator: torch.Generator) -> int:
-    """logits [V] on CPU -> a token id under `params` (temperature 0 = greedy)."""
-    if params.temperature <= 0:
+    """logits [V] on CPU -> a token id under `params` (greedy when params.greedy)."""
+    if params.greedy:
         return int(torch.argmax(logits))
     logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
     probs = torch.softmax(logits, dim=-1)
@@ -38,11 +38,11 @@ def sample(logits: torch.Tensor, requests) -> tuple[list[int], list[float | None
     """logits [B,V] (any device) for `requests` (each with .params and .generator)."""
     greedy = torch.argmax(logits, dim=-1).tolist()  # one device sync for the common case
     want_lp = any(r.params.logprobs for r in requests)
-    needs_rows = want_lp or any(r.params.temperature > 0 for r in requests)
+    needs_rows = want_lp or any(not r.params.greedy for r in requests)
     rows = logits.float().cpu() if needs_rows else None
     tokens, logprobs = [], []
     for i, r in enumerate(requests):
-        tok = greedy[i] if r.params.temperature <= 0 else sample_row(rows[i], r.params, r.generator)
+        tok = greedy[i] if r.params.greedy else sample_row(rows[i], r.params, r.generator)
         tokens.append(tok)
         logprobs.append(float(torch.log_softmax(rows[i], -1)[tok]) if r.params.logprobs else None)
     return tokens, logprobs

@@ -44,3 +44,55 @@ def test_concurrent_streams_cancel_and_swap(hybrid):
             asyncio.run(bad())
     finally:
         eng.shutdown()
+
+
+def test_every_stream_ends_when_a_step_fails_or_the_engine_shuts_down(hybrid):
+    """A step that raises aborts every open stream, also one whose request finished inside that
+    step (its events are lost with the step); shutdown ends the streams still open."""
+    eng = AsyncEngine(hybrid, None, EngineConfig(cache_memory_bytes=4 << 20))
+    step = eng.engine.step
+
+    def failing():  # fails the step in which the short request finishes: its last events are lost
+        events = step()
+        if any(e.request_id == "short" and e.finish_reason for e in events):
+            raise RuntimeError("injected")
+        return events
+    eng.engine.step = failing
+
+    async def reasons(p, n, rid):
+        sp = SamplingParams(max_tokens=n, temperature=0)
+        return [e.finish_reason async for e in eng.generate(p, sp, request_id=rid)]
+
+    async def main():
+        return await asyncio.wait_for(asyncio.gather(reasons([1, 2, 3], 2, "short"), reasons([4, 5, 6], 50, "l")), 30)
+
+    try:
+        short, long_ = asyncio.run(main())
+        assert short[-1] == "abort" and long_[-1] == "abort" and isinstance(eng.error, RuntimeError)
+        eng.engine.step = step
+        eng.error = None
+
+        async def shut():
+            agen = eng.generate([7, 8, 9], SamplingParams(max_tokens=400, temperature=0))
+            first = await agen.__anext__()
+            eng.shutdown()
+            rest = [e.finish_reason async for e in agen]
+            return first, rest
+        first, rest = asyncio.run(asyncio.wait_for(shut(), 30))
+        assert first.finish_reason is None and rest[-1] == "abort"
+    finally:
+        eng.shutdown()
+
+
+def test_reused_request_id_does_not_get_the_old_requests_abort(hybrid):
+    """An id aborted and added again before the next step: the abort event of the old request is
+    not emitted under the new one, which runs to its end."""
+    eng = Engine(hybrid, None, EngineConfig(cache_memory_bytes=4 << 20))
+    eng.add_request([1, 2, 3], SamplingParams(max_tokens=8, temperature=0), request_id="x")
+    eng.step()
+    eng.abort("x")
+    eng.add_request([4, 5, 6], SamplingParams(max_tokens=3, temperature=0), request_id="x")
+    reasons = []
+    while eng.has_unfinished():
+        reasons += [e.finish_reason for e in eng.step()]
+    assert reasons == [None, None, "length"]

@@ -101,3 +101,22 @@ def test_reused_request_id_gets_its_own_cache_on_the_graph_path():
             out[ev.request_id].append(ev.token_id)
     assert out["a"] == generate_ids(h, long_, 12, 0.0)
     assert out["x"] == generate_ids(h, other, 40, 0.0)
+
+
+def test_one_token_prompt_chunks_stay_off_the_pipelined_path():
+    """With max_batched_tokens == max_running a full batch gives a request in prefill one prompt
+    token per step, which samples nothing: it must not run as a pipelined greedy decode (whose
+    guess would be emitted and fed back as the next prompt token)."""
+    h = tiny_hybrid(dsla_layers=(0, 2))
+    pa, pb = random_prompts(2, 256, lo=6, hi=10, seed=1)
+    sp = SamplingParams(max_tokens=6, temperature=0)
+    eng = pipelined(Engine(h, None, EngineConfig(max_running=2, max_batched_tokens=2, cache_memory_bytes=4 << 20)))
+    a = eng.add_request(pa, sp)
+    while eng.requests[a].in_prefill:
+        eng.step()
+    b = eng.add_request(pb, sp)
+    out = {a: [], b: []}
+    while eng.has_unfinished():
+        for ev in eng.step():
+            out[ev.request_id].append(ev.token_id)
+    assert out[b] == generate_ids(h, pb, 6, 0.0) and out[a] == generate_ids(h, pa, 6, 0.0)

@@ -150,3 +150,13 @@ def test_bad_requests(hybrid):
     assert eng.stats()["waiting"] == 1  # only "x"; generate() left nothing behind
     with pytest.raises(ValueError, match="max_batched_tokens"):
         Engine(hybrid, None, EngineConfig(max_running=8, max_batched_tokens=4))
+
+
+def test_temperatures_near_zero_sample_greedily(hybrid):
+    """logits / 1e-44 overflow to inf and the softmax to NaN: a temperature below GREEDY_BELOW
+    (1e-5, vLLM's rule) is greedy instead of a failed step."""
+    prompts = random_prompts(2, 256, seed=4)
+    eng = Engine(hybrid, None, EngineConfig(cache_memory_bytes=4 << 20))
+    greedy = eng.generate(prompts, SamplingParams(max_tokens=5, temperature=0))
+    assert eng.generate(prompts, SamplingParams(max_tokens=5, temperature=1e-44, seed=1)) == greedy
+    assert SamplingParams(temperature=1e-6).greedy and not SamplingParams(temperature=1e-4).greedy
