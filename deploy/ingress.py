@@ -226,6 +226,7 @@ class OpenAIIngress:
         client sees one uninterrupted answer."""
         prompt, params = list(job.prompt_ids), dict(job.params)
         generated: list[int] = []
+        emitted = 0  # chars of text the client has
         for attempt in range(2):
             request_id = f"{uuid.uuid4().hex}-{job.index}"
             gen = self.llm.options(stream=True).generate.remote(prompt + generated, params, request_id)
@@ -243,6 +244,7 @@ class OpenAIIngress:
                         # counts as the client asked: the original prompt, all tokens so far
                         ev["num_prompt_tokens"] = len(prompt)
                         ev["num_generated_tokens"] = len(generated)
+                        emitted += len(ev.get("text") or "")
                         out.append(ev)
                     if out:
                         yield out
@@ -257,6 +259,9 @@ class OpenAIIngress:
                 log.warning("replica lost during request %s (%s); resuming after %d tokens",
                             request_id, describe(e), len(generated))
                 params["max_tokens"] = left
+                # the new replica's text starts with what this one generated: what it held back as a
+                # possible stop-string prefix comes out there, and a stop string can span the two
+                params["resume_tokens"], params["resume_emitted_chars"] = len(generated), emitted
             finally:
                 if not finished:  # the client went away or we gave up: free the engine slot
                     gen.cancel()

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str]):
+    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str], resumed=(), emitted: int = 0):
+        """resumed: tokens an earlier attempt generated (they follow prompt_ids), of whose text it
+        handed out `emitted` chars: their text is this one's start, so a stop string can span
+        the two attempts and what the earlier one held back comes out here."""
         self.tok = tokenizer
         self.stop = list(stop)
         self.ids: list[int] = list(prompt_ids[-4:])  # a little context for the first token's spacing
@@ -18,6 +21,10 @@ class IncrementalDetokenizer:
         self.read = len(self.ids)
         self.text = ""  # all generated text so far (what is known to be final)
         self.emitted = 0  # chars of self.text already handed out
+        if tokenizer is not None:
+            for t in resumed:
+                self._append(t)
+            self.emitted = min(int(emitted), len(self.text))
 
     def _decode(self, ids):
         return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -26,13 +33,16 @@ class IncrementalDetokenizer:
         """Feed one token; returns (text delta to emit now, hit a stop string)."""
         if self.tok is None:
             return "", False
+        self._append(token_id)
+        return self._release()
+
+    def _append(self, token_id: int):
         self.ids.append(token_id)
         before = self._decode(self.ids[self.prefix:self.read])
         after = self._decode(self.ids[self.prefix:])
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self.text += after[len(before):]
             self.prefix, self.read = self.read, len(self.ids)
-        return self._release()
 
     def _release(self) -> tuple[str, bool]:
         if self.stop:

@@ -85,6 +85,9 @@ class Engine:
         prompt_ids = list(prompt_ids) if prompt_ids is not None else []
         if not prompt_ids:
             raise ValueError("prompt must contain at least one token")
+        if params.resume_tokens >= len(prompt_ids):
+            raise ValueError(f"resume_tokens ({params.resume_tokens}) must be less than the prompt's "
+                             f"{len(prompt_ids)} tokens")
         if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size for t in prompt_ids):
             raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
         total = len(prompt_ids) + params.max_tokens

@@ -17,7 +17,9 @@ class Request:
         self.conf = conf  # pinned LayerConfig: fixed at add_request, kept to the end
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
-        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids, params.stop)
+        n = len(self.prompt_ids) - params.resume_tokens  # the prompt proper; the rest an earlier attempt's output
+        self.detok = IncrementalDetokenizer(tokenizer, self.prompt_ids[:n], params.stop, self.prompt_ids[n:],
+                                            params.resume_emitted_chars)
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
         self.tokens = list(prompt_ids)  # prompt + generated so far
         self.num_computed = 0  # tokens whose KV / state is in the cache

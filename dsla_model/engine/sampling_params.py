@@ -17,6 +17,11 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: bool = False  # report the chosen token's log-probability under the model
+    # Set by the ingress when a request resumes on another replica (deploy/ingress.py): the last
+    # resume_tokens prompt tokens are the earlier attempt's output, which delivered
+    # resume_emitted_chars chars of their text (stop strings match across them).
+    resume_tokens: int = 0
+    resume_emitted_chars: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -39,4 +44,8 @@ class SamplingParams:
             raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        for name in ("resume_tokens", "resume_emitted_chars"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
         return self

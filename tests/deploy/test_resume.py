@@ -1,0 +1,92 @@
+"""A stream that resumes on another replica (deploy/ingress.py `_job_stream`) gives the client
+the text and finish it gets from one replica: text the lost replica held back as a possible
+stop-string prefix comes out, and a stop string that spans the two replicas stops the stream.
+The replicas here are the real engine behind a fake Serve handle (no Ray); the first one is
+lost after a given number of events."""
+import asyncio
+
+import torch
+
+from deploy.ingress import OpenAIIngress
+from deploy.replica import _event
+from deploy.request_plan import Job
+from dsla_model.engine import Engine, EngineConfig, SamplingParams
+from tests.engine.conftest import tiny_hybrid
+
+
+class _Letters:  # one letter per token: text positions are token positions
+    eos_token_id = None
+
+    def decode(self, ids, **kw):
+        return "".join(chr(65 + i % 26) for i in ids)
+
+
+class _Replicas:
+    """`llm` for `_job_stream`: each call a fresh engine; the first one is lost after `lose_after` events."""
+
+    def __init__(self, h, lose_after):
+        self.h, self.lose_after, self.calls = h, lose_after, []
+
+    def options(self, **kw):
+        return self
+
+    @property
+    def generate(self):
+        return self
+
+    def remote(self, prompt_ids, params, request_id):
+        self.calls.append((list(prompt_ids), dict(params)))
+        lose = self.lose_after if len(self.calls) == 1 else None
+
+        async def events():
+            eng = Engine(self.h, _Letters(), EngineConfig(cache_memory_bytes=4 << 20))
+            eng.add_request(prompt_ids, SamplingParams(**params))
+            n = 0
+            while eng.has_unfinished():
+                for ev in eng.step():
+                    yield [_event(ev)]
+                    n += 1
+                    if n == lose:
+                        yield [{"token_id": None, "text": "", "logprob": None, "finish_reason": "abort",
+                                "num_prompt_tokens": 0, "num_generated_tokens": 0}]
+                        return
+
+        class Stream:
+            def __init__(self):
+                self.it = events()
+
+            def __aiter__(self):
+                return self.it
+
+            def cancel(self):
+                pass
+        return Stream()
+
+
+def _run(h, prompt, params, lose_after):
+    ingress = type("Ingress", (), {})()
+    ingress.llm = _Replicas(h, lose_after)
+    job = Job(0, prompt, params)
+
+    async def main():
+        return [ev async for batch in OpenAIIngress.func_or_class._job_stream(ingress, job) for ev in batch]
+    return asyncio.run(main()), ingress.llm.calls
+
+
+def test_resumed_stream_keeps_held_back_text_and_stops_across_replicas():
+    torch.manual_seed(0)
+    h = tiny_hybrid()
+    prompt = [5, 9, 200, 17]
+    base = dict(max_tokens=14, temperature=0.0, top_p=1.0, top_k=0, seed=None, stop=[], stop_token_ids=[],
+                ignore_eos=True, logprobs=False)
+    full = "".join(e["text"] for e in _run(h, prompt, base, None)[0])
+    assert len(full) == 14
+    # a 3-letter stop string first found at k: the first replica is lost two letters into it
+    k = next(i for i in range(3, 10) if full.find(full[i:i + 3]) == i)
+    evs, calls = _run(h, prompt, dict(base, stop=[full[k:k + 3]]), lose_after=k + 2)
+    assert len(calls) == 2 and calls[1][1]["resume_tokens"] == k + 2
+    assert "".join(e["text"] for e in evs) == full[:k] and evs[-1]["finish_reason"] == "stop"
+    # without a stop string the resumed text is the whole text, nothing repeated or lost
+    evs, _ = _run(h, prompt, dict(base, stop=[full[-1] + "#"]), lose_after=5)
+    assert "".join(e["text"] for e in evs) == full and evs[-1]["finish_reason"] == "length"
+    assert evs[-1]["num_generated_tokens"] == 14
