@@ -43,7 +43,7 @@ def gemv_reference(x, w, w2=None, epi: Epilogue = PLAIN):
         y = F.linear(x, w)
         y = (torch.cat([y, F.linear(x, w2)], 1) if w2 is not None else y).float()
     if epi.rstd_sq is not None:
-        r = torch.rsqrt(epi.rstd_sq.sum(0)[:x.shape[0]] / x.shape[1] + epi.eps)[:, None]
+        r = _rstd(epi.rstd_sq, x.shape[0], x.shape[1], epi.eps)
         y = y * r
         if epi.gated:
             g, u = g * r, u * r
@@ -74,5 +74,9 @@ def _row_sums(yf):
 
 def rms_normalize(hg, sq, eps):
     """The normalized rows rmsnorm(y) from (hg, sq): for consumers that are not a GEMV."""
-    r = torch.rsqrt(sq.sum(0)[:hg.shape[0]] / hg.shape[1] + eps)[:, None]
-    return (hg.float() * r).to(hg.dtype)
+    return (hg.float() * _rstd(sq, hg.shape[0], hg.shape[1], eps)).to(hg.dtype)
+
+
+def _rstd(sq, rows, width, eps):
+    """[rows, 1] fp32: 1 / rms of each row from its sum-of-squares partials sq [P, >= rows]."""
+    return torch.rsqrt(sq.sum(0)[:rows] / width + eps)[:, None]
