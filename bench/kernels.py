@@ -112,28 +112,35 @@ def _kernel_stats(rows, T):
                 print(rows[-1], flush=True)
 
 
+def _sweep(rows, T, group, variants, time_ms, suffix=""):
+    """Time each launch variant (a dict merged into triton_dsla.LAUNCH) with time_ms(), one row
+    each; the fastest stays in LAUNCH for what is measured after. A variant the compiler rejects
+    times as inf."""
+    from kernels import triton_dsla as td
+
+    best = None
+    for var in variants:
+        td.LAUNCH.update(var)
+        try:
+            ms = time_ms()
+        except Exception as e:  # noqa: BLE001
+            print("variant failed", var, repr(e)[:300], flush=True)
+            ms = float("inf")
+        rows.append(dict(op="sweep", T=T, impl=f"{group}: {var}{suffix}", ms=ms, launch=dict(td.LAUNCH)))
+        print(rows[-1], flush=True)
+        if best is None or ms < best[0]:
+            best = (ms, var)
+    td.LAUNCH.update(best[1])
+
+
 def forward_parts(T, rows, sweep):
     """Whole-forward times of launch variants at one T (the best is kept for the rows measured
     after it), per-kernel CUDA times of forward and backward (torch profiler), and the
     registers / spills of each compiled kernel."""
-    from kernels import triton_dsla as td
-
     q, k, v, g1, g2, w = _qkvg(T)
     if sweep:
         for group, variants in SWEEP:
-            best = None
-            for var in variants:
-                td.LAUNCH.update(var)
-                try:
-                    ms = bench_ms(lambda: dsla_chunk_fused(q, k, v, g1, g2, w))
-                except Exception as e:  # noqa: BLE001
-                    print("variant failed", var, repr(e)[:300], flush=True)
-                    ms = float("inf")
-                rows.append(dict(op="sweep", T=T, impl=f"{group}: {var}", ms=ms, launch=dict(td.LAUNCH)))
-                print(rows[-1], flush=True)
-                if best is None or ms < best[0]:
-                    best = (ms, var)
-            td.LAUNCH.update(best[1])
+            _sweep(rows, T, group, variants, lambda: bench_ms(lambda: dsla_chunk_fused(q, k, v, g1, g2, w)))
         xs = [x.clone().requires_grad_(True) for x in (q, k, v, g1, g2, w)]
         do = torch.randn_like(q)
 
@@ -141,15 +148,7 @@ def forward_parts(T, rows, sweep):
             o, _, _ = dsla_chunk_fused(*xs)
             torch.autograd.grad(o, xs, do)
 
-        best = None
-        for var in BWD_SWEEP:
-            td.LAUNCH.update(var)
-            ms = bench_ms(fwd_bwd, rep=50)
-            rows.append(dict(op="sweep", T=T, impl=f"backward: {var} (fwd+bwd)", ms=ms, launch=dict(td.LAUNCH)))
-            print(rows[-1], flush=True)
-            if best is None or ms < best[0]:
-                best = (ms, var)
-        td.LAUNCH.update(best[1])
+        _sweep(rows, T, "backward", BWD_SWEEP, lambda: bench_ms(fwd_bwd, rep=50), " (fwd+bwd)")
     xs = [x.clone().requires_grad_(True) for x in (q, k, v, g1, g2, w)]
     do = torch.randn_like(q)
     for _ in range(2):

@@ -39,34 +39,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.triton_chunk_fwd import chunk_tile, from_row, load_rows, mm, mm_precise, row_of, to_end
+from kernels.triton_chunk_fwd import (chunk_state_tile, chunk_tile, from_row, load_rows, load_state_pair, mm,
+                                     mm_precise, row_of, to_end, walk_tile)
 
 
 @triton.jit
 def _states_bwd(q, g1, g2, w, do, dsT1, dsT2, dS1, dS2, ds01, ds02, cu, coff, scale,
                 Hq, Hkv, G, Dk: tl.constexpr, Dv: tl.constexpr, C: tl.constexpr,
                 BK: tl.constexpr, BV: tl.constexpr, HAS_DST: tl.constexpr, IEEE: tl.constexpr):
-    ik = tl.program_id(0)
-    iv = tl.program_id(1)
-    inh = tl.program_id(2)
-    n = inh // Hkv
-    hk = inh % Hkv
-    bos = tl.load(cu + n).to(tl.int64)
-    eos = tl.load(cu + n + 1).to(tl.int64)
-    c0 = tl.load(coff + n).to(tl.int64)
-    nc = tl.cdiv(eos - bos, C)
-    dk = ik * BK + tl.arange(0, BK)
-    dv = iv * BV + tl.arange(0, BV)
-    mk = dk < Dk
-    mv = dv < Dv
-    mst = mk[:, None] & mv[None, :]
-    st = ((n * Hkv + hk) * Dk + dk[:, None]).to(tl.int64) * Dv + dv[None, :]
-    if HAS_DST:
-        D1 = tl.load(dsT1 + st, mask=mst, other=0.).to(tl.float32)
-        D2 = tl.load(dsT2 + st, mask=mst, other=0.).to(tl.float32)
-    else:
-        D1 = tl.zeros([BK, BV], dtype=tl.float32)
-        D2 = tl.zeros([BK, BV], dtype=tl.float32)
+    hk, bos, eos, c0, nc, dk, dv, mk, mv, st, mst = walk_tile(cu, coff, Hkv, Dk, Dv, C, BK, BV)
+    D1, D2 = load_state_pair(dsT1, dsT2, st, mst, HAS_DST, BK, BV)
     w0 = tl.load(w)
     w1 = tl.load(w + 1)
     rows = tl.arange(0, C)
@@ -109,6 +91,23 @@ def dq_diag_exact(dPm, kI, gI, SUB: tl.constexpr):
 
 
 @triton.jit
+def block_cols(cu, cseq, coff, w, ic, ik, Dk: tl.constexpr, Dv: tl.constexpr, C: tl.constexpr,
+               SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """What a per-block backward program (dq, dk) starts from: global chunk ic's first token and
+    its sequence's end, the within-block row index, Dk block ik's columns, all Dv columns (and
+    their masks), and both mixing weights."""
+    t0, eos, _, _ = chunk_tile(cu, cseq, coff, ic, C)
+    sr = tl.arange(0, SUB)
+    dk = ik * BK + tl.arange(0, BK)
+    dv = tl.arange(0, BV)
+    mk = dk < Dk
+    mv = dv < Dv
+    w0 = tl.load(w)
+    w1 = tl.load(w + 1)
+    return t0, eos, sr, dk, dv, mk, mv, w0, w1
+
+
+@triton.jit
 def _dq_bwd(q, k, v, g1, g2, w, h1, h2, do, dq, dBq1, dBq2, dwp, cu, cseq, coff, scale,
             Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr,
             C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BVH: tl.constexpr,
@@ -131,14 +130,7 @@ def _dq_bwd(q, k, v, g1, g2, w, h1, h2, do, dq, dBq1, dBq2, dwp, cu, cseq, coff,
     hk = hq // G
     ic = pid // (C // SUB)
     I = C // SUB - 1 - pid % (C // SUB)  # the longest walks start first
-    t0, eos, _, _ = chunk_tile(cu, cseq, coff, ic, C)
-    sr = tl.arange(0, SUB)
-    dk = ik * BK + tl.arange(0, BK)
-    dv = tl.arange(0, BV)
-    mk = dk < Dk
-    mv = dv < Dv
-    w0 = tl.load(w)
-    w1 = tl.load(w + 1)
+    t0, eos, sr, dk, dv, mk, mv, w0, w1 = block_cols(cu, cseq, coff, w, ic, ik, Dk, Dv, C, SUB, BK, BV)
     tI = t0 + I * SUB + sr
     mI = tI < eos
     # dP = dO' v^T from the inputs' own dtype (exact bf16 products, fp32 sums), scaled after;
@@ -210,12 +202,7 @@ def _dv_bwd(k, g1, g2, A, dS1, dS2, do, dv_out, cu, cseq, coff, scale,
     hk = tl.program_id(1)
     iv = tl.program_id(2)
     t0, eos, t, mt = chunk_tile(cu, cseq, coff, ic, C)
-    dk = tl.arange(0, BK)
-    dv = iv * BV + tl.arange(0, BV)
-    mk = dk < Dk
-    mv = dv < Dv
-    mst = mk[:, None] & mv[None, :]
-    hoff = ((ic * Hkv + hk) * Dk + dk[:, None]).to(tl.int64) * Dv + dv[None, :]
+    dk, dv, mk, mv, mst, hoff = chunk_state_tile(ic, hk, iv, Hkv, Dk, Dv, BK, BV)
     kk = load_rows(k, t, mt, Hkv, hk, Dk, dk, mk)
     gc = load_rows(g1, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
     kd = to_end(kk, gc).to(kk.dtype)
@@ -295,14 +282,7 @@ def _dk_bwd(q, k, v, g1, g2, w, dS1, dS2, do, dBq1, dBq2, dk_out, dgl1, dgl2, to
     ik = tl.program_id(2)
     ic = pid // (C // SUB)
     J = pid % (C // SUB)  # the longest walks start first
-    t0, eos, _, _ = chunk_tile(cu, cseq, coff, ic, C)
-    sr = tl.arange(0, SUB)
-    dk = ik * BK + tl.arange(0, BK)
-    dv = tl.arange(0, BV)
-    mk = dk < Dk
-    mv = dv < Dv
-    w0 = tl.load(w)
-    w1 = tl.load(w + 1)
+    t0, eos, sr, dk, dv, mk, mv, w0, w1 = block_cols(cu, cseq, coff, w, ic, ik, Dk, Dv, C, SUB, BK, BV)
     tJ = t0 + J * SUB + sr
     mJ = tJ < eos
     mJK = mJ[:, None] & mk[None, :]

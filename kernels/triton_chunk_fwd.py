@@ -85,6 +85,18 @@ def chunk_tile(cu, cseq, coff, ic, C: tl.constexpr):
 
 
 @triton.jit
+def chunk_state_tile(ic, hk, iv, Hkv, Dk: tl.constexpr, Dv: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """All Dk columns and Dv block iv's columns (with masks) of kv head hk, and their offsets in a
+    per-chunk state [chunks, Hkv, Dk, Dv] at global chunk ic."""
+    dk = tl.arange(0, BK)
+    dv = iv * BV + tl.arange(0, BV)
+    mk = dk < Dk
+    mv = dv < Dv
+    hoff = ((ic * Hkv + hk) * Dk + dk[:, None]).to(tl.int64) * Dv + dv[None, :]
+    return dk, dv, mk, mv, mk[:, None] & mv[None, :], hoff
+
+
+@triton.jit
 def exact_block(q, g, J, C: tl.constexpr, SUB: tl.constexpr, kJ):
     """Scores of all C query rows against the SUB keys of block J, exactly: column s uses
     exp(sum_{u in (s, t]} g_u), a direct sum of log decays (<= 0), never a difference of
@@ -151,10 +163,11 @@ def decay_from_start(bt, b_ptr, t0, eos, Hkv, hk, Dk: tl.constexpr, dk, mk, C: t
 
 
 @triton.jit
-def _states_fwd(k, v, g1, g2, s01, s02, h1, h2, sT1, sT2, cu, coff,
-                Hkv, Dk: tl.constexpr, Dv: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                HAS_S0: tl.constexpr, STORE_H: tl.constexpr, PREFETCH: tl.constexpr, IEEE: tl.constexpr,
-                PRE: tl.constexpr = False, SUB: tl.constexpr = 16):
+def walk_tile(cu, coff, Hkv, Dk: tl.constexpr, Dv: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+              BV: tl.constexpr):
+    """A state walk's program (grid: Dk block, Dv block, sequence * kv head): its kv head, the
+    sequence's tokens [bos, eos), its first global chunk c0 and chunk count nc, and its [BK, BV]
+    tile of a [sequences, Hkv, Dk, Dv] state: columns, masks, offsets."""
     ik = tl.program_id(0)
     iv = tl.program_id(1)
     inh = tl.program_id(2)
@@ -170,27 +183,46 @@ def _states_fwd(k, v, g1, g2, s01, s02, h1, h2, sT1, sT2, cu, coff,
     mv = dv < Dv
     mst = mk[:, None] & mv[None, :]
     st = ((n * Hkv + hk) * Dk + dk[:, None]).to(tl.int64) * Dv + dv[None, :]
-    if HAS_S0:
-        S1 = tl.load(s01 + st, mask=mst, other=0.).to(tl.float32)
-        S2 = tl.load(s02 + st, mask=mst, other=0.).to(tl.float32)
+    return hk, bos, eos, c0, nc, dk, dv, mk, mv, st, mst
+
+
+@triton.jit
+def load_state_pair(p1, p2, st, mst, HAS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Both states' tiles in fp32 from p1, p2 at offsets st, or zeros when there are none."""
+    if HAS:
+        S1 = tl.load(p1 + st, mask=mst, other=0.).to(tl.float32)
+        S2 = tl.load(p2 + st, mask=mst, other=0.).to(tl.float32)
     else:
         S1 = tl.zeros([BK, BV], dtype=tl.float32)
         S2 = tl.zeros([BK, BV], dtype=tl.float32)
-    t = bos + tl.arange(0, C)
+    return S1, S2
+
+
+@triton.jit
+def walk_rows(k, v, g1, g2, t, eos, Hkv, hk, Dk: tl.constexpr, Dv: tl.constexpr, dk, dv, mk, mv):
+    """One chunk's k, v and both log decays (fp32) at token rows t of kv head hk; rows past
+    eos read g = 0, k = v = 0, so they change neither state."""
     mt = t < eos
-    # padded rows read g = 0, k = v = 0: they change neither state
     kk = load_rows(k, t, mt, Hkv, hk, Dk, dk, mk)
     vv = load_rows(v, t, mt, Hkv, hk, Dv, dv, mv)
     ga = load_rows(g1, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
     gb = load_rows(g2, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
+    return kk, vv, ga, gb
+
+
+@triton.jit
+def _states_fwd(k, v, g1, g2, s01, s02, h1, h2, sT1, sT2, cu, coff,
+                Hkv, Dk: tl.constexpr, Dv: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                HAS_S0: tl.constexpr, STORE_H: tl.constexpr, PREFETCH: tl.constexpr, IEEE: tl.constexpr,
+                PRE: tl.constexpr = False, SUB: tl.constexpr = 16):
+    hk, bos, eos, c0, nc, dk, dv, mk, mv, st, mst = walk_tile(cu, coff, Hkv, Dk, Dv, C, BK, BV)
+    S1, S2 = load_state_pair(s01, s02, st, mst, HAS_S0, BK, BV)
+    t = bos + tl.arange(0, C)
+    kk, vv, ga, gb = walk_rows(k, v, g1, g2, t, eos, Hkv, hk, Dk, Dv, dk, dv, mk, mv)
     for c in range(nc):
         if PREFETCH:  # next chunk's loads in flight during this chunk's arithmetic
             tn = t + C
-            mn = tn < eos
-            kn = load_rows(k, tn, mn, Hkv, hk, Dk, dk, mk)
-            vn = load_rows(v, tn, mn, Hkv, hk, Dv, dv, mv)
-            gan = load_rows(g1, tn, mn, Hkv, hk, Dk, dk, mk).to(tl.float32)
-            gbn = load_rows(g2, tn, mn, Hkv, hk, Dk, dk, mk).to(tl.float32)
+            kn, vn, gan, gbn = walk_rows(k, v, g1, g2, tn, eos, Hkv, hk, Dk, Dv, dk, dv, mk, mv)
         if STORE_H:
             hoff = (((c0 + c) * Hkv + hk) * Dk + dk[:, None]).to(tl.int64) * Dv + dv[None, :]
             tl.store(h1 + hoff, S1.to(h1.dtype.element_ty), mask=mst)
@@ -208,11 +240,7 @@ def _states_fwd(k, v, g1, g2, s01, s02, h1, h2, sT1, sT2, cu, coff,
             t, kk, vv, ga, gb = tn, kn, vn, gan, gbn
         else:
             t = t + C
-            mt = t < eos
-            kk = load_rows(k, t, mt, Hkv, hk, Dk, dk, mk)
-            vv = load_rows(v, t, mt, Hkv, hk, Dv, dv, mv)
-            ga = load_rows(g1, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
-            gb = load_rows(g2, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
+            kk, vv, ga, gb = walk_rows(k, v, g1, g2, t, eos, Hkv, hk, Dk, Dv, dk, dv, mk, mv)
     tl.store(sT1 + st, S1, mask=mst)
     tl.store(sT2 + st, S2, mask=mst)
 
@@ -302,12 +330,7 @@ def _output_fwd(q, v, b1, b2, w, h1, h2, A, o, cu, cseq, coff, scale,
     iv = tl.program_id(2)
     hk = hq // G
     t0, eos, t, mt = chunk_tile(cu, cseq, coff, ic, C)
-    dk = tl.arange(0, BK)
-    dv = iv * BV + tl.arange(0, BV)
-    mk = dk < Dk
-    mv = dv < Dv
-    mst = mk[:, None] & mv[None, :]
-    hoff = ((ic * Hkv + hk) * Dk + dk[:, None]).to(tl.int64) * Dv + dv[None, :]
+    dk, dv, mk, mv, mst, hoff = chunk_state_tile(ic, hk, iv, Hkv, Dk, Dv, BK, BV)
     qq = load_rows(q, t, mt, Hq, hq, Dk, dk, mk)
     vv = load_rows(v, t, mt, Hkv, hk, Dv, dv, mv)
     e, _ = decay_from_start(load_rows(b1, t, mt, Hkv, hk, Dk, dk, mk), b1, t0, eos, Hkv, hk, Dk, dk, mk, C, SUB)
