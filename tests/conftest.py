@@ -6,6 +6,16 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same global RNG state, whatever ran before it (or on which
+    xdist worker): a test that draws from torch's global generator stays reproducible."""
+    import random
+
+    random.seed(0)
+    torch.manual_seed(0)
+
+
 def tiny_config(kind="llama", layers=4, heads=4, kv_heads=2, hidden=64, vocab=256, seed=0):
     import transformers
 

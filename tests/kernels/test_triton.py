@@ -112,7 +112,7 @@ def test_prefill_launch_variants(monkeypatch, knobs):
     if "dq_bk" in knobs:  # the backward's Dk / Dv splits
         g = torch.Generator().manual_seed(9)
         do = torch.randn(1, 70, 2, 32, generator=g).to(DEV)
-        d1, d2 = torch.randn_like(args[6]), torch.randn_like(args[7])
+        d1, d2 = _final_state_grads(args)
         # 2e-5 on the GPU: fp32 exps are the hardware's approximate ones (1.04e-5 on the H200)
         _assert_grads_match_fp64(args, do, d1, d2, 2e-5 if DEV == "cuda" else 1e-5)
 
@@ -159,6 +159,12 @@ def _grads(fn, args, do, d1, d2):
 GRAD_NAMES = ["q", "k", "v", "g1", "g2", "w", "s1", "s2"]
 
 
+def _final_state_grads(args, seed=99):
+    """Seeded upstream gradients for the two final states (shaped like args' initial states)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s.shape, generator=g).to(s) for s in (args[6], args[7])]
+
+
 def _assert_grads_match_fp64(args, do, d1, d2, tol):
     """Every input's gradient through the fused kernels against the float64 recurrence."""
     got = _grads(lambda x: dsla_chunk_fused(*x), args, do, d1, d2)
@@ -173,7 +179,7 @@ def test_prefill_gradients_fp32(shape, strong):
     args = _inputs(*shape, torch.float32, seed=3, strong=strong)
     g = torch.Generator().manual_seed(4)
     do = torch.randn(*shape[:3], shape[5], generator=g).to(DEV)
-    d1, d2 = torch.randn_like(args[6]), torch.randn_like(args[7])
+    d1, d2 = _final_state_grads(args)
     if strong:
         # With decays of -5..-50 per step the true gate gradient is ~1e-5 while the final
         # state's term (dS_T . S_T) and the k.dk it cancels against are O(1): in fp32 that
@@ -189,7 +195,7 @@ def test_prefill_gradients_varlen_bf16():
     args, cu = _varlen(lens, torch.bfloat16, seed=21)
     g = torch.Generator().manual_seed(22)
     do = torch.randn(1, sum(lens), 2, 16, generator=g).to(DEV)
-    d1, d2 = torch.randn_like(args[6]), torch.randn_like(args[7])
+    d1, d2 = _final_state_grads(args)
     got = _grads(lambda x: dsla_chunk_fused(*x, cu_seqlens=cu), args, do, d1, d2)
 
     def per_seq(x):
@@ -277,8 +283,8 @@ def test_gpu_model_shapes(dtype, shape):
 def test_gpu_gradients_bf16_model_shape():
     shape = (1, 200, 8, 4, 128, 128)
     args = _inputs(*shape, torch.bfloat16, seed=43)
-    do = torch.randn(*shape[:3], shape[5], device=DEV)
-    d1, d2 = torch.randn_like(args[6]), torch.randn_like(args[7])
+    do = torch.randn(*shape[:3], shape[5], generator=torch.Generator().manual_seed(44)).to(DEV)
+    d1, d2 = _final_state_grads(args)
     got = _grads(lambda x: dsla_chunk_fused(*x), args, do, d1, d2)
     want = _grads(lambda x: ref.dsla_chunk(*x), [x.float() for x in args], do, d1, d2)  # fp32 on the GPU
     for name, a, b in zip(GRAD_NAMES, got, want):
