@@ -38,9 +38,14 @@ class IncrementalDetokenizer:
 
     def _append(self, token_id: int):
         self.ids.append(token_id)
+        self._take(final=False)
+
+    def _take(self, final: bool):
+        """Move the text the tokens since `read` add into self.text. Mid-stream, not while it ends in
+        an incomplete character (U+FFFD: the next token may complete it); at the end, as it is."""
         before = self._decode(self.ids[self.prefix:self.read])
         after = self._decode(self.ids[self.prefix:])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
             self.text += after[len(before):]
             self.prefix, self.read = self.read, len(self.ids)
 
@@ -70,7 +75,16 @@ class IncrementalDetokenizer:
         return delta, False
 
     def flush(self) -> str:
-        """At the end of a request: whatever was held back."""
-        delta = self.text[self.emitted:]
-        self.emitted = len(self.text)
+        """At the end of a request: whatever was held back, up to a stop string if one is now
+        complete. Tokens still waiting for the rest of a character come out as a full decode
+        shows them (U+FFFD for the incomplete bytes), so a complete character they also hold is
+        not lost and the text is the generated tokens' decode."""
+        if self.tok is None:
+            return ""
+        if self.read < len(self.ids):
+            self._take(final=True)
+        delta, hit = self._release()
+        if not hit:
+            delta += self.text[self.emitted:]
+            self.emitted = len(self.text)
         return delta
