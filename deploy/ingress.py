@@ -250,6 +250,10 @@ class OpenAIIngress:
                         yield out
                     if len(out) < len(batch):
                         raise ReplicaAborted(f"request {request_id} aborted by its replica")
+                    if out and out[-1].get("finish_reason") is not None:
+                        # the answer is complete: a replica lost before its stream ends must not
+                        # resume it (that would generate past the stop, or fail a finished request)
+                        break
                 finished = True
                 return
             except RETRYABLE as e:

@@ -90,3 +90,52 @@ def test_resumed_stream_keeps_held_back_text_and_stops_across_replicas():
     evs, _ = _run(h, prompt, dict(base, stop=[full[-1] + "#"]), lose_after=5)
     assert "".join(e["text"] for e in evs) == full and evs[-1]["finish_reason"] == "length"
     assert evs[-1]["num_generated_tokens"] == 14
+
+
+class _DiesAfterFinish:
+    """`llm` whose replica sends a whole answer (finish included) and is lost before its stream ends."""
+
+    def __init__(self, events):
+        self.events, self.calls = events, 0
+
+    def options(self, **kw):
+        return self
+
+    @property
+    def generate(self):
+        return self
+
+    def remote(self, prompt_ids, params, request_id):
+        from ray.exceptions import RayActorError
+
+        self.calls += 1
+        events = self.events
+
+        async def stream():
+            yield events
+            raise RayActorError()
+
+        class Stream:
+            def __aiter__(self):
+                return stream()
+
+            def cancel(self):
+                pass
+        return Stream()
+
+
+def test_a_finished_stream_is_not_resumed_when_its_replica_is_lost_after_the_finish():
+    done = [{"token_id": 7, "text": "H", "logprob": None, "finish_reason": None, "num_prompt_tokens": 2,
+             "num_generated_tokens": 1},
+            {"token_id": 8, "text": "i", "logprob": None, "finish_reason": "stop", "num_prompt_tokens": 2,
+             "num_generated_tokens": 2}]
+    ingress = type("Ingress", (), {})()
+    ingress.llm = _DiesAfterFinish(done)
+    job = Job(0, [1, 2], dict(max_tokens=10, stop=["!"]))
+
+    async def main():
+        return [ev async for batch in OpenAIIngress.func_or_class._job_stream(ingress, job) for ev in batch]
+    evs = asyncio.run(main())
+    # the answer was complete: nothing may be generated after its stop, nor an error raised
+    assert ingress.llm.calls == 1
+    assert "".join(e["text"] for e in evs) == "Hi" and evs[-1]["finish_reason"] == "stop"
