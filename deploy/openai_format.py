@@ -22,6 +22,7 @@ class ChoiceState:
     finish_reason: Optional[str] = None
     generated: int = 0
     started: bool = False  # chat streams announce the role once
+    streamed_logprobs: int = 0  # tokens whose logprobs a chunk has carried
 
 
 def sse(data) -> str:
@@ -55,11 +56,19 @@ class ResponseBuilder:
         if fr is not None:
             c.finish_reason = fr
         if delta or fr is not None:
-            has_token = ev.get("token_id") is not None
-            lp = self._logprobs(index, [ev["token_id"]], [ev.get("logprob")]) if has_token else None
+            lp = self._pending_logprobs(index)
             body = {"content": delta} if self.chat and delta else ({} if self.chat else delta)
             chunks.append(self._chunk(index, body, fr, lp))
         return chunks
+
+    def _pending_logprobs(self, index: int) -> Optional[dict]:
+        """Logprobs of the tokens no chunk has carried yet: a token whose text is held back
+        (a possible stop-string prefix, part of a character) makes no chunk of its own."""
+        c = self.choices[index]
+        start, c.streamed_logprobs = c.streamed_logprobs, len(c.token_ids)
+        if start == len(c.token_ids):
+            return None
+        return self._logprobs(index, c.token_ids[start:], c.logprobs[start:])
 
     def done(self) -> bool:
         return all(c.finish_reason is not None for c in self.choices.values())

@@ -1,0 +1,41 @@
+"""Stream chunks and final bodies built from token events (deploy/openai_format.py), without Ray."""
+from __future__ import annotations
+
+import pytest
+
+from deploy.openai_format import ResponseBuilder
+from deploy.request_plan import Job, Plan
+
+
+class _Letters:  # one letter per token
+    def decode(self, ids, **kw):
+        return "".join(chr(65 + i % 26) for i in ids)
+
+
+def _events():
+    # token 3's text is held back (a possible stop-string prefix, or part of a character)
+    # and comes out with token 4's
+    return [{"token_id": 3, "text": "", "logprob": -0.1, "finish_reason": None, "num_generated_tokens": 1},
+            {"token_id": 4, "text": "DE", "logprob": -0.2, "finish_reason": None, "num_generated_tokens": 2},
+            {"token_id": 5, "text": "F", "logprob": -0.3, "finish_reason": "length", "num_generated_tokens": 3}]
+
+
+def _streamed_logprobs(kind):
+    plan = Plan(kind, [Job(0, [1, 2], {"logprobs": True})], 2, True, False)
+    b = ResponseBuilder(plan, "m", _Letters())
+    chunks = [c for ev in _events() for c in b.add(0, ev)]
+    final = b.final()["choices"][0]["logprobs"]
+    lps = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
+    return lps, final
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+def test_streamed_logprobs_cover_every_token_also_held_back_ones(kind):
+    lps, final = _streamed_logprobs(kind)
+    if kind == "completion":
+        streamed = [(t, lp) for x in lps for t, lp in zip(x["tokens"], x["token_logprobs"])]
+        assert streamed == list(zip(final["tokens"], final["token_logprobs"]))
+    else:
+        streamed = [(e["token"], e["logprob"]) for x in lps for e in x["content"]]
+        assert streamed == [(e["token"], e["logprob"]) for e in final["content"]]
+    assert [t for t, _ in streamed] == ["D", "E", "F"]
