@@ -26,14 +26,17 @@ def _config(args):
             raise CLIError(f"--set takes KEY=VALUE, got {item!r}")
         import yaml
 
-        overrides[key] = yaml.safe_load(value)  # numbers, booleans and lists as YAML reads them
+        try:
+            overrides[key] = yaml.safe_load(value)  # numbers, booleans and lists as YAML reads them
+        except yaml.YAMLError as e:
+            raise CLIError(f"--set {item!r}: the value is not valid YAML ({e.problem or e})") from None
     if args.model:
         overrides["model"] = args.model
     if args.layers_dir:
         overrides["layers_dir"] = args.layers_dir
     try:
         return load_config(args.config, overrides)
-    except FileNotFoundError as e:
+    except OSError as e:  # missing, a directory, unreadable
         raise CLIError(str(e)) from None
     except (ValidationError, ValueError) as e:
         raise CLIError(f"invalid config: {e}") from None

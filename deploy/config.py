@@ -154,11 +154,17 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
     data: dict = {}
     if path is not None:
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:  # a ValueError, so callers report it like any bad config
+                raise ValueError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping at the top level")
         if "applications" in data:
-            data = dict(data["applications"][0].get("args") or {})
+            apps = data["applications"]
+            if not isinstance(apps, list) or not apps or not isinstance(apps[0], dict):
+                raise ValueError(f"{path}: 'applications' must be a list holding at least one application")
+            data = dict(apps[0].get("args") or {})
             nested = data.pop("config", None)
             if nested is not None:
                 return load_config(Path(path).parent / nested, {**data, **(overrides or {})})
@@ -170,5 +176,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
 def _set_dotted(data: dict, key: str, value):
     *parents, leaf = key.split(".")
     for p in parents:
-        data = data.setdefault(p, {})
+        child = data.get(p)
+        if child is None:  # also a YAML section left empty (`engine:` with its lines commented out)
+            child = data[p] = {}
+        elif not isinstance(child, dict):
+            raise ValueError(f"cannot set {key}: {p} is {child!r}, not a mapping")
+        data = child
     data[leaf] = value

@@ -78,3 +78,36 @@ def test_cli_run_is_registered_and_refuses_bad_config(tmp_path, capsys):
     assert main(["run", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert main(["run", "--set", "replica.num_gpus=-1"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", [
+    "model: default\nengine: {max_running: 8\n",  # not YAML
+    "applications: []\n",  # a Serve config without an application
+    "- model: default\n",  # a list, not a mapping
+])
+def test_cli_run_refuses_unreadable_config_files_without_a_traceback(tmp_path, capsys, text):
+    from deploy.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    assert main(["run", "--config", str(bad)]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_cli_run_refuses_a_directory_and_bad_set_values_without_a_traceback(tmp_path, capsys):
+    from deploy.cli import main
+
+    assert main(["run", "--config", str(tmp_path)]) == 2
+    assert main(["run", "--set", "engine.max_running=[1,"]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_cli_set_into_an_empty_or_scalar_section(tmp_path, capsys):
+    from deploy.cli import main
+
+    empty = tmp_path / "empty_section.yaml"
+    empty.write_text("model: default\nengine:\n  # max_running: 8\n")
+    assert load_config(empty, {"engine.max_running": 8}).engine.max_running == 8
+    assert main(["run", "--config", str(empty), "--set", "engine.max_running=-1"]) == 2
+    assert main(["run", "--set", "model.name=x"]) == 2
+    assert "error" in capsys.readouterr().err
