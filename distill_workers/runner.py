@@ -19,10 +19,9 @@ def layer_order(kind: str, sensitivity: list[int], seed: int = 0) -> list[int]:
     {"damage": {"order": [...]}} (the measured-damage order written by distill_workers.ablation)."""
     if os.path.isfile(kind):
         with open(kind) as f:
-            d = json.load(f)
-        order = d.get("order") if isinstance(d.get("order"), list) and d["order"] and isinstance(d["order"][0], int) \
-            else d.get("damage", {}).get("order")
-        if sorted(order or []) != sorted(sensitivity):
+            order = _order_in(json.load(f))
+        # ints only: sorting a mix of types raises TypeError, which callers do not report as bad input
+        if not all(type(x) is int for x in order) or sorted(order) != sorted(sensitivity):
             raise ValueError(f"{kind} holds no permutation of the model's {len(sensitivity)} layers")
         return list(order)
     if kind == "sensitivity":
@@ -34,6 +33,18 @@ def layer_order(kind: str, sensitivity: list[int], seed: int = 0) -> list[int]:
         random.Random(seed).shuffle(order)
         return order
     raise ValueError(f"unknown order {kind!r}: one of {', '.join(ORDERS)}")
+
+
+def _order_in(d) -> list:
+    """The order list of a JSON document of either documented shape; [] for anything else."""
+    if not isinstance(d, dict):
+        return []
+    # an ablation report's "order" holds result rows; its order list is under "damage"
+    if isinstance(d.get("order"), list) and d["order"] and isinstance(d["order"][0], int):
+        return d["order"]
+    damage = d.get("damage")
+    order = damage.get("order") if isinstance(damage, dict) else None
+    return order if isinstance(order, list) else []
 
 
 def build_distiller(model: str = "default", store: str = "", layers: int | None = None,
