@@ -53,7 +53,7 @@ class _Sampling(_Request):
     stop: Optional[Union[str, list[str]]] = None
     stop_token_ids: Optional[list[int]] = None  # extension
     ignore_eos: Optional[bool] = False  # extension
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-2**63, le=2**63 - 1)  # int64, as vLLM takes it
     presence_penalty: Optional[Union[float, int]] = Field(None, ge=-2, le=2)
     frequency_penalty: Optional[Union[float, int]] = Field(None, ge=-2, le=2)
     logit_bias: Optional[dict[str, Union[float, int]]] = None

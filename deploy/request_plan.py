@@ -126,8 +126,9 @@ def _check_common(req, limits: Limits, num_prompts: int):
 
 
 def _seed(req, j: int) -> Optional[int]:
-    # choices of one request must differ, yet a seeded request must repeat exactly
-    return None if req.seed is None else req.seed + j
+    # choices of one request must differ, yet a seeded request must repeat exactly; the API's
+    # int64 seeds map onto the engine's [0, 2**64) (what a torch generator takes)
+    return None if req.seed is None else (req.seed + j) % 2**64
 
 
 def plan_completion(req: CompletionRequest, tok, limits: Limits) -> Plan:

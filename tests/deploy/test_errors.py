@@ -62,6 +62,8 @@ def test_malformed_json(server, path, raw):
     ("/v1/chat/completions", {**CHAT, "n": 9}, "n"),
     ("/v1/completions", {**GOOD, "frequency_penalty": 1.0}, "frequency_penalty"),
     ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, "tools"),
+    ("/v1/completions", {**GOOD, "seed": 2**63}, "seed"),  # seeds are int64, as in vLLM
+    ("/v1/chat/completions", {**CHAT, "seed": -2**63 - 1}, "seed"),
 ])
 def test_bad_fields(server, path, body, param):
     assert_openai_error(post(server, path, body), 400, param)
@@ -116,3 +118,15 @@ def test_still_serving_after_bad_input(server, client):
 def test_streaming_request_with_bad_input_is_refused_before_the_stream(server):
     r = post(server, "/v1/completions", {**GOOD, "stream": True, "max_tokens": 0})
     assert_openai_error(r, 400, "max_tokens")
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63 - 1])
+def test_seeds_across_the_int64_range_sample_and_repeat(server, seed):
+    # n choices get seeds seed, seed + 1, ...: at the ends of the range they must neither be
+    # refused by the replica nor overflow its generator inside a stream that already answered 200
+    body = {**GOOD, "max_tokens": 4, "n": 2, "temperature": 1.0, "seed": seed, "ignore_eos": True}
+    a, b = post(server, "/v1/completions", body), post(server, "/v1/completions", body)
+    assert a.status_code == 200 and b.status_code == 200, a.text
+    assert [c["text"] for c in a.json()["choices"]] == [c["text"] for c in b.json()["choices"]]
+    stream = post(server, "/v1/completions", {**body, "stream": True})
+    assert stream.status_code == 200 and '"error"' not in stream.text and stream.text.rstrip().endswith("[DONE]")

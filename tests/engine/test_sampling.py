@@ -124,7 +124,7 @@ def test_abort_frees_and_reports(hybrid, make_engine):
 
 @pytest.mark.parametrize("kw, msg", [
     (dict(max_tokens=0), "max_tokens"), (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
-    (dict(top_k=-2), "top_k"), (dict(seed=-1), "seed"), (dict(stop=[""]), "stop"),
+    (dict(top_k=-2), "top_k"), (dict(seed=-1), "seed"), (dict(seed=2**64), "seed"), (dict(stop=[""]), "stop"),
     (dict(stop_token_ids=[-5]), "stop_token_ids")])
 def test_bad_sampling_params(kw, msg):
     with pytest.raises(ValueError, match=msg):
