@@ -165,6 +165,7 @@ class OpenAIIngress:
                     yield sse(chunk)
         except Exception as e:  # headers are gone: report in the stream, as OpenAI does
             yield sse(self._as_api_error(e).body())
+            yield sse("[DONE]")  # as vLLM ends it: a client that reads to [DONE] stops here too
             return
         finally:
             await events.aclose()
