@@ -66,6 +66,8 @@ class _Sampling(_Request):
             return p, f"{p} is not supported; leave it at 0"
         if self.logit_bias:
             return "logit_bias", "logit_bias is not supported"
+        if self.stream_options is not None and not self.stream:
+            return "stream_options", "stream_options is only allowed when stream is true"
         return None
 
 

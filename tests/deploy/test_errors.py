@@ -62,6 +62,7 @@ def test_malformed_json(server, path, raw):
     ("/v1/chat/completions", {**CHAT, "n": 9}, "n"),
     ("/v1/completions", {**GOOD, "frequency_penalty": 1.0}, "frequency_penalty"),
     ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, "tools"),
+    ("/v1/completions", {**GOOD, "stream_options": {"include_usage": True}}, "stream_options"),  # not streaming
     ("/v1/completions", {**GOOD, "seed": 2**63}, "seed"),  # seeds are int64, as in vLLM
     ("/v1/chat/completions", {**CHAT, "seed": -2**63 - 1}, "seed"),
 ])
