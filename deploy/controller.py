@@ -5,8 +5,9 @@ controller aggregates the fresh reports, asks the pure policy (policy.py) for th
 number of DSLA layers, and answers later reports with the first that many layers
 of the store's order. It also owns the distill workers: it starts them, polls
 their progress into metrics and restarts any that died. Being a Serve deployment,
-Serve restarts the controller itself if it dies; the new one adopts the layer
-count the replicas report, so a restart does not revert a loaded fleet.
+Serve restarts the controller itself if it dies; the new one leaves the replicas'
+layers alone until it has heard them all, then adopts the most layers any serves, so
+a restart does not revert a loaded fleet.
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ class ConversionController:
         self.store_version = 0
         self.state = PolicyState(layers=cfg.controller.initial_layers)
         self.adopted = False
+        self.started = time.monotonic()
         self.reports: dict[str, tuple[float, dict]] = {}
         self.last_decision: dict | None = None
         self.history: deque = deque(maxlen=100)  # decisions that changed the target
@@ -63,11 +65,20 @@ class ConversionController:
     # -- called by replicas and the ingress --------------------------------
     async def report(self, replica_id: str, stats: dict) -> dict:
         self.reports[replica_id] = (time.monotonic(), stats)
-        if not self.adopted:
-            # a restarted controller continues from what the fleet serves now
-            self.adopted = True
-            self.state = PolicyState(layers=len(stats.get("dsla_layers", [])), last_change_t=time.monotonic())
+        if not self.adopted:  # not heard the fleet yet (see _maybe_adopt): each replica keeps its layers
+            return {"dsla_layers": list(stats.get("dsla_layers", []))}
         return {"dsla_layers": self.target_layers()}
+
+    def _maybe_adopt(self, now: float):
+        """A (re)started controller continues from what the fleet serves, once every live replica
+        has had two report intervals to speak: the most layers any of them serves. Taking the first
+        report instead let a replica that had just started (with the initial layers) revert a
+        loaded fleet."""
+        if self.adopted or not self.reports or now - self.started < 2 * self.cfg.controller.poll_interval_s:
+            return
+        self.adopted = True
+        layers = max(len(s.get("dsla_layers", [])) for _, s in self.reports.values())
+        self.state = PolicyState(layers=layers, last_change_t=now)
 
     def target_layers(self) -> list[int]:
         return self.published[:self.state.layers]
@@ -116,6 +127,7 @@ class ConversionController:
     def tick(self, now: float):
         timeout = self.cfg.controller.report_timeout_s
         self.reports = {r: (t, s) for r, (t, s) in self.reports.items() if now - t <= timeout}
+        self._maybe_adopt(now)
         self._refresh_store()
         loads = [load_of(s) for _, s in self.reports.values()]
         load = aggregate(loads)

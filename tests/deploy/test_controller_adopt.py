@@ -1,0 +1,39 @@
+"""A (re)started controller (deploy/controller.py) continues from what the fleet serves, without Serve:
+its methods run on a bare object holding the state they use."""
+import asyncio
+from types import SimpleNamespace
+
+from deploy.controller import ConversionController
+from deploy.policy import PolicyState
+
+C = ConversionController.func_or_class
+
+
+def _controller():
+    cfg = SimpleNamespace(controller=SimpleNamespace(poll_interval_s=0.5))
+    c = SimpleNamespace(cfg=cfg, reports={}, adopted=False, started=100.0, published=[2, 0, 3, 1],
+                        state=PolicyState(layers=0))
+    c.target_layers = lambda: C.target_layers(c)
+    return c
+
+
+def _report(c, rid, layers):
+    return asyncio.run(C.report(c, rid, {"dsla_layers": layers}))["dsla_layers"]
+
+
+def test_a_fresh_replica_reporting_first_does_not_revert_a_loaded_fleet():
+    c = _controller()
+    # a replica that has just started (initial layers: none) happens to report first
+    assert _report(c, "fresh", []) == []
+    assert _report(c, "loaded", [2, 0, 3]) == [2, 0, 3]  # told to keep its layers, not to revert
+    C._maybe_adopt(c, 100.4)  # too early: not every replica has had two report intervals
+    assert not c.adopted
+    C._maybe_adopt(c, 101.0)
+    assert c.adopted and c.state.layers == 3
+    assert _report(c, "fresh", []) == [2, 0, 3] and _report(c, "loaded", [2, 0, 3]) == [2, 0, 3]
+
+
+def test_nothing_is_adopted_before_any_report():
+    c = _controller()
+    C._maybe_adopt(c, 500.0)
+    assert not c.adopted and c.state.layers == 0
