@@ -116,7 +116,11 @@ class OpenAIIngress:
     @app.get("/status")
     async def status(self):
         """Per replica: DSLA layers, store version, queue, running requests, capacity."""
-        snap = await self.controller.snapshot.remote()
+        try:
+            snap = await self.controller.snapshot.remote()
+        except RETRYABLE as e:  # Serve is restarting the controller: a 503 to retry, not a 500
+            raise APIError(503, f"The conversion controller is unavailable ({describe(e)}); retry.", "server_error",
+                           None, "service_unavailable", {"Retry-After": self.retry_after}) from None
         snap["model"] = self.limits.model_name
         return snap
 

@@ -1,12 +1,8 @@
 """Stream chunks and final bodies built from token events (deploy/openai_format.py), without Ray."""
 from __future__ import annotations
 
-import asyncio
-import json
-
 import pytest
 
-from deploy.ingress import OpenAIIngress
 from deploy.openai_format import ResponseBuilder
 from deploy.request_plan import Job, Plan
 
@@ -43,22 +39,3 @@ def test_streamed_logprobs_cover_every_token_also_held_back_ones(kind):
         streamed = [(e["token"], e["logprob"]) for x in lps for e in x["content"]]
         assert streamed == [(e["token"], e["logprob"]) for e in final["content"]]
     assert [t for t, _ in streamed] == ["D", "E", "F"]
-
-
-def test_a_stream_that_fails_midway_reports_the_error_then_done():
-    plan = Plan("completion", [Job(0, [1, 2], {})], 2, True, False)
-    builder = ResponseBuilder(plan, "m", _Letters())
-
-    async def events():
-        yield 0, _events()[0] | {"text": "C"}
-        raise ValueError("seed must be an integer")
-
-    ingress = type("Ingress", (), {"_as_api_error": OpenAIIngress.func_or_class._as_api_error})()
-
-    async def main():
-        return [x async for x in OpenAIIngress.func_or_class._sse(ingress, builder, events(), None)]
-    out = asyncio.run(main())
-    assert out[-1] == "data: [DONE]\n\n"
-    err = json.loads(out[-2][len("data: "):])["error"]
-    assert err["type"] == "invalid_request_error" and "seed" in err["message"]
-    assert json.loads(out[0][len("data: "):])["choices"][0]["text"] == "C"

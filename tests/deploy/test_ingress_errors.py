@@ -1,0 +1,49 @@
+"""Errors the ingress (deploy/ingress.py) reports after its checks, without Ray: a stream that
+fails after its 200, and /status while Serve restarts the controller."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from deploy.ingress import OpenAIIngress
+from deploy.openai_format import ResponseBuilder
+from deploy.request_plan import Job, Plan
+from tests.deploy.test_response_format import _events, _Letters
+
+
+def test_a_stream_that_fails_midway_reports_the_error_then_done():
+    plan = Plan("completion", [Job(0, [1, 2], {})], 2, True, False)
+    builder = ResponseBuilder(plan, "m", _Letters())
+
+    async def events():
+        yield 0, _events()[0] | {"text": "C"}
+        raise ValueError("seed must be an integer")
+
+    ingress = type("Ingress", (), {"_as_api_error": OpenAIIngress.func_or_class._as_api_error})()
+
+    async def main():
+        return [x async for x in OpenAIIngress.func_or_class._sse(ingress, builder, events(), None)]
+    out = asyncio.run(main())
+    assert out[-1] == "data: [DONE]\n\n"
+    err = json.loads(out[-2][len("data: "):])["error"]
+    assert err["type"] == "invalid_request_error" and "seed" in err["message"]
+    assert json.loads(out[0][len("data: "):])["choices"][0]["text"] == "C"
+
+
+def test_status_while_the_controller_restarts_is_a_503():
+    from ray.exceptions import RayActorError
+
+    from deploy.openai_protocol import APIError
+
+    class Gone:
+        class snapshot:
+            @staticmethod
+            async def remote():
+                raise RayActorError()
+
+    ingress = type("Ingress", (), {"controller": Gone, "retry_after": "2"})()
+    with pytest.raises(APIError) as e:
+        asyncio.run(OpenAIIngress.func_or_class.status(ingress))
+    assert e.value.status == 503 and e.value.headers == {"Retry-After": "2"}
