@@ -147,12 +147,16 @@ class OpenAIIngress:
             finally:  # also on cancellation (client gone): stop the replicas' work now
                 await events.aclose()
             return builder.final()
-        # Pull the first event before answering 200, so that backpressure and a dead
-        # fleet still get their status code rather than an error inside a stream.
+        # Wait for every choice's first event before answering 200, so that backpressure or a
+        # dead fleet meeting any of them still gets its status code, not an error inside a
+        # stream that already answered 200 for the others.
+        first, started = [], set()
         try:
-            first = await events.__anext__()
-        except StopAsyncIteration:
-            first = None
+            async for index, ev in events:
+                first.append((index, ev))
+                started.add(index)
+                if len(started) == len(plan.jobs):
+                    break
         except Exception as e:
             await events.aclose()
             raise self._as_api_error(e) from None
@@ -161,8 +165,8 @@ class OpenAIIngress:
 
     async def _sse(self, builder: ResponseBuilder, events, first):
         try:
-            if first is not None:
-                for chunk in builder.add(*first):
+            for index, ev in first:
+                for chunk in builder.add(index, ev):
                     yield sse(chunk)
             async for index, ev in events:
                 for chunk in builder.add(index, ev):

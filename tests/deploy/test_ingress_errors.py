@@ -9,6 +9,7 @@ import pytest
 
 from deploy.ingress import OpenAIIngress
 from deploy.openai_format import ResponseBuilder
+from deploy.openai_protocol import APIError
 from deploy.request_plan import Job, Plan
 from tests.deploy.test_response_format import _events, _Letters
 
@@ -24,7 +25,7 @@ def test_a_stream_that_fails_midway_reports_the_error_then_done():
     ingress = type("Ingress", (), {"_as_api_error": OpenAIIngress.func_or_class._as_api_error})()
 
     async def main():
-        return [x async for x in OpenAIIngress.func_or_class._sse(ingress, builder, events(), None)]
+        return [x async for x in OpenAIIngress.func_or_class._sse(ingress, builder, events(), [])]
     out = asyncio.run(main())
     assert out[-1] == "data: [DONE]\n\n"
     err = json.loads(out[-2][len("data: "):])["error"]
@@ -34,8 +35,6 @@ def test_a_stream_that_fails_midway_reports_the_error_then_done():
 
 def test_status_while_the_controller_restarts_is_a_503():
     from ray.exceptions import RayActorError
-
-    from deploy.openai_protocol import APIError
 
     class Gone:
         class snapshot:
@@ -47,3 +46,21 @@ def test_status_while_the_controller_restarts_is_a_503():
     with pytest.raises(APIError) as e:
         asyncio.run(OpenAIIngress.func_or_class.status(ingress))
     assert e.value.status == 503 and e.value.headers == {"Retry-After": "2"}
+
+
+def test_a_streamed_choice_refused_after_another_started_is_a_429_not_an_error_in_the_stream():
+    from ray.serve.exceptions import BackPressureError
+
+    plan = Plan("completion", [Job(0, [1, 2], {}), Job(1, [1, 2], {})], 2, True, False)
+
+    async def merged(_plan):  # choice 0 starts; choice 1 is refused by a full fleet
+        yield 0, _events()[0] | {"text": "C"}
+        raise BackPressureError(num_queued_requests=8, max_queued_requests=8)
+
+    ingress = type("Ingress", (), {"_merged": staticmethod(merged), "retry_after": "1", "limits": None,
+                                   "tok": _Letters(),
+                                   "_as_api_error": OpenAIIngress.func_or_class._as_api_error})()
+    ingress.limits = type("Limits", (), {"model_name": "m"})()
+    with pytest.raises(APIError) as e:
+        asyncio.run(OpenAIIngress.func_or_class._serve(ingress, plan, None))
+    assert e.value.status == 429 and e.value.headers == {"Retry-After": "1"}
