@@ -16,7 +16,10 @@ from transformers import DynamicCache
 
 class HybridCache(DynamicCache):
     def __init__(self, config, dsla_modules: dict):
-        super().__init__(config=config)
+        # Plain layers even for a sliding-window model: a sliding layer keeps only the window's
+        # last tokens, which the mask sizes below (the whole sequence) would not match. The
+        # model's sliding mask still limits what each query sees.
+        super().__init__()
         self.dsla_modules = dict(dsla_modules)  # layer -> DSLAAttention, pinned
         self._states: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._counts = [0] * config.num_hidden_layers
@@ -37,6 +40,23 @@ class HybridCache(DynamicCache):
     def set_dsla_state(self, layer_idx, s1, s2, num_tokens):
         self._states[layer_idx] = (s1, s2)
         self._counts[layer_idx] += num_tokens
+
+    # Beam search and batch expansion rearrange the batch rows of the KV; a DSLA state row
+    # belongs to the same sequence as its KV row, so it must move with it.
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._map_states(lambda s: s.index_select(0, beam_idx.to(s.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_states(lambda s: s[indices.to(s.device) if torch.is_tensor(indices) else indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_states(lambda s: s.repeat_interleave(repeats, dim=0))
+
+    def _map_states(self, fn):
+        self._states = {i: (fn(s1), fn(s2)) for i, (s1, s2) in self._states.items()}
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return max(self._counts)
