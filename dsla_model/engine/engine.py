@@ -37,6 +37,29 @@ from dsla_model.engine.scheduler import Scheduler, WorkItem
 _RECENT = 256  # requests in the ttft / tpot means
 
 
+def _sliding_window(mc) -> int | None:
+    """The attention window of a model whose layers use one (Mistral: all of them; Qwen2: the
+    layers its layer_types mark), else None."""
+    window = getattr(mc, "sliding_window", None)
+    layer_types = getattr(mc, "layer_types", None)
+    if window and (layer_types is None or "sliding_attention" in layer_types):
+        return int(window)
+    return None
+
+
+def _max_model_len(config, mc) -> int:
+    """The runner's attention sees every earlier token, which equals the model's windowed
+    attention only while a sequence fits its window: longer sequences would get other tokens."""
+    window = _sliding_window(mc)
+    if config.max_model_len is not None:
+        if window is not None and config.max_model_len > window:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's sliding window "
+                             f"({window} tokens), which the engine does not implement")
+        return config.max_model_len
+    limit = getattr(mc, "max_position_embeddings", MAX_DEFAULT_MODEL_LEN) or MAX_DEFAULT_MODEL_LEN
+    return min(limit, MAX_DEFAULT_MODEL_LEN, window or MAX_DEFAULT_MODEL_LEN)
+
+
 class Engine:
     def __init__(self, hybrid, tokenizer, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
@@ -47,9 +70,7 @@ class Engine:
         self.device = w.device
         mc = hybrid.config
         self.vocab_size = mc.vocab_size
-        self.max_model_len = config.max_model_len or min(
-            getattr(mc, "max_position_embeddings", MAX_DEFAULT_MODEL_LEN) or MAX_DEFAULT_MODEL_LEN,
-            MAX_DEFAULT_MODEL_LEN)
+        self.max_model_len = _max_model_len(config, mc)
         self.pool = CachePool(hybrid.num_kv_heads, hybrid.head_dim, w.dtype, self.device,
                               self._cache_budget(config), config.block_size)
         self.runner = ModelRunner(hybrid, self.pool, self.max_model_len)
