@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -43,6 +43,15 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _safetensors_metadata(data: bytes) -> dict:
+    """The `__metadata__` of a safetensors file's bytes (an 8-byte header length, then JSON)."""
+    n = int.from_bytes(data[:8], "little")
+    if len(data) < 8 or n > len(data) - 8:
+        raise ValueError("truncated header")
+    header = json.loads(data[8:8 + n])
+    return (header.get("__metadata__") if isinstance(header, dict) else None) or {}
 
 
 def _atomic_write(path: Path, data: bytes):
@@ -87,34 +96,44 @@ class LayerStore:
 
     def load_layer(self, layer: int, expected_fingerprint: str | None) -> dict:
         """The layer's DSLA state dict, after checking its sha256 and the model fingerprint."""
-        m = self.read_manifest()
-        if expected_fingerprint is not None and m["model_fingerprint"] != expected_fingerprint:
-            raise LayerStoreError(
-                f"store {self.path} was distilled for model {m.get('model_id')!r} "
-                f"(fingerprint {m['model_fingerprint']}), not this one ({expected_fingerprint})")
-        entry = m["layers"].get(str(layer))
-        if entry is None:
-            raise LayerStoreError(f"layer {layer} is not published in {self.path} "
-                                  f"(published: {self.published_layers()})")
+        m, entry, data = self._read_layer_file(layer, expected_fingerprint)
         f = self.path / entry["file"]
-        if not f.is_file():
-            raise LayerStoreError(f"layer {layer}: file {f} is missing")
-        digest = _sha256(f)
+        digest = hashlib.sha256(data).hexdigest()
         if digest != entry["sha256"]:
             raise LayerStoreError(f"layer {layer}: {f.name} is corrupt (sha256 {digest[:12]}... "
                                   f"!= manifest {entry['sha256'][:12]}...)")
         try:
-            from safetensors import safe_open
-
-            with safe_open(str(f), "pt") as sf:
-                meta = sf.metadata() or {}
-            tensors = load_file(str(f))
-        except (SafetensorError, OSError, ValueError) as e:
+            meta = _safetensors_metadata(data)
+            tensors = load(data)
+        except (SafetensorError, ValueError) as e:
             raise LayerStoreError(f"layer {layer}: {f.name} is not a readable safetensors file: {e}") from None
         if meta.get("model_fingerprint") != m["model_fingerprint"] or meta.get("layer") != str(layer):
             raise LayerStoreError(f"layer {layer}: {f.name} belongs to another model or layer "
                                   f"(file says layer {meta.get('layer')}, fingerprint {meta.get('model_fingerprint')})")
         return tensors
+
+    def _read_layer_file(self, layer: int, expected_fingerprint: str | None, attempts: int = 3):
+        """(manifest, entry, file bytes) of a layer. The bytes are read once, so the checks and
+        the load see the same file; a publish of the layer deletes the file an older manifest
+        names, so a missing file is looked up again in the new manifest."""
+        for _ in range(attempts):
+            m = self.read_manifest()
+            if expected_fingerprint is not None and m["model_fingerprint"] != expected_fingerprint:
+                raise LayerStoreError(
+                    f"store {self.path} was distilled for model {m.get('model_id')!r} "
+                    f"(fingerprint {m['model_fingerprint']}), not this one ({expected_fingerprint})")
+            entry = m["layers"].get(str(layer))
+            if entry is None:
+                raise LayerStoreError(f"layer {layer} is not published in {self.path} "
+                                      f"(published: {self.published_layers()})")
+            try:
+                return m, entry, (self.path / entry["file"]).read_bytes()
+            except FileNotFoundError:
+                if self.read_manifest()["layers"].get(str(layer)) == entry:
+                    break  # not replaced by a publish: really missing
+            except OSError as e:  # a directory, no permission: as unusable as a corrupt file
+                raise LayerStoreError(f"layer {layer}: cannot read {self.path / entry['file']}: {e}") from None
+        raise LayerStoreError(f"layer {layer}: file {self.path / entry['file']} is missing")
 
     def dsla_config(self):
         from dsla_model.dsla_attention import DSLAConfig
