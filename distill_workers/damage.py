@@ -110,10 +110,19 @@ def order_by_damage(damage: dict[int, float]) -> list[int]:
     return sorted(damage, key=lambda i: (damage[i], i))
 
 
+def _settings_key(hybrid, cfg: DistillConfig) -> str:
+    """A short hash of what else the damage depends on: the DSLA form being distilled (delta
+    rank, output bias, ...) and the whole distillation budget (block size, lr, seed, ...)."""
+    import hashlib
+
+    settings = {"dsla": hybrid.dsla_config.to_dict(), "distill": cfg.to_dict()}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def damage_order(hybrid, tokenizer, cfg: DistillConfig = DAMAGE_CONFIG, log=None,
                  text_file: str | None = None) -> tuple[list[int], dict[int, float]]:
     """(order, damage per layer) for `hybrid`'s model, measured on the corpus' training split or on
-    `text_file`, cached in the user cache by model fingerprint, budget and text. `hybrid` is left
+    `text_file`, cached in the user cache by model fingerprint, DSLA config, budget and text. `hybrid` is left
     as it was (its DSLA modules are restored)."""
     import hashlib
 
@@ -123,7 +132,8 @@ def damage_order(hybrid, tokenizer, cfg: DistillConfig = DAMAGE_CONFIG, log=None
     if text_file is not None:
         with open(text_file, "rb") as f:
             text = hashlib.sha256(f.read()).hexdigest()[:12]
-    name = f"{hybrid.fingerprint}-damage-{cfg.tokens_per_layer}-{cfg.train_blocks}-{text}.json"
+    settings = _settings_key(hybrid, cfg)
+    name = f"{hybrid.fingerprint}-damage-{cfg.tokens_per_layer}-{cfg.train_blocks}-{text}-{settings}.json"
     path = cache_root() / "order" / name
     if path.exists():
         d = json.loads(path.read_text())
