@@ -103,14 +103,18 @@ def load_model(spec: str | None = None, dtype=torch.float32, device="cpu", attn_
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """A cheap, stable fingerprint of the weights: shapes plus a strided sample of values."""
+    """A cheap, stable fingerprint of the weights: names, shapes and a strided sample of values,
+    taken at bfloat16 precision. A float32 checkpoint loaded in bfloat16 (a GPU replica's
+    `dtype: auto`) holds those same values, so the model has one fingerprint in both dtypes and a
+    layer store distilled in one is accepted in the other. (float16 rounds differently: it gets
+    another fingerprint.)"""
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(json.dumps(list(p.shape)).encode())
         flat = p.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy()
-        h.update(sample.round(5).tobytes())
+        sample = flat[:: max(1, flat.numel() // 64)][:64]
+        h.update(sample.to(torch.bfloat16).float().cpu().numpy().tobytes())
     return h.hexdigest()[:32]
 
 

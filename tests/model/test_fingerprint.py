@@ -1,0 +1,31 @@
+"""The model fingerprint that layer stores are checked against is the same whether the model is
+loaded in float32 (CPU) or bfloat16 (a GPU replica's `dtype: auto`)."""
+import copy
+
+import torch
+
+from dsla_model.layer_store import LayerStore, shipped_store
+from dsla_model.loading import model_fingerprint
+from tests.conftest import skip_without_default_model, tiny_model
+
+
+def test_fingerprint_is_the_same_in_float32_and_bfloat16_and_tells_models_apart():
+    a = tiny_model(seed=0)
+    assert model_fingerprint(copy.deepcopy(a).to(torch.bfloat16)) == model_fingerprint(a)
+    assert model_fingerprint(tiny_model(seed=1)) != model_fingerprint(a)
+
+
+def test_a_bfloat16_default_model_gets_the_shipped_store():
+    # The shipped store was distilled in float32; a GPU replica loads the model in bfloat16. With a
+    # dtype-dependent fingerprint every shipped layer was refused there and no layer converted.
+    skip_without_default_model()
+    from dsla_model.loading import load_model
+
+    model, _, _ = load_model("default", dtype=torch.bfloat16)
+    fp = model_fingerprint(model)
+    path = shipped_store(fp)
+    assert path is not None
+    store = LayerStore(path)
+    layer = store.published_layers()[0]
+    weights = store.load_layer(layer, fp)
+    assert weights and all(torch.isfinite(t).all() for t in weights.values())
