@@ -134,6 +134,12 @@ class HybridModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, **kwargs):
-        """HF `generate` with a hybrid cache pinned to the current configuration."""
+        """HF `generate` with a hybrid cache pinned to the current configuration. A padded batch
+        is refused while layers are DSLA: they do not read the attention mask, so the padding
+        would flow into their states (the engine, `generate.generate_batch`, needs no padding)."""
+        mask = kwargs.get("attention_mask")
+        if self.dsla_layers and mask is not None and bool((mask == 0).any()):
+            raise ValueError("padded batches are not supported with DSLA layers (their states would take in the "
+                             "padding): generate one prompt at a time or use generate.generate_batch")
         kwargs.setdefault(self._cache_kw, self.new_cache())
         return self.model.generate(input_ids=input_ids, **kwargs)

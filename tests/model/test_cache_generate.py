@@ -26,3 +26,21 @@ def test_beam_search_with_hybrid_cache_matches_no_cache():
     ref = h.model.generate(input_ids=ids, use_cache=False, **kw)
     assert h.generate(ids, **kw).tolist() == ref.tolist()
 
+
+
+def test_left_padded_batch_with_dsla_layers_is_refused_not_computed_wrong():
+    """DSLA layers do not read the attention mask: left padding would flow into their states and
+    change the padded row's tokens. generate says so instead of returning them."""
+    import pytest
+
+    h = _hybrid(layers=(1, 3))
+    short, long_ = _prompt(5, seed=1), _prompt(9, seed=2)
+    ids = torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1)
+    batch = torch.cat([ids, long_])
+    mask = torch.cat([torch.cat([torch.zeros(1, 4), torch.ones(1, 5)], 1), torch.ones(1, 9)]).long()
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with pytest.raises(ValueError, match="padd"):
+        h.generate(batch, attention_mask=mask, **kw)
+    # unpadded batches (and a mask of ones) still generate
+    both = h.generate(torch.cat([long_, long_]), attention_mask=torch.ones(2, 9, dtype=torch.long), **kw)
+    assert both[0].tolist() == both[1].tolist() == h.generate(long_, **kw)[0].tolist()
