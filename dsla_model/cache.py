@@ -58,6 +58,21 @@ class HybridCache(DynamicCache):
     def _map_states(self, fn):
         self._states = {i: (fn(s1), fn(s2)) for i, (s1, s2) in self._states.items()}
 
+    def crop(self, n: int) -> None:
+        """Cut the cache back as assisted decoding does after rejected draft tokens: n < 0 drops
+        -n tokens, n >= 0 keeps the first n (older transformers). A DSLA state has folded every
+        token in and cannot give one back, so a cache with DSLA layers refuses rather than go on
+        out of step."""
+        seq = self.get_seq_length()
+        keep = n if n >= 0 else seq + n
+        if keep >= seq:
+            return
+        if self.dsla_modules:
+            raise ValueError("a cache with DSLA layers cannot be cut back to fewer tokens (assisted / "
+                             "speculative decoding): their states hold every token seen")
+        super().crop(keep - seq)  # a negative count, which every transformers version takes
+        self._counts = [min(c, keep) for c in self._counts]
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return max(self._counts)
 

@@ -44,3 +44,18 @@ def test_left_padded_batch_with_dsla_layers_is_refused_not_computed_wrong():
     # unpadded batches (and a mask of ones) still generate
     both = h.generate(torch.cat([long_, long_]), attention_mask=torch.ones(2, 9, dtype=torch.long), **kw)
     assert both[0].tolist() == both[1].tolist() == h.generate(long_, **kw)[0].tolist()
+
+
+def test_assisted_decoding_with_dsla_layers_is_refused_and_without_matches_greedy():
+    """Assisted decoding cuts rejected draft tokens off the cache; DSLA states cannot give tokens
+    back (it failed with a tensor-size error). Without DSLA layers the cut must keep the cache's
+    length right, so assisted greedy equals plain greedy."""
+    import pytest
+
+    ids = _prompt(8, seed=3)
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
+    draft = tiny_model(seed=5)
+    with pytest.raises(ValueError, match="cut back"):
+        _hybrid(layers=(1, 3)).generate(ids, assistant_model=draft, **kw)
+    h = _hybrid()
+    assert h.generate(ids, assistant_model=draft, **kw).tolist() == h.generate(ids, **kw).tolist()
