@@ -42,6 +42,8 @@ def _sliding_window(mc) -> int | None:
     layers its layer_types mark), else None."""
     window = getattr(mc, "sliding_window", None)
     layer_types = getattr(mc, "layer_types", None)
+    if not getattr(mc, "use_sliding_window", True):  # Qwen2's switch (its window field is set regardless)
+        return None
     if window and (layer_types is None or "sliding_attention" in layer_types):
         return int(window)
     return None
