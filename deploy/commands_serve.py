@@ -38,26 +38,46 @@ def _config(args):
         return load_config(args.config, overrides)
     except OSError as e:  # missing, a directory, unreadable
         raise CLIError(str(e)) from None
-    except (ValidationError, ValueError) as e:
-        raise CLIError(f"invalid config: {e}") from None
+    except ValidationError as e:  # one line: each problem as "where: what"
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
+        raise CLIError(f"invalid config: {problems}") from None
+    except ValueError as e:  # YAML errors span several lines
+        raise CLIError(f"invalid config: {' '.join(str(e).split())}") from None
+
+
+def _check_model(cfg):
+    """Resolve the model before Ray starts: `build_app` reads its config in this process anyway,
+    and a bad --model then fails with one line instead of a traceback from inside a started Ray."""
+    from deploy.app import num_layers
+    from dsla_model.loading import ModelNotFoundError
+
+    try:
+        num_layers(cfg)
+    except (ModelNotFoundError, OSError, ValueError) as e:
+        raise CLIError(f"cannot load model {cfg.model!r}: {' '.join(str(e).split())}") from None
 
 
 def cmd_run(args) -> int:
     cfg = _config(args)
+    if not 0 < args.port < 65536:
+        raise CLIError(f"--port must be in 1..65535, got {args.port}")
+    if args.metrics_port is not None and not 0 <= args.metrics_port < 65536:  # 0: Ray picks one
+        raise CLIError(f"--metrics-port must be in 0..65535, got {args.metrics_port}")
+    _check_model(cfg)
     import ray
     from ray import serve
 
     from deploy.app import build_app
 
-    if not 0 < args.port < 65536:
-        raise CLIError(f"--port must be in 1..65535, got {args.port}")
     init = {"address": args.address} if args.address else {
         "include_dashboard": not args.no_dashboard, "dashboard_host": "127.0.0.1"}
     if args.metrics_port and not args.address:
         init["_metrics_export_port"] = args.metrics_port
-    # `docker stop`, systemd and CI send SIGTERM: shut Serve and Ray down as on Ctrl-C
-    signal.signal(signal.SIGTERM, _interrupt)
     info = ray.init(**init)
+    # `docker stop`, systemd and CI send SIGTERM: shut Serve and Ray down as on Ctrl-C. Set after
+    # ray.init, which installs its own SIGTERM handler (sys.exit, and the process then aborted in
+    # the middle of the shutdown, leaving Ray's agents running).
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         print(f"deploying {cfg.model} (store: {cfg.store_path() or 'none'}) ...", flush=True)
