@@ -1,5 +1,6 @@
-"""The model fingerprint that layer stores are checked against is the same whether the model is
-loaded in float32 (CPU) or bfloat16 (a GPU replica's `dtype: auto`)."""
+"""Model identity and lookup: the fingerprint layer stores are checked against is the same whether
+the model is loaded in float32 (CPU) or bfloat16 (a GPU replica's `dtype: auto`); a --model path
+that does not exist is named as such."""
 import copy
 
 import torch
@@ -29,3 +30,14 @@ def test_a_bfloat16_default_model_gets_the_shipped_store():
     layer = store.published_layers()[0]
     weights = store.load_layer(layer, fp)
     assert weights and all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_a_missing_model_directory_is_named_as_such(tmp_path):
+    import pytest
+
+    from dsla_model.loading import ModelNotFoundError, resolve_model
+
+    for spec in (str(tmp_path / "nope"), "./nope", "a/b/c"):
+        with pytest.raises(ModelNotFoundError, match="no such directory"):
+            resolve_model(spec)
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"  # a hub id passes
