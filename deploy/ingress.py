@@ -69,7 +69,8 @@ def parse(model_cls, body: bytes):
         loc = [str(x) for x in err["loc"]]
         param = loc[0] if loc else None
         where = ".".join(loc) or "body"
-        code = "missing_required_parameter" if err["type"] == "missing" else "invalid_type"
+        code = "missing_required_parameter" if err["type"] == "missing" else (
+            "invalid_type" if err["type"].endswith(("_type", "_parsing")) else "invalid_value")
         raise APIError(400, f"{where}: {err['msg']}", "invalid_request_error", param, code) from None
 
 

@@ -7,7 +7,7 @@ implement are refused when set, rather than silently ignored.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -51,7 +51,7 @@ class _Sampling(_Request):
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
     stop: Optional[Union[str, list[str]]] = None
-    stop_token_ids: Optional[list[int]] = None  # extension
+    stop_token_ids: Optional[list[Annotated[int, Field(ge=0)]]] = None  # extension
     ignore_eos: Optional[bool] = False  # extension
     seed: Optional[int] = Field(None, ge=-2**63, le=2**63 - 1)  # int64, as vLLM takes it
     presence_penalty: Optional[Union[float, int]] = Field(None, ge=-2, le=2)

@@ -63,6 +63,7 @@ def test_malformed_json(server, path, raw):
     ("/v1/completions", {**GOOD, "frequency_penalty": 1.0}, "frequency_penalty"),
     ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, "tools"),
     ("/v1/completions", {**GOOD, "stream_options": {"include_usage": True}}, "stream_options"),  # not streaming
+    ("/v1/completions", {**GOOD, "stop_token_ids": [5, -1]}, "stop_token_ids"),
     ("/v1/completions", {**GOOD, "seed": 2**63}, "seed"),  # seeds are int64, as in vLLM
     ("/v1/chat/completions", {**CHAT, "seed": -2**63 - 1}, "seed"),
 ])
@@ -131,3 +132,10 @@ def test_seeds_across_the_int64_range_sample_and_repeat(server, seed):
     assert [c["text"] for c in a.json()["choices"]] == [c["text"] for c in b.json()["choices"]]
     stream = post(server, "/v1/completions", {**body, "stream": True})
     assert stream.status_code == 200 and '"error"' not in stream.text and stream.text.rstrip().endswith("[DONE]")
+
+
+@pytest.mark.parametrize("body,code", [({**GOOD, "n": 0}, "invalid_value"), ({**GOOD, "max_tokens": "5"}, "invalid_type"),
+                                       ({"prompt": "x"}, "missing_required_parameter")])
+def test_error_codes_say_what_kind_of_problem(server, body, code):
+    r = post(server, "/v1/completions", body)
+    assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text
