@@ -85,8 +85,8 @@ def resolve_model(spec: str | None) -> str:
     if os.path.exists(spec):
         raise ModelNotFoundError(f"{spec} is a file; --model takes 'default', an HF model directory or a hub id")
     if spec.startswith((os.sep, ".", "~")) or spec.count("/") > 1:  # a path, not a hub id ('org/name')
-        raise ModelNotFoundError(f"{spec}: no such directory (--model takes 'default', an HF model directory "
-                                 "or a hub id)")
+        raise ModelNotFoundError(f"cannot load model {spec!r}: no such directory (--model takes 'default', an HF "
+                                 "model directory or a hub id)")
     return spec  # a hub id: from_pretrained fetches it where there is network
 
 
