@@ -17,6 +17,10 @@ from dsla_model.dsla_attention import DSLAAttention, DSLAConfig
 from dsla_model.loading import model_fingerprint
 
 
+# generate() arguments that turn on drafting (assisted / prompt-lookup decoding)
+_DRAFTING = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+
+
 class SwitchableAttention(nn.Module):
     def __init__(self, teacher: nn.Module, layer_idx: int):
         super().__init__()
@@ -137,6 +141,9 @@ class HybridModel(nn.Module):
         """HF `generate` with a hybrid cache pinned to the current configuration. A padded batch
         is refused while layers are DSLA: they do not read the attention mask, so the padding
         would flow into their states (the engine, `generate.generate_batch`, needs no padding)."""
+        if self.dsla_layers and any(kwargs.get(k) is not None for k in _DRAFTING):
+            raise ValueError("assisted / speculative decoding is not supported with DSLA layers: it cuts rejected "
+                             "draft tokens back off the cache, and a DSLA state cannot give tokens back")
         mask = kwargs.get("attention_mask")
         if self.dsla_layers and mask is not None and bool((mask == 0).any()):
             raise ValueError("padded batches are not supported with DSLA layers (their states would take in the "

@@ -6,8 +6,14 @@ import torch
 
 from deploy.cli import main as cli
 from dsla_model.hybrid import HybridModel
+from tests.conftest import skip_without_default_model
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _needs_the_default_model():
+    skip_without_default_model()  # every test here loads it (some through the CLI)
 
 
 def _run_cli(capsys, *argv):
