@@ -21,11 +21,8 @@ class _Letters:  # one letter per token: text positions are token positions
         return "".join(chr(65 + i % 26) for i in ids)
 
 
-class _Replicas:
-    """`llm` for `_job_stream`: each call a fresh engine; the first one is lost after `lose_after` events."""
-
-    def __init__(self, h, lose_after):
-        self.h, self.lose_after, self.calls = h, lose_after, []
+class _Handle:
+    """What `_job_stream` calls on its Serve handle: `llm.options(...).generate.remote(...)`."""
 
     def options(self, **kw):
         return self
@@ -33,6 +30,13 @@ class _Replicas:
     @property
     def generate(self):
         return self
+
+
+class _Replicas(_Handle):
+    """`llm` for `_job_stream`: each call a fresh engine; the first one is lost after `lose_after` events."""
+
+    def __init__(self, h, lose_after):
+        self.h, self.lose_after, self.calls = h, lose_after, []
 
     def remote(self, prompt_ids, params, request_id):
         self.calls.append((list(prompt_ids), dict(params)))
@@ -92,18 +96,11 @@ def test_resumed_stream_keeps_held_back_text_and_stops_across_replicas():
     assert evs[-1]["num_generated_tokens"] == 14
 
 
-class _DiesAfterFinish:
+class _DiesAfterFinish(_Handle):
     """`llm` whose replica sends a whole answer (finish included) and is lost before its stream ends."""
 
     def __init__(self, events):
         self.events, self.calls = events, 0
-
-    def options(self, **kw):
-        return self
-
-    @property
-    def generate(self):
-        return self
 
     def remote(self, prompt_ids, params, request_id):
         from ray.exceptions import RayActorError

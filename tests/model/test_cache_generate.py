@@ -1,16 +1,12 @@
 """HF `generate` strategies that rearrange or trim the cache, with DSLA layers in it."""
 import torch
 
-from dsla_model.hybrid import HybridModel
-from tests.conftest import randomize_dsla, tiny_model
+from tests.conftest import tiny_model
+from tests.engine.conftest import tiny_hybrid
 
 
-def _hybrid(kind="llama", layers=(), seed=0, **kw):
-    h = HybridModel(tiny_model(kind, seed=seed, **kw))
-    for i in layers:
-        h.convert(i)
-    randomize_dsla(h, seed)
-    return h
+def _hybrid(layers=()):
+    return tiny_hybrid(dsla_layers=layers)
 
 
 def _prompt(n, seed=0, vocab=256):
