@@ -138,9 +138,10 @@ class HybridModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, **kwargs):
-        """HF `generate` with a hybrid cache pinned to the current configuration. A padded batch
-        is refused while layers are DSLA: they do not read the attention mask, so the padding
-        would flow into their states (the engine, `generate.generate_batch`, needs no padding)."""
+        """HF `generate` with a hybrid cache pinned to the current configuration. While layers are
+        DSLA it refuses a padded batch (they do not read the attention mask, so the padding would
+        flow into their states; the engine, `generate.generate_batch`, needs no padding) and
+        assisted decoding (it cuts draft tokens back off the cache, which a state cannot undo)."""
         if self.dsla_layers and any(kwargs.get(k) is not None for k in _DRAFTING):
             raise ValueError("assisted / speculative decoding is not supported with DSLA layers: it cuts rejected "
                              "draft tokens back off the cache, and a DSLA state cannot give tokens back")
