@@ -32,7 +32,8 @@ def main(argv=None) -> int:
     try:
         return int(args.handler(args) or 0)
     except CLIError as e:
-        print(f"dsla-serve {args.command}: error: {e}", file=sys.stderr)
+        # one line whatever the message holds (YAML and loader errors span several)
+        print(f"dsla-serve {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -41,8 +41,8 @@ def _config(args):
     except ValidationError as e:  # one line: each problem as "where: what"
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
         raise CLIError(f"invalid config: {problems}") from None
-    except ValueError as e:  # YAML errors span several lines
-        raise CLIError(f"invalid config: {' '.join(str(e).split())}") from None
+    except ValueError as e:
+        raise CLIError(f"invalid config: {e}") from None
 
 
 def _check_model(cfg):
@@ -54,7 +54,7 @@ def _check_model(cfg):
     try:
         num_layers(cfg)
     except (ModelNotFoundError, OSError, ValueError) as e:
-        raise CLIError(f"cannot load model {cfg.model!r}: {' '.join(str(e).split())}") from None
+        raise CLIError(f"cannot load model {cfg.model!r}: {e}") from None
 
 
 def cmd_run(args) -> int:
