@@ -56,6 +56,11 @@ def paged_decode_torch(q, kv_pool, table, seq_lens, scale):
     k = blocks[:, :, 0].reshape(B, nb * bs, *blocks.shape[4:]).transpose(1, 2)
     v = blocks[:, :, 1].reshape(B, nb * bs, *blocks.shape[4:]).transpose(1, 2)
     valid = torch.arange(nb * bs, device=q.device)[None, :] < seq_lens[:, None]
+    # Table entries past a sequence's blocks point at the scratch block, which padded rows and the
+    # scratch state pair write garbage into (inf or NaN bit patterns too). SDPA adds the mask to the
+    # scores (NaN - inf is NaN) and weights the values (0 * inf is NaN): both must be zeros there.
+    pad = ~valid[:, None, :, None]
+    k, v = k.masked_fill(pad, 0), v.masked_fill(pad, 0)
     o = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=valid[:, None, None, :], scale=scale,
                                        enable_gqa=True)
     return o[:, :, 0]
