@@ -36,6 +36,7 @@ CONVERSIONS = (0.0, 0.25, 0.5, 0.75)
 STEPS, WARM, WINDOWS = 12, 3, 3
 
 
+NAME = "engine"  # the results' file stem (--state-dtype bfloat16: engine.bfloat16-states)
 DEV = "cuda"  # --cpu-smoke switches everything to a tiny model on the CPU (checks the script, not speed)
 
 
@@ -190,7 +191,7 @@ def gemv_breakdown(evs, layers, n_dsla):
     return {n: {"calls": c, "total": t} for n, (c, t) in out.items()}
 
 
-def profile_steps(eng, hyb, out, steps=5):
+def profile_steps(eng, hyb, out, steps=5, name="engine"):
     """Kernel time breakdown of decode steps at batch 4, 16K (graph replays), all-attention and 75%
     converted: per-kernel totals and the idle time between kernels (engine_profile.json/.txt)."""
     from torch.profiler import ProfilerActivity, profile
@@ -223,18 +224,18 @@ def profile_steps(eng, hyb, out, steps=5):
                   for n, v in (tl_["gemv_us"] or {}).items()]
     meta = {"card": torch.cuda.get_device_name(), "command": "python " + " ".join(sys.argv),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    json.dump(dict(meta, profile=res), open(os.path.join(out, "engine_profile.json"), "w"), indent=1)
-    open(os.path.join(out, "engine_profile.txt"), "w").write(
+    json.dump(dict(meta, profile=res), open(os.path.join(out, name + "_profile.json"), "w"), indent=1)
+    open(os.path.join(out, name + "_profile.txt"), "w").write(
         f"# {meta['card']}, {meta['date']}, `{meta['command']}`\nkernel | calls/step | us/step\n"
         + "\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 
 
-def step_bytes(weight_bytes, hyb, n_dsla, batch, ctx):
+def step_bytes(weight_bytes, hyb, n_dsla, batch, ctx, state_bytes=4):
     """What one decode step must move: every weight once, each attention layer's KV once,
-    each DSLA state pair read and written once."""
+    each DSLA state pair read and written once (state_bytes per state element)."""
     kv_per_token_layer = 2 * hyb.num_kv_heads * hyb.head_dim * 2
-    pair = 2 * hyb.num_kv_heads * hyb.head_dim ** 2 * 4
+    pair = 2 * hyb.num_kv_heads * hyb.head_dim ** 2 * state_bytes
     n_attn = hyb.num_layers - n_dsla
     return weight_bytes + batch * (n_attn * ctx * kv_per_token_layer + n_dsla * 2 * pair)
 
@@ -245,7 +246,7 @@ def run(args):
 
     res = {"card": torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke run)", "command": "python " + " ".join(sys.argv),
            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "torch": torch.__version__, "budget_bytes": BUDGET}
+           "torch": torch.__version__, "budget_bytes": BUDGET, "state_dtype": args.state_dtype}
     import transformers
     res["transformers"] = transformers.__version__
     try:
@@ -281,7 +282,8 @@ def run(args):
     res["weight_bytes"] = weight_bytes
     cache_budget = int(BUDGET - weight_bytes - RESERVE)
     eng = Engine(hyb, None, EngineConfig(max_running=64, max_batched_tokens=4096, max_model_len=max_len,
-                                         cache_memory_bytes=cache_budget))
+                                         cache_memory_bytes=cache_budget, state_dtype=args.state_dtype))
+    state_bytes = eng.pool.s1.element_size()
     eng.pool.kv.normal_()  # finite random KV everywhere (state pairs are zeroed when handed out)
     res["cache_budget_bytes"] = eng.pool.budget_bytes
     res["decode"], res["max_occupancy"] = [], []
@@ -303,7 +305,7 @@ def run(args):
                 res["decode"].append({"conversion": conv, "batch": batch, "context": ctx, "fits": False})
                 continue
             t = engine_step_time(eng, batch, ctx)
-            floor = step_bytes(read_bytes, hyb, n, batch, ctx) / bw
+            floor = step_bytes(read_bytes, hyb, n, batch, ctx, state_bytes) / bw
             res["decode"].append({"conversion": conv, "dsla_layers": n, "batch": batch, "context": ctx, "fits": True,
                                   "step_ms": t * 1e3, "tokens_per_s": batch / t, "floor_ms": floor * 1e3,
                                   "x_floor": t / floor})
@@ -313,7 +315,7 @@ def run(args):
         cap = min(eng.capacity(ctx + WARM + WINDOWS * STEPS + 2), 64)
         if cap >= 1 and occupancy:
             t = engine_step_time(eng, cap, ctx)
-            floor = step_bytes(read_bytes, hyb, n, cap, ctx) / bw
+            floor = step_bytes(read_bytes, hyb, n, cap, ctx, state_bytes) / bw
             res["max_occupancy"].append({"conversion": conv, "dsla_layers": n, "context": ctx, "seqs": cap,
                                          "step_ms": t * 1e3, "tokens_per_s": cap / t, "floor_ms": floor * 1e3,
                                          "swap_ms": swap_s * 1e3})
@@ -325,17 +327,17 @@ def run(args):
 
         res["gemv_choices"] = choices()
     if args.profile and DEV == "cuda":
-        profile_steps(eng, hyb, args.out)
+        profile_steps(eng, hyb, args.out, name=NAME)
     res["complete"] = True
     return res
 
 
 def save(res, out):
     if "decode" not in res:  # only the HF rows so far
-        return json.dump(res, open(os.path.join(out, "engine.json"), "w"), indent=1)
+        return json.dump(res, open(os.path.join(out, NAME + ".json"), "w"), indent=1)
     res["targets"] = targets(res)
-    json.dump(res, open(os.path.join(out, "engine.json"), "w"), indent=1)
-    write_md(res, os.path.join(out, "engine.md"))
+    json.dump(res, open(os.path.join(out, NAME + ".json"), "w"), indent=1)
+    write_md(res, os.path.join(out, NAME + ".md"))
 
 
 def _find(rows, **kw):
@@ -367,6 +369,7 @@ def write_md(res, path):
     L = [f"# Engine decode benchmark\n", f"Card: **{res['card']}**; {res['date']}; torch {res['torch']}, "
          f"transformers {res['transformers']}, triton {res['triton']}.  ",
          f"Command: `{res['command']}`.  ",
+         f"DSLA state pools: **{res.get('state_dtype', 'float32')}** (EngineConfig.state_dtype).  ",
          f"Llama-2-7B shape, random bf16 weights ({res['weight_bytes'] / 1e9:.2f} GB incl. all DSLA modules); "
          f"budget {res['budget_bytes'] / 1e9:.0f} GB = weights + {res['cache_budget_bytes'] / 1e9:.1f} GB cache pool "
          f"+ reserve. Copy bandwidth (read + write) {res['copy_bandwidth_Bps'] / 1e12:.2f} TB/s. "
@@ -434,7 +437,12 @@ def main():
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU: checks the script runs")
     ap.add_argument("--cpu-throughput", action="store_true",
                     help="default model on the CPU: 16 requests, engine vs HF generate one by one")
+    ap.add_argument("--state-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the DSLA state pools' dtype (EngineConfig.state_dtype); results go to "
+                         "engine.<dtype>-states.* unless float32")
     args = ap.parse_args()
+    global NAME
+    NAME = "engine" if args.state_dtype == "float32" else f"engine.{args.state_dtype}-states"
     if args.cpu_throughput:
         from bench.engine_cpu import cpu_throughput
 
@@ -444,14 +452,14 @@ def main():
         global DEV, BUDGET, RESERVE, CONTEXTS, BATCHES, STEPS
         DEV, BUDGET, RESERVE, CONTEXTS, BATCHES, STEPS = "cpu", 40e6, 0, (64, 128, 256), (1, 4, 16), 3
     os.makedirs(args.out, exist_ok=True)
-    jpath = os.path.join(args.out, "engine.json")
+    jpath = os.path.join(args.out, NAME + ".json")
     if not args.plot_only:
         res = run(args)
         save(res, args.out)
         print(json.dumps(res["targets"], indent=1))
     res = json.load(open(jpath))
     try:
-        plot(res, os.path.join(args.out, "engine.png"))
+        plot(res, os.path.join(args.out, NAME + ".png"))
     except ImportError:
         print("matplotlib missing: run with --plot-only where it is installed")
 

@@ -34,6 +34,15 @@ def decode_rows(B, bw, fla, rows, eager=False):
                      TBps=bytes_ / ms / 1e9, floor_ms=bytes_ / bw / 1e9, pct_of_copy=100 * bytes_ / ms / 1e9 / bw,
                      graph_copies=copies))
     print(rows[-1], flush=True)
+    # bf16 state pools (EngineConfig.state_dtype): half the state bytes, same math in fp32
+    b16 = [(*s[:5], s[5].bfloat16(), s[6].bfloat16(), s[7]) for s in sets]
+    bytes16 = state_bytes + io_bytes
+    ms = graph_ms([lambda s=s: dsla_decode_fused(*s[:5], w, *s[5:]) for s in b16])
+    rows.append(dict(op="decode", impl="dsla fused, bf16 state pools", B=B, ms=ms, bytes=bytes16,
+                     TBps=bytes16 / ms / 1e9, floor_ms=bytes16 / bw / 1e9, pct_of_copy=100 * bytes16 / ms / 1e9 / bw,
+                     graph_copies=copies))
+    print(rows[-1], flush=True)
+    del b16
     if eager:  # one launch at a time from Python, no graph: what an uncaptured engine sees
         s0 = sets[0]
         ms = bench_ms(lambda: dsla_decode_fused(*s0[:5], w, *s0[5:]))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -29,6 +29,7 @@ class EngineSettings(_Strict):
     max_model_len: Optional[int] = Field(None, ge=2)
     cache_memory_bytes: Optional[int] = Field(None, ge=1)
     use_cuda_graphs: bool = True
+    state_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 class AutoscalingSettings(_Strict):

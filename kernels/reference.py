@@ -25,6 +25,10 @@ from __future__ import annotations
 
 import torch
 
+# What a slot pool may hold. bf16 halves the state traffic of a decode step; each state is then
+# rounded to bf16 once per token (the update itself and the output run in fp32).
+STATE_DTYPES = (torch.float32, torch.bfloat16)
+
 
 def _check(q, k, v, g1, g2):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -139,14 +143,17 @@ def dsla_step(q, k, v, g1, g2, w, s1, s2, scale=None):
 def dsla_step_slots(q, k, v, g1, g2, w, s1_pool, s2_pool, slots, scale=None):
     """One decode step over a slot pool, updating the pools in place.
 
-    q [B,Hq,Dk], k/g [B,Hkv,Dk], v [B,Hkv,Dv]; pools [num_slots,Hkv,Dk,Dv] fp32;
-    slots [B] int64 distinct slot indices. Returns o [B,Hq,Dv].
+    q [B,Hq,Dk], k/g [B,Hkv,Dk], v [B,Hkv,Dv]; pools [num_slots,Hkv,Dk,Dv] in one of
+    STATE_DTYPES; slots [B] int64 distinct slot indices. Returns o [B,Hq,Dv] (from the fp32
+    states, before they are rounded to the pools' dtype).
     """
+    if s1_pool.dtype not in STATE_DTYPES or s2_pool.dtype != s1_pool.dtype:
+        raise ValueError(f"state pools must both be one of {STATE_DTYPES}, got {s1_pool.dtype} / {s2_pool.dtype}")
     s1 = s1_pool.index_select(0, slots)
     s2 = s2_pool.index_select(0, slots)
     o, s1, s2 = dsla_recurrent(q[:, None], k[:, None], v[:, None], g1[:, None], g2[:, None], w, s1, s2, scale)
-    s1_pool.index_copy_(0, slots, s1)
-    s2_pool.index_copy_(0, slots, s2)
+    s1_pool.index_copy_(0, slots, s1.to(s1_pool.dtype))
+    s2_pool.index_copy_(0, slots, s2.to(s2_pool.dtype))
     return o[:, 0]
 
 
@@ -200,7 +207,7 @@ def dsla_decode_step(qkv, t, up1, up2, cos, sin, w, head_scale, s1_pool, s2_pool
 
     qkv [B, Hq*Dk + Hkv*Dk + Hkv*Dv]: the q, k, v projections side by side; t [B, 2R]: both
     gates' low-rank codes (down projections); up1, up2: (up weight [Hkv*Dk, R], bias [Hkv*Dk]);
-    cos, sin [B, Dk]; w [2]; head_scale [Hq]; fp32 pools [num_slots, Hkv, Dk, Dv], updated in
+    cos, sin [B, Dk]; w [2]; head_scale [Hq]; pools [num_slots, Hkv, Dk, Dv] (STATE_DTYPES), updated in
     place at slots [B] (distinct). Returns o [B, Hq, Dv] in qkv's dtype: the step's output
     rounded to that dtype, times the head scales in fp32, rounded again."""
     B, Hq, Hkv, Dk, Dv, R = decode_step_dims(qkv, t, up1, up2, cos, sin, head_scale, s1_pool, s2_pool,

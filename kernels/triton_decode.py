@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from kernels import triton_alloc
+from kernels.reference import STATE_DTYPES
 
 
 @triton.jit
@@ -39,10 +40,11 @@ def _step_states(s1, s2, st, mst, S1, S2, kk, vv, a1, a2, w, scale):
     state scaled for the output. Shared with triton_decode_step.py so that both kernels do the
     same operations in the same order: that kernel must match this one bit for bit."""
     kv = kk[:, None] * vv[None, :]
-    S1 = S1 * a1[:, None] + kv
-    S2 = S2 * a2[:, None] + kv
-    tl.store(s1 + st, S1, mask=mst)
-    tl.store(s2 + st, S2, mask=mst)
+    S1 = S1.to(tl.float32) * a1[:, None] + kv
+    S2 = S2.to(tl.float32) * a2[:, None] + kv
+    # A bf16 pool holds each state rounded once per step; the update and the output use fp32.
+    tl.store(s1 + st, S1.to(s1.dtype.element_ty), mask=mst)
+    tl.store(s2 + st, S2.to(s2.dtype.element_ty), mask=mst)
     # Mixing before the product with q: one reduction per query head, not two.
     return (tl.load(w) * S1 + tl.load(w + 1) * S2) * scale
 
@@ -66,8 +68,16 @@ def _decode_kernel(q, k, v, g1, g2, w, s1, s2, slots, o, scale,
         tl.store(o + (ib * Hkv * G + hq) * Dv + dv, out.to(o.dtype.element_ty), mask=mv)
 
 
+def check_state_pools(s1_pool, s2_pool):
+    """Slot pools are contiguous, of one shape, and fp32 or bf16 (STATE_DTYPES)."""
+    if s1_pool.dtype not in STATE_DTYPES or s2_pool.dtype != s1_pool.dtype:
+        raise ValueError(f"state pools must both be one of {STATE_DTYPES}, got {s1_pool.dtype} / {s2_pool.dtype}")
+    if not (s1_pool.is_contiguous() and s2_pool.is_contiguous()) or s1_pool.shape != s2_pool.shape:
+        raise ValueError("state pools must be contiguous and of one shape")
+
+
 def dsla_decode_fused(q, k, v, g1, g2, w, s1_pool, s2_pool, slots, scale=None):
-    """One token per sequence over fp32 slot pools [num_slots, Hkv, Dk, Dv], updated in place.
+    """One token per sequence over slot pools [num_slots, Hkv, Dk, Dv] (fp32 or bf16), updated in place.
 
     q [B,Hq,Dk], k/g1/g2 [B,Hkv,Dk], v [B,Hkv,Dv], w [2], slots [B] (distinct). Returns o [B,Hq,Dv].
     """
@@ -75,9 +85,9 @@ def dsla_decode_fused(q, k, v, g1, g2, w, s1_pool, s2_pool, slots, scale=None):
     Hkv, Dv = k.shape[1], v.shape[2]
     if Hq % Hkv:
         raise ValueError(f"query heads {Hq} must be a multiple of kv heads {Hkv}")
-    for p in (s1_pool, s2_pool):
-        if p.dtype != torch.float32 or not p.is_contiguous() or tuple(p.shape[1:]) != (Hkv, Dk, Dv):
-            raise ValueError("state pools must be contiguous fp32 [num_slots, Hkv, Dk, Dv]")
+    check_state_pools(s1_pool, s2_pool)
+    if tuple(s1_pool.shape[1:]) != (Hkv, Dk, Dv):
+        raise ValueError(f"state pools must be [num_slots, {Hkv}, {Dk}, {Dv}], got {tuple(s1_pool.shape)}")
     scale = Dk ** -0.5 if scale is None else float(scale)
     o = triton_alloc.empty(B, Hq, Dv, dtype=q.dtype, device=q.device)
     if B == 0:

@@ -25,7 +25,7 @@ projections sum in another order.
 
 Layouts: qkv [B, Hq*Dk + Hkv*Dk + Hkv*Dv] (q, k, v side by side; unit stride along a row);
 t [B, 2R] (both gates' low-rank codes); up weights [Hkv*Dk, R] and biases [Hkv*Dk]; cos, sin
-[B, Dk]; head_scale [Hq]; fp32 slot pools [num_slots, Hkv, Dk, Dv], updated in place.
+[B, Dk]; head_scale [Hq]; fp32 or bf16 slot pools [num_slots, Hkv, Dk, Dv], updated in place.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ import triton.language as tl
 
 from kernels import triton_alloc
 from kernels.reference import decode_step_dims
-from kernels.triton_decode import _state_tile, _step_states
+from kernels.triton_decode import _state_tile, _step_states, check_state_pools
 
 
 @triton.jit
@@ -131,8 +131,7 @@ def dsla_decode_step_fused(qkv, t, up1, up2, cos, sin, w, head_scale, s1_pool, s
         raise ValueError("qkv, t, cos and sin need unit stride along a row (cos and sin alike)")
     if not all(x.is_contiguous() for x in (*up1, *up2, head_scale)):
         raise ValueError("the up weights, biases and head scales must be contiguous")
-    if any(p.dtype != torch.float32 or not p.is_contiguous() for p in (s1_pool, s2_pool)):
-        raise ValueError("state pools must be contiguous fp32")
+    check_state_pools(s1_pool, s2_pool)
     scale = Dk ** -0.5 if scale is None else float(scale)
     o = triton_alloc.empty(B, Hq, Dv, dtype=qkv.dtype, device=qkv.device)
     if B == 0:

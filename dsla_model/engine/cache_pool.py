@@ -3,7 +3,8 @@
 The budget is a single byte buffer seen two ways:
   - KV blocks  [num_blocks, 2 (k, v), block_size, Hkv, D] in the model dtype: one
     block holds `block_size` tokens of one attention layer;
-  - DSLA states [2 * num_groups, Hkv, Dk, Dv] fp32: a *state pair* (the history and
+  - DSLA states [2 * num_groups, Hkv, Dk, Dv] in `state_dtype` (fp32, or bf16 for half the
+    decode-step traffic): a *state pair* (the history and
     the recency state of one DSLA layer of one sequence) fills one group of
     `blocks_per_pair` consecutive KV blocks exactly.
 Because both live in the same bytes, converting a layer frees KV blocks that new
@@ -27,9 +28,10 @@ import torch
 
 class CachePool:
     def __init__(self, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device, budget_bytes: int,
-                 block_size: int = 16):
+                 block_size: int = 16, state_dtype: torch.dtype = torch.float32):
         es = torch.empty((), dtype=dtype).element_size()
-        self.state_bytes = num_kv_heads * head_dim * head_dim * 4
+        self.state_dtype = state_dtype
+        self.state_bytes = num_kv_heads * head_dim * head_dim * torch.empty((), dtype=state_dtype).element_size()
         pair_bytes = 2 * self.state_bytes
         bs = block_size
         while bs > 1 and pair_bytes % (2 * bs * num_kv_heads * head_dim * es):
@@ -46,7 +48,7 @@ class CachePool:
         self.budget_bytes = G * pair_bytes
         storage = torch.zeros(self.budget_bytes, dtype=torch.uint8, device=device)
         self.kv = storage.view(dtype).view(self.num_blocks, 2, bs, num_kv_heads, head_dim)
-        states = storage.view(torch.float32).view(2 * G, num_kv_heads, head_dim, head_dim)
+        states = storage.view(state_dtype).view(2 * G, num_kv_heads, head_dim, head_dim)
         self.s1 = states[0:2 * G - 1]
         self.s2 = states[1:2 * G]
         self._free = np.ones(self.num_blocks, dtype=bool)

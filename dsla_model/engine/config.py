@@ -3,8 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 MAX_DEFAULT_MODEL_LEN = 8192
 CPU_DEFAULT_CACHE_BYTES = 512 * 2**20
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 GPU_CACHE_FRACTION = 0.85  # of the memory free after the model loaded; the rest is activations / graphs
 
 
@@ -16,6 +19,10 @@ class EngineConfig:
     cache_memory_bytes: int | None = None  # None: 512 MiB on CPU, a fraction of free memory on CUDA
     use_cuda_graphs: bool = True
     block_size: int = 16  # tokens per KV block (reduced if the state size is not a multiple)
+    # How the DSLA state pools store each state between steps. "bfloat16" halves the bytes a
+    # DSLA layer's decode step moves (the update still runs in fp32; each state is rounded once
+    # per token), as vLLM's mamba_ssm_cache_dtype does for SSM states.
+    state_dtype: str = "float32"
 
     def validate(self):
         if self.max_running < 1:
@@ -27,5 +34,7 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.cache_memory_bytes is not None and self.cache_memory_bytes <= 0:
             raise ValueError(f"cache_memory_bytes must be > 0, got {self.cache_memory_bytes}")
+        if self.state_dtype not in STATE_DTYPES:
+            raise ValueError(f"state_dtype must be one of {sorted(STATE_DTYPES)}, got {self.state_dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")

@@ -125,8 +125,11 @@ class ModelRunner:
             for i in pre:
                 a, n, s = firsts[i], items[i].n, int(items[i].req.cache.slots[layer])
                 sl = slice(a, a + n)
+                # fp32 copies of the pooled states (a bf16 pool is widened; the final states are
+                # rounded back by copy_)
                 o[:, sl], s1, s2 = dsla_prefill(q[:, sl], k[:, sl], v[:, sl], g1[:, sl], g2[:, sl], w,
-                                                self.pool.s1[s:s + 1].clone(), self.pool.s2[s:s + 1].clone(),
+                                                self.pool.s1[s:s + 1].to(torch.float32, copy=True),
+                                                self.pool.s2[s:s + 1].to(torch.float32, copy=True),
                                                 scale=scale, chunk_size=mod.cfg.chunk_size)
                 self.pool.s1[s].copy_(s1[0])
                 self.pool.s2[s].copy_(s2[0])

@@ -27,7 +27,7 @@ def poison(monkeypatch):
     monkeypatch.setattr(triton_alloc, "POISON", True)
 
 
-def _case(B, Hq, Hkv, Dk, Dv, R, dtype, seed, slots, floor=FLOOR):
+def _case(B, Hq, Hkv, Dk, Dv, R, dtype, seed, slots, floor=FLOOR, state_dtype=torch.float32):
     """Arguments of dsla_decode_step as the runner passes them: qkv and the gate codes are two
     column ranges of one GEMV output (rows not contiguous), pools larger than the batch."""
     g = torch.Generator().manual_seed(seed)
@@ -41,8 +41,8 @@ def _case(B, Hq, Hkv, Dk, Dv, R, dtype, seed, slots, floor=FLOOR):
     up2 = ((r(Hkv * Dk, R) * 1.5).to(dtype), (r(Hkv * Dk) * 2 - 2).to(dtype))
     w = torch.softmax(r(2), 0)
     head_scale = (r(Hq) * 0.5).exp().to(dtype)
-    p1 = r(max(slots) + 3, Hkv, Dk, Dv)
-    p2 = r(max(slots) + 3, Hkv, Dk, Dv)
+    p1 = r(max(slots) + 3, Hkv, Dk, Dv).to(state_dtype)
+    p2 = r(max(slots) + 3, Hkv, Dk, Dv).to(state_dtype)
     dev = lambda x: x.to(DEV)  # noqa: E731
     return dict(qkv=dev(y[:, :n]), t=dev(y[:, n:n + 2 * R]), up1=tuple(map(dev, up1)), up2=tuple(map(dev, up2)),
                 cos=dev(cos), sin=dev(sin), w=dev(w), head_scale=dev(head_scale), s1_pool=dev(p1),
@@ -67,11 +67,12 @@ def _rel(a, b):
 SHAPES = [(1, 2, 2, 16, 16, 4, [3]), (3, 6, 2, 16, 48, 8, [4, 0, 2]), (2, 4, 1, 32, 32, 16, [6, 1])]
 
 
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_decode_step_matches_reference(dtype, shape):
+def test_decode_step_matches_reference(dtype, shape, state_dtype):
     *dims, slots = shape
-    a = _case(*dims, dtype, seed=sum(dims), slots=slots)
+    a = _case(*dims, dtype, seed=sum(dims), slots=slots, state_dtype=state_dtype)
     r = _cpu(a)
     before = a["s1_pool"].cpu().clone(), a["s2_pool"].cpu().clone()
     o_ref = ref.dsla_decode_step(**r)
@@ -81,6 +82,8 @@ def test_decode_step_matches_reference(dtype, shape):
     # reference, but Triton's interpreter rounds toward zero where the GPU and torch round to
     # nearest: one bf16 step (2^-8) apart there, far less when compiled
     o_tol, s_tol = (2e-5, 2e-5) if dtype == torch.float32 else (1e-2, 2e-4) if CUDA else (2e-2, 1e-2)
+    if state_dtype == torch.bfloat16:  # both round the same fp32 states: an ulp apart at most (ties; and
+        s_tol = max(s_tol, 2e-3 if CUDA else 8e-3)  # the interpreter rounds toward zero, often)
     assert _rel(o.cpu(), o_ref) < o_tol
     for got, want, old in zip((a["s1_pool"], a["s2_pool"]), (r["s1_pool"], r["s2_pool"]), before):
         got = got.cpu()
@@ -88,6 +91,30 @@ def test_decode_step_matches_reference(dtype, shape):
         assert _rel(got[slots], old[slots]) > 1e-2  # the step did change them
         others = [i for i in range(len(old)) if i not in slots]
         assert torch.equal(got[others], old[others])  # bit for bit: slots outside the batch untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bf16_state_pools_track_fp32_pools(dtype):
+    """Eight consecutive steps over bf16 pools stay within bf16 rounding of the same steps over
+    fp32 pools (the update runs in fp32 either way; only the stored states are rounded)."""
+    B, Hq, Hkv, D, R, slots = 3, 4, 2, 32, 8, [5, 0, 2]
+    runs = {}
+    for sd in (torch.float32, torch.bfloat16):
+        a = _case(B, Hq, Hkv, D, D, R, dtype, seed=21, slots=slots, state_dtype=sd)
+        a["s1_pool"] = a["s1_pool"].float().to(sd)  # both start from the same (bf16-representable) states
+        a["s2_pool"] = a["s2_pool"].float().to(sd)
+        if sd == torch.float32:
+            a["s1_pool"], a["s2_pool"] = (p.to(torch.bfloat16).float() for p in (a["s1_pool"], a["s2_pool"]))
+        outs = []
+        for step in range(8):
+            b = _case(B, Hq, Hkv, D, D, R, dtype, seed=100 + step, slots=slots)
+            b["s1_pool"], b["s2_pool"] = a["s1_pool"], a["s2_pool"]
+            outs.append(dsla_decode_step_fused(**b).float().cpu())
+        runs[sd] = torch.stack(outs), a["s1_pool"].float().cpu()
+    (o32, s32), (o16, s16) = runs[torch.float32], runs[torch.bfloat16]
+    tol = 8e-3 if CUDA else 3e-2  # the interpreter rounds toward zero: its errors add up instead of cancelling
+    assert _rel(o16, o32) < tol and _rel(s16, s32) < tol
+    assert _rel(s16, s32) > 0  # the bf16 pools did round: the two runs are not the same computation
 
 
 def test_decode_step_gate_floor_and_consecutive_steps():

@@ -1,0 +1,69 @@
+"""bf16 DSLA state pools (EngineConfig.state_dtype): the pools really hold bf16, a state pair takes
+half the bytes, and a staggered batch still gives each request the tokens it gets alone."""
+import pytest
+import torch
+
+from dsla_model.engine import Engine, EngineConfig, SamplingParams
+from tests.engine.conftest import pipelined, random_prompts, tiny_hybrid
+from tests.engine.test_exactness import run_staggered
+
+
+def _engine(h, state_dtype, **kw):
+    kw.setdefault("cache_memory_bytes", 4 << 20)
+    return Engine(h, None, EngineConfig(state_dtype=state_dtype, **kw))
+
+
+def test_bf16_pools_halve_a_state_pair():
+    h = tiny_hybrid(dsla_layers=(0, 1, 2, 3))
+    e32, e16 = _engine(h, "float32"), _engine(h, "bfloat16")
+    assert e16.pool.s1.dtype == torch.bfloat16 and e32.pool.s1.dtype == torch.float32
+    assert e16.pool.state_bytes * 2 == e32.pool.state_bytes
+    # all layers DSLA: a sequence is only its state pairs, so twice as many fit
+    assert e16.capacity(64) >= 2 * e32.capacity(64) - 1
+
+
+@pytest.mark.parametrize("pipe", [False, True], ids=["plain", "pipelined"])
+def test_staggered_greedy_requests_match_alone_with_bf16_states(pipe):
+    """Prefill pieces are the same as alone (the token budget fits every prompt whole), so the only
+    rounding points of the states are the same ones: one per stored state. Alone runs take the same
+    decode path (plain or pipelined): the two paths agree to fp32 rounding, and a bf16 state can
+    round that difference up to one of its ulps."""
+    h = tiny_hybrid(dsla_layers=(0, 2))
+    prompts = random_prompts(12, 256, lo=2, hi=60, seed=4)
+    params = [SamplingParams(max_tokens=5 + (i * 5) % 13, temperature=0) for i in range(12)]
+    arrivals = [(i * 3) % 7 for i in range(12)]
+    eng = _engine(h, "bfloat16", max_running=5, max_batched_tokens=1024)
+    if pipe:
+        pipelined(eng)
+    got = run_staggered(eng, prompts, params, arrivals)
+    assert not pipe or eng.chained_steps
+    agree32 = 0
+    for p, sp, g in zip(prompts, params, got):
+        alone = _engine(h, "bfloat16")
+        assert g == (pipelined(alone) if pipe else alone).generate([p], sp)[0]
+        agree32 += g == _engine(h, "float32").generate([p], sp)[0]
+    assert agree32 >= 6  # a random tiny model's near-ties may flip, but most answers are the fp32 ones
+    assert eng.pool.num_free == eng.pool.usable_blocks
+
+
+def test_bf16_decode_logits_are_close_to_fp32_but_rounded():
+    """The same request's logits over 12 decode steps: within bf16 state rounding of the fp32 pools',
+    and not equal to them (the pools did round)."""
+    h = tiny_hybrid(dsla_layers=(0, 1, 3))
+    prompt = random_prompts(1, 256, lo=30, hi=31, seed=7)[0]
+    logits = {}
+    for sd in ("float32", "bfloat16"):
+        eng = _engine(h, sd)
+        seen = []
+        orig = eng.runner.forward_pieces
+
+        def spy(*a, **k):
+            out = orig(*a, **k)
+            seen.append(out.clone())
+            return out
+        eng.runner.forward_pieces = spy
+        eng.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+        logits[sd] = torch.cat(seen)
+    a, b = logits["float32"], logits["bfloat16"]
+    rel = ((a - b).norm() / a.norm()).item()
+    assert 0 < rel < 2e-2
