@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Optional
 
 log = logging.getLogger("ray.serve")
+
+# A layer that failed to load (a read error, a file caught mid-copy) is tried again after this
+# long even if nothing new is published; a bad file is then logged once, not at every poll.
+RETRY_S = 30.0
 
 
 class PreloadedLayers:
@@ -29,6 +34,7 @@ class PreloadedLayers:
         self.order: list[int] = []  # loaded layers, in the store's order
         self.store_version = 0
         self.errors: dict[int, str] = {}
+        self._retry_at = 0.0  # monotonic time of the next retry of the layers in errors
         self._lock = threading.Lock()  # refresh runs in a worker thread
 
     def dsla_config(self):
@@ -52,9 +58,11 @@ class PreloadedLayers:
             except (LayerStoreError, OSError) as e:  # mid-rewrite on a filesystem without atomic rename
                 log.warning("layer store unreadable for now: %s", e)
                 return []
-            if int(manifest["version"]) == self.store_version:
+            retry = bool(self.errors) and time.monotonic() >= self._retry_at
+            if int(manifest["version"]) == self.store_version and not retry:
                 return []
             entries = sorted(manifest["layers"].items(), key=lambda kv: kv[1]["position"])
+            self.errors = {i: e for i, e in self.errors.items() if str(i) in manifest["layers"]}
             loaded = []
             for key, entry in entries:
                 layer = int(key)
@@ -63,14 +71,16 @@ class PreloadedLayers:
                 try:
                     self.weights[layer] = self.store.load_layer(layer, self.fingerprint)
                 except (LayerStoreError, OSError) as e:
+                    if self.errors.get(layer) != str(e):
+                        log.error("layer %d not loaded (retried every %.0f s): %s", layer, RETRY_S, e)
                     self.errors[layer] = str(e)
-                    log.error("layer %d not loaded: %s", layer, e)
                     continue
                 self.versions[layer] = entry["version"]
                 self.errors.pop(layer, None)
                 loaded.append(layer)
             self.order = [int(k) for k, _ in entries if int(k) in self.weights]
             self.store_version = int(manifest["version"])
+            self._retry_at = time.monotonic() + RETRY_S
         if loaded:
             log.info("preloaded layers %s (store version %d)", loaded, self.store_version)
         return loaded

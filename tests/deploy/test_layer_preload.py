@@ -52,6 +52,29 @@ def test_a_corrupt_layer_is_refused_and_never_offered(setup):
     assert 1 in pre.errors and pre.usable([3, 1]) == [3]
 
 
+def test_a_layer_that_failed_to_load_is_retried_without_a_new_publish(setup, monkeypatch):
+    """A transient failure (here: the file missing for a while) used to wait for the next publish."""
+    import deploy.layer_preload as lp
+
+    hybrid, store = setup
+    publish(hybrid, store, 3)
+    entry = publish(hybrid, store, 1)
+    path = store.path / entry["file"]
+    hidden = path.with_suffix(".away")
+    path.rename(hidden)
+    clock = [100.0]
+    monkeypatch.setattr(lp.time, "monotonic", lambda: clock[0])
+    pre = PreloadedLayers(str(store.path), hybrid.fingerprint)
+    assert pre.refresh() == [3] and 1 in pre.errors
+    hidden.rename(path)
+    assert pre.refresh() == []  # not yet: retries wait RETRY_S
+    clock[0] += lp.RETRY_S
+    assert pre.refresh() == [1]
+    assert not pre.errors and pre.order == [3, 1] and pre.usable([3, 1]) == [3, 1]
+    clock[0] += 2 * lp.RETRY_S
+    assert pre.refresh() == []  # nothing failed: nothing re-read
+
+
 def test_another_models_store_is_refused(setup):
     hybrid, store = setup
     publish(hybrid, store, 3)
