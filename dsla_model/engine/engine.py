@@ -275,10 +275,14 @@ class Engine:
         bad = [i for i in wanted if not 0 <= i < self.hybrid.num_layers]
         if bad:
             raise ValueError(f"layers {bad} out of range 0..{self.hybrid.num_layers - 1}")
-        layer_weights = layer_weights or {}
+        # Every new module is built (and its weights checked) before any layer switches: a bad
+        # one leaves the model as it was.
+        modules = {i: self.hybrid.new_dsla_module(i, w) for i, w in (layer_weights or {}).items() if i in wanted}
         for i in range(self.hybrid.num_layers):
             if i in wanted:
-                self.hybrid.convert(i, layer_weights.get(i))
+                if i in modules:
+                    self.hybrid.install(i, modules[i])
+                self.hybrid.convert(i)
             else:
                 self.hybrid.revert(i)
         new = LayerConfig.snapshot(self.hybrid, next(self._conf_ids), store_version)

@@ -92,3 +92,21 @@ def test_admission_is_by_memory_and_frees_on_finish():
     # converting every layer shrinks a 200-token sequence's cache: more fit
     eng.set_conversion([0, 1, 2, 3])
     assert eng.capacity(200) > cap
+
+
+def test_a_bad_layer_in_a_swap_changes_nothing():
+    """set_conversion with weights that do not fit one layer used to switch the layers before it
+    and fail there, leaving the model half-converted for the next swap and for direct callers."""
+    h = tiny_hybrid(dsla_layers=())
+    eng = Engine(h, None, EngineConfig(cache_memory_bytes=4 << 20))
+    eng.set_conversion([1, 3])
+    conf, swaps = eng.conf, eng.swaps
+    mod1 = h.attention(1).dsla
+    good = h.new_dsla_module(0).state_dict()
+    with pytest.raises(ValueError, match="layer 2"):
+        eng.set_conversion([0, 1, 2], layer_weights={0: good, 2: {"no_such_weight": torch.zeros(1)}})
+    assert h.dsla_layers == [1, 3] and h.attention(1).dsla is mod1 and h.attention(0).dsla is None
+    assert eng.conf is conf and eng.swaps == swaps
+    p = random_prompts(1, 256, seed=9)[0]
+    sp = SamplingParams(max_tokens=6, temperature=0)
+    assert eng.generate([p], sp)[0] == generate_ids(h, p, 6, 0.0)
