@@ -27,16 +27,23 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 TEXTS = ("/usr/share/common-licenses/GPL-3", "/usr/share/common-licenses/Apache-2.0")
-WEIGHTS = STATES = ("float32", "bfloat16")
+WEIGHTS = ("float32", "bfloat16")
+STATES = ("float32", "bfloat16", "bfloat16-recency")
 
 
-def rounding_cache(hybrid, state_dtype):
-    """A HybridCache that stores each DSLA state as a `state_dtype` pool would."""
+def _bf16(s):
+    return s.to(torch.bfloat16).float()
+
+
+def rounding_cache(hybrid, states):
+    """A HybridCache that stores each DSLA state as a pool of `states` would: "float32", "bfloat16"
+    (both states rounded), or "bfloat16-recency" (only the fast-decaying recency state)."""
     cache = hybrid.new_cache()
-    if state_dtype == "bfloat16":
-        put = cache.set_dsla_state
-        cache.set_dsla_state = lambda i, s1, s2, n: put(i, s1.to(torch.bfloat16).float(),
-                                                         s2.to(torch.bfloat16).float(), n)
+    put = cache.set_dsla_state
+    if states == "bfloat16":
+        cache.set_dsla_state = lambda i, s1, s2, n: put(i, _bf16(s1), _bf16(s2), n)
+    elif states == "bfloat16-recency":
+        cache.set_dsla_state = lambda i, s1, s2, n: put(i, s1, _bf16(s2), n)
     return cache
 
 
@@ -64,6 +71,8 @@ def main():
     ap.add_argument("--conversion", type=float, default=0.75)
     ap.add_argument("--tokens", type=int, default=2048, help="tokens per text (prefill + decode)")
     ap.add_argument("--prefill", type=int, default=64)
+    ap.add_argument("--weights", default=",".join(WEIGHTS))
+    ap.add_argument("--states", default=",".join(STATES))
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     from dsla_model.hybrid import HybridModel
@@ -86,12 +95,15 @@ def main():
            "torch": torch.__version__, "dsla_layers": sorted(order[:n]), "conversion": n / len(order),
            "tokens_per_text": args.tokens, "prefill": args.prefill, "texts": [p for p, _ in texts], "runs": []}
     lps = {}
-    for wdt in WEIGHTS:
+    weights, states = args.weights.split(","), args.states.split(",")
+    if weights[0] != "float32" or states[0] != "float32":
+        sys.exit("the first of --weights and of --states must be float32: the others are scored against it")
+    for wdt in weights:
         if wdt != "float32":
             model, _, _ = load_model("default", dtype=getattr(torch, wdt))
         hybrid = HybridModel(model)
         store.apply(hybrid, order[:n])
-        for sdt in STATES:
+        for sdt in states:
             t0 = time.time()
             lps[wdt, sdt] = [teacher_forced_logprobs(hybrid, ids, args.prefill, sdt) for _, ids in texts]
             print(f"weights {wdt}, states {sdt}: {time.time() - t0:.0f} s", flush=True)
