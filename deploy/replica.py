@@ -38,6 +38,24 @@ def _event(ev) -> dict:
             "num_generated_tokens": ev.num_generated_tokens}
 
 
+def refresh_layers(layers: PreloadedLayers, hybrid) -> list[int]:
+    """Preload what the store published since the last call, and build new DSLA modules with the
+    store's settings: a replica that started before its store existed (a fresh --layers-dir with
+    a distillation worker) built its model with the defaults, and the worker's layers would not
+    fit them."""
+    from dsla_model.layer_store import LayerStoreError
+
+    loaded = layers.refresh()
+    try:
+        cfg = layers.dsla_config()
+    except (LayerStoreError, OSError):  # mid-rewrite: the next poll reads it
+        return loaded
+    if cfg != hybrid.dsla_config:
+        log.info("DSLA settings follow the layer store: %s", cfg)
+        hybrid.dsla_config = cfg
+    return loaded
+
+
 @serve.deployment(name="LLMReplica")
 class LLMReplica:
     async def __init__(self, config: dict, controller):
@@ -54,7 +72,7 @@ class LLMReplica:
         self.layers = PreloadedLayers(cfg.store_path())
         self.hybrid = HybridModel(model, self.layers.dsla_config())
         self.layers.fingerprint = self.hybrid.fingerprint
-        await asyncio.to_thread(self.layers.refresh)
+        await asyncio.to_thread(refresh_layers, self.layers, self.hybrid)
         self.engine = AsyncEngine(self.hybrid, tok, EngineConfig(**cfg.engine.model_dump()))
         self.installed: dict[int, int] = {}  # layer -> layer version of its installed DSLA module
         self.metrics = ReplicaMetrics(self.replica_id, self.hybrid.num_layers)
@@ -142,7 +160,7 @@ class LLMReplica:
         now = time.monotonic()
         if now - self._last_store_poll >= self.cfg.store_poll_interval_s:
             self._last_store_poll = now
-            await asyncio.to_thread(self.layers.refresh)
+            await asyncio.to_thread(refresh_layers, self.layers, self.hybrid)
         stats = self.engine.stats()
         self.metrics.update(stats, self.layers.store_version)
         if not self.cfg.controller.enabled:

@@ -87,3 +87,30 @@ def test_another_models_store_is_refused(setup):
 def test_no_store(tmp_path):
     assert PreloadedLayers(None, "x").refresh() == []
     assert PreloadedLayers(str(tmp_path / "missing"), "x").refresh() == []
+
+
+def test_a_replica_started_before_its_store_follows_the_store_settings(tmp_path):
+    """A fresh --layers-dir with a distillation worker: the replica builds its model before the
+    store exists (default DSLA settings), the worker then creates the store with its own; the
+    replica used to preload the layers and fail every swap ("DSLA weights do not fit")."""
+    from deploy.replica import refresh_layers
+    from distill_workers.runner import DEFAULT_DSLA
+    from dsla_model.dsla_attention import DSLAConfig
+    from dsla_model.engine import Engine, EngineConfig
+    from dsla_model.hybrid import HybridModel
+    from dsla_model.layer_store import LayerStore
+
+    path = tmp_path / "store"
+    pre = PreloadedLayers(str(path))
+    hybrid = HybridModel(tiny_model(layers=4), pre.dsla_config())
+    pre.fingerprint = hybrid.fingerprint
+    assert refresh_layers(pre, hybrid) == []
+    worker = HybridModel(tiny_model(layers=4), DSLAConfig(**DEFAULT_DSLA))
+    assert worker.dsla_config != hybrid.dsla_config  # the case: two different settings
+    store = LayerStore(path)
+    store.init("tiny", worker.fingerprint, [3, 1, 0, 2], worker.dsla_config)
+    publish(worker, store, 3)
+    assert refresh_layers(pre, hybrid) == [3] and hybrid.dsla_config == worker.dsla_config
+    eng = Engine(hybrid, None, EngineConfig(cache_memory_bytes=4 << 20))
+    eng.set_conversion([3], pre.store_version, pre.weights_for([3], {}))
+    assert hybrid.dsla_layers == [3]
