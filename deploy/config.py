@@ -122,11 +122,39 @@ class ControllerSettings(_Strict):
 
 class DistillSettings(_Strict):
     """Background distillation actors (engineer C's DistillWorker)."""
-    num_workers: int = Field(0, ge=0)  # 0: no distillation, serve what the store holds
+    # 0: no distillation, serve what the store holds. At most 1: layers are distilled as a chain,
+    # each on top of the ones before it, so a second worker on the same store would only redo
+    # (and republish) the same layers.
+    num_workers: int = Field(0, ge=0)
     # defaults sum (with one replica) to under 2 CPUs, so a 2-core laptop can run everything
     num_cpus: float = Field(0.5, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     worker_kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to DistillWorker
+
+    @field_validator("num_workers")
+    @classmethod
+    def _one_chain(cls, v):
+        if v > 1:
+            raise ValueError(f"distill.num_workers is {v}: one worker per layer store (layers are distilled "
+                             "as a chain, each on top of the ones before it)")
+        return v
+
+    @field_validator("worker_kwargs")
+    @classmethod
+    def _known_kwargs(cls, v):
+        """Refused here rather than by every restarted actor's constructor."""
+        import inspect
+
+        from distill_workers.runner import build_distiller
+        from distill_workers.worker import DistillWorkerImpl
+
+        known = set(inspect.signature(build_distiller).parameters) | set(
+            inspect.signature(DistillWorkerImpl.__init__).parameters)
+        known -= {"self", "kwargs", "model", "store", "loaded"}  # set by the application itself
+        bad = sorted(set(v) - known)
+        if bad:
+            raise ValueError(f"distill.worker_kwargs: unknown {bad}; known: {sorted(known)}")
+        return v
 
 
 class AppConfig(_Strict):

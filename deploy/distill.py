@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import ray
 
@@ -19,6 +20,11 @@ from deploy.resilience import describe
 
 log = logging.getLogger("ray.serve")
 STATUS_TIMEOUT_S = 10.0
+# A worker that failed (its run raised, or its actor died) is restarted at once, then, if it keeps
+# failing, after RETRY_MIN_S doubled per failure in a row up to RETRY_MAX_S: a transient error
+# (a store on a flaky shared filesystem, an out-of-memory) does not end distillation, and a
+# permanent one (a worker_kwargs value its constructor refuses) does not reload the model every poll.
+RETRY_MIN_S, RETRY_MAX_S = 5.0, 600.0
 NAMESPACE = "dsla-serve"  # distill workers are named actors here
 
 
@@ -28,6 +34,19 @@ class DistillPool:
         self.workers: dict[str, object] = {}
         self.status: dict[str, dict] = {}
         self.restarts = 0
+        self._failures: dict[str, int] = {}  # failures in a row, per worker
+        self._retry_at: dict[str, float] = {}
+
+    def _may_retry(self, name: str) -> bool:
+        """True when a failed worker's backoff is over; the first call after a failure starts it."""
+        now = time.monotonic()
+        if name not in self._retry_at:
+            n = self._failures[name] = self._failures.get(name, 0) + 1
+            self._retry_at[name] = now + (0.0 if n == 1 else min(RETRY_MAX_S, RETRY_MIN_S * 2 ** (n - 2)))
+        if now < self._retry_at[name]:
+            return False
+        del self._retry_at[name]
+        return True
 
     def _new_worker(self, name: str):
         from distill_workers.worker import DistillWorker
@@ -55,8 +74,11 @@ class DistillPool:
             except (asyncio.TimeoutError, ray.exceptions.ActorUnavailableError):
                 continue  # busy, or being restarted by Ray itself (max_restarts): not dead
             except ray.exceptions.RayActorError as e:  # dead for good (e.g. ray.kill): replace it
+                self.status[name] = {"state": "restarting", "error": describe(e),
+                                     "failures_in_a_row": self._failures.get(name, 0) + (name not in self._retry_at)}
+                if not self._may_retry(name):
+                    continue
                 log.warning("distill worker %s died (%s); starting a new one", name, describe(e))
-                self.status[name] = {"state": "restarting", "error": describe(e)}
                 try:
                     self.workers[name] = self._new_worker(name)
                 except ValueError as e2:  # the dead one's name is not released yet: next poll
@@ -70,6 +92,15 @@ class DistillPool:
                 continue
             self.status[name] = st if isinstance(st, dict) else {"status": st}
             self.metrics.distill(name, self.status[name])
+            if self.status[name].get("state") == "error":  # its run raised; the actor is fine
+                if self._may_retry(name):
+                    log.warning("distill worker %s failed (%s); starting it again", name,
+                                (self.status[name].get("error") or "").strip().splitlines()[-1:])
+                    handle.start.remote()
+                    self.restarts += 1
+                    self.metrics.distill_restarts.inc(1)
+            elif self.status[name].get("state") not in (None, "starting"):
+                self._failures.pop(name, None)  # running or done: the next failure starts from RETRY_MIN_S
 
     async def snapshot(self) -> dict:
         return {"workers": dict(self.status), "restarts": self.restarts, "namespace": NAMESPACE}

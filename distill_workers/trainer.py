@@ -8,6 +8,7 @@ relative MSE of the attention output, publish it, and convert it before going on
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import random
 import time
@@ -17,6 +18,8 @@ import torch
 
 from distill_workers.init import init_scales
 from distill_workers.layer_data import LayerData, capture_layer
+
+log = logging.getLogger(__name__)
 
 ONE_STATE_ALPHA = 30.0  # softmax([-30, 30]) = (1e-26, 1): only the recency state speaks
 
@@ -174,10 +177,26 @@ class ChainedDistiller:
                        "published": store.published_layers(), "eta_s": None}
         self._stop = False
         self._bar = None
+        self._unreadable: set[int] = set()  # published, but failing their checks: distilled again
 
     def todo(self) -> list[int]:
-        done = set(self.store.published_layers())
+        done = set(self.store.published_layers()) - self._unreadable
         return [l for l in self.order[:self.num_layers] if l not in done]
+
+    def _readable(self, layers) -> list[int]:
+        """The published layers that load (sha256, fingerprint); the others go back on the to-do
+        list, so one damaged file is republished instead of stopping the chain for good."""
+        from dsla_model.layer_store import LayerStoreError
+
+        good = []
+        for layer in layers:
+            try:
+                self.store.load_layer(layer, self.hybrid.fingerprint)
+                good.append(layer)
+            except (LayerStoreError, OSError) as e:
+                log.warning("published layer %d does not load (%s): distilling it again", layer, e)
+                self._unreadable.add(layer)
+        return good
 
     def stop(self):
         self._stop = True
@@ -199,7 +218,8 @@ class ChainedDistiller:
         """Distil every remaining layer; returns the layers published by this call."""
         freeze_teacher(self.hybrid)
         # the chain continues from the store: earlier layers are DSLA with their stored weights
-        self.store.apply(self.hybrid, self.store.published_layers())
+        self._unreadable.clear()
+        self.store.apply(self.hybrid, self._readable(self.store.published_layers()))
         for p in self.hybrid.dsla_parameters():
             p.requires_grad_(False)  # earlier layers are frozen: no gradient work for them
         blocks = self.blocks if self.blocks is not None else training_blocks(self.tok, self.cfg)
@@ -234,6 +254,7 @@ class ChainedDistiller:
                                  "kl_steps": self.cfg.kl_steps, "batch_blocks": self.cfg.batch_blocks,
                                  "lr": self.cfg.lr, "device": str(blocks.device)}
             self.store.publish(layer, module.state_dict(), metrics)
+            self._unreadable.discard(layer)
             self.hybrid.install(layer, module)
             self.hybrid.convert(layer)
             published.append(layer)

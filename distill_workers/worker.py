@@ -48,6 +48,8 @@ class DistillWorkerImpl:
     def start(self) -> bool:
         """Start (or keep) the background distillation; idempotent."""
         if self._thread is None or not self._thread.is_alive():
+            self.error = None  # a retry after a failure: the old traceback is not this run's
+            self.distiller.status["state"] = "starting"
             self._thread = threading.Thread(target=self._run, name="distill", daemon=True)
             self._thread.start()
         return True

@@ -122,3 +122,15 @@ def test_cli_set_into_an_empty_or_scalar_section(tmp_path, capsys):
     assert main(["run", "--config", str(empty), "--set", "engine.max_running=-1"]) == 2
     assert main(["run", "--set", "model.name=x"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_distill_settings_are_checked_before_any_worker_starts():
+    """A worker_kwargs typo used to pass validation and fail in every restarted actor's
+    constructor; a second worker on one store redid every layer of the chain."""
+    path = ROOT / "deploy" / "serve_config.yaml"
+    cfg = load_config(path, {"distill.num_workers": 1, "distill.worker_kwargs": {"tokens_per_layer": 4096}})
+    assert cfg.distill.worker_kwargs == {"tokens_per_layer": 4096}
+    with pytest.raises(ValueError, match="tokens_per_leyer"):
+        load_config(path, {"distill.worker_kwargs": {"tokens_per_leyer": 4096}})
+    with pytest.raises(ValueError, match="one worker per layer store"):
+        load_config(path, {"distill.num_workers": 2})
