@@ -116,11 +116,11 @@ class ConversionController:
             return
         from dsla_model.layer_store import LayerStoreError
 
-        try:
-            version = self.store.version
-            if version != self.store_version:
-                self.published = self.store.published_layers()
-                self.store_version = version
+        try:  # read every tick (a small file): a store wiped and distilled again may repeat a version
+            manifest = self.store.read_manifest()
+            layers = sorted(manifest["layers"].items(), key=lambda kv: kv[1]["position"])
+            self.published = [int(k) for k, _ in layers]
+            self.store_version = int(manifest["version"])
         except (LayerStoreError, OSError) as e:
             log.warning("layer store unreadable for now: %s", e)
 

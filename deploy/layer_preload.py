@@ -30,9 +30,12 @@ class PreloadedLayers:
         # the teacher's fingerprint; set once the model is built (it needs our dsla_config first)
         self.fingerprint = fingerprint
         self.weights: dict[int, dict] = {}
-        self.versions: dict[int, int] = {}  # layer -> version of the weights held
+        # layer -> (version, sha256) of the weights held: a store wiped and distilled again numbers
+        # its layers from 1 again, so the version alone would not tell new weights from old
+        self.versions: dict[int, tuple] = {}
         self.order: list[int] = []  # loaded layers, in the store's order
         self.store_version = 0
+        self._seen = None  # the manifest's (version, layer identities) at the last refresh
         self.errors: dict[int, str] = {}
         self._retry_at = 0.0  # monotonic time of the next retry of the layers in errors
         self._lock = threading.Lock()  # refresh runs in a worker thread
@@ -59,14 +62,19 @@ class PreloadedLayers:
                 log.warning("layer store unreadable for now: %s", e)
                 return []
             retry = bool(self.errors) and time.monotonic() >= self._retry_at
-            if int(manifest["version"]) == self.store_version and not retry:
+            seen = (manifest["version"], sorted((k, e["version"], e["sha256"]) for k, e in manifest["layers"].items()))
+            if seen == self._seen and not retry:
                 return []
             entries = sorted(manifest["layers"].items(), key=lambda kv: kv[1]["position"])
-            self.errors = {i: e for i, e in self.errors.items() if str(i) in manifest["layers"]}
+            present = {int(k) for k in manifest["layers"]}
+            for gone in set(self.weights) - present:  # a store wiped and started again
+                del self.weights[gone], self.versions[gone]
+            self.errors = {i: e for i, e in self.errors.items() if i in present}
             loaded = []
             for key, entry in entries:
                 layer = int(key)
-                if self.versions.get(layer) == entry["version"]:
+                ident = (entry["version"], entry["sha256"])
+                if self.versions.get(layer) == ident:
                     continue
                 try:
                     self.weights[layer] = self.store.load_layer(layer, self.fingerprint)
@@ -75,11 +83,12 @@ class PreloadedLayers:
                         log.error("layer %d not loaded (retried every %.0f s): %s", layer, RETRY_S, e)
                     self.errors[layer] = str(e)
                     continue
-                self.versions[layer] = entry["version"]
+                self.versions[layer] = ident
                 self.errors.pop(layer, None)
                 loaded.append(layer)
             self.order = [int(k) for k, _ in entries if int(k) in self.weights]
             self.store_version = int(manifest["version"])
+            self._seen = seen
             self._retry_at = time.monotonic() + RETRY_S
         if loaded:
             log.info("preloaded layers %s (store version %d)", loaded, self.store_version)

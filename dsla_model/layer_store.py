@@ -79,8 +79,14 @@ class LayerStore:
             m = json.loads(p.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise LayerStoreError(f"{p} is not valid JSON: {e}") from None
-        if not isinstance(m, dict) or m.get("format") != FORMAT or "layers" not in m:
+        if not isinstance(m, dict) or m.get("format") != FORMAT or not isinstance(m.get("layers"), dict):
             raise LayerStoreError(f"{p} is not a DSLA layer store manifest (format {FORMAT})")
+        # readers index these without checks: a hand-edited or truncated manifest is one error here
+        ok = isinstance(m.get("version"), int) and isinstance(m.get("order"), list) and all(
+            isinstance(e, dict) and {"position", "version", "file", "sha256"} <= e.keys() for e in m["layers"].values())
+        if not ok:
+            raise LayerStoreError(f"{p}: manifest incomplete (version, order, and each layer's position, "
+                                  "version, file, sha256 are required)")
         return m
 
     @property

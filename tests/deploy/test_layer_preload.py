@@ -33,10 +33,38 @@ def test_new_layers_are_loaded_once_in_order(setup):
     assert pre.order == [3, 1] and pre.store_version == 2
     assert pre.refresh() == []  # nothing new
     assert set(pre.weights_for([3, 1], {})) == {3, 1}
-    assert pre.weights_for([3, 1], {3: 1, 1: 1}) == {}  # installed already
+    installed = dict(pre.versions)  # what a replica records as it installs them
+    assert pre.weights_for([3, 1], installed) == {}  # installed already
     publish(hybrid, store, 3)  # republished: version 2 of layer 3
     assert pre.refresh() == [3]
-    assert set(pre.weights_for([3, 1], {3: 1, 1: 1})) == {3}
+    assert set(pre.weights_for([3, 1], installed)) == {3}
+
+
+def test_a_store_wiped_and_distilled_again_replaces_what_a_replica_holds(setup):
+    """Versions start from 1 again in a new store: the replica kept the old weights (same layer
+    version) and, once the new store's version caught up, skipped its manifest altogether."""
+    import shutil
+
+    from dsla_model.layer_store import LayerStore
+
+    hybrid, store = setup
+    publish(hybrid, store, 3)
+    publish(hybrid, store, 1)
+    pre = PreloadedLayers(str(store.path), hybrid.fingerprint)
+    assert pre.refresh() == [3, 1]
+    installed, old3 = dict(pre.versions), pre.weights[3]
+    shutil.rmtree(store.path)
+    fresh = LayerStore(store.path)
+    fresh.init("tiny", hybrid.fingerprint, [3, 1, 0, 2], hybrid.dsla_config)
+    publish(hybrid, fresh, 3)  # new weights (a new random module), version 1 again
+    publish(hybrid, fresh, 1)  # the store's version is 2 again, as before the wipe
+    assert pre.refresh() == [3, 1]
+    assert pre.weights[3] is not old3 and set(pre.weights_for([3, 1], installed)) == {3, 1}
+    shutil.rmtree(store.path)
+    fresh.init("tiny", hybrid.fingerprint, [3, 1, 0, 2], hybrid.dsla_config)
+    publish(hybrid, fresh, 3)
+    pre.refresh()
+    assert pre.usable([3, 1]) == [3] and pre.order == [3]  # layer 1 is gone from the store
 
 
 def test_a_corrupt_layer_is_refused_and_never_offered(setup):

@@ -92,6 +92,24 @@ def test_not_a_store_is_a_clear_error(tmp_path):
         LayerStore(tmp_path).read_manifest()
 
 
+@pytest.mark.parametrize("damage", ["version", "order", "sha256"])
+def test_an_incomplete_manifest_is_a_clear_error(tmp_path, damage):
+    """Readers index these keys directly: a manifest without one raised KeyError in the
+    controller's tick, which then stopped deciding."""
+    h = tiny_hybrid()
+    st = _store(tmp_path, h)
+    st.publish(2, _weights(h, 2), {})
+    m = json.loads((st.path / "manifest.json").read_text())
+    if damage == "sha256":
+        del m["layers"]["2"]["sha256"]
+    else:
+        del m[damage]
+    (st.path / "manifest.json").write_text(json.dumps(m))
+    for read in (st.read_manifest, lambda: st.version, st.published_layers):
+        with pytest.raises(LayerStoreError, match="manifest incomplete"):
+            read()
+
+
 def _publisher(path, fingerprint, layer, n):
     st = LayerStore(path)
     for i in range(n):
