@@ -74,17 +74,18 @@ class IncrementalDetokenizer:
         self.emitted = max(self.emitted, end)
         return delta, False
 
-    def flush(self) -> str:
+    def flush(self) -> tuple[str, bool]:
         """At the end of a request: whatever was held back, up to a stop string if one is now
-        complete. Tokens still waiting for the rest of a character come out as a full decode
-        shows them (U+FFFD for the incomplete bytes), so a complete character they also hold is
-        not lost and the text is the generated tokens' decode."""
+        complete (then True: the answer ended on a stop string). Tokens still waiting for the
+        rest of a character come out as a full decode shows them (U+FFFD for the incomplete
+        bytes), so a complete character they also hold is not lost and the text is the
+        generated tokens' decode."""
         if self.tok is None:
-            return ""
+            return "", False
         if self.read < len(self.ids):
             self._take(final=True)
         delta, hit = self._release()
         if not hit:
             delta += self.text[self.emitted:]
             self.emitted = len(self.text)
-        return delta
+        return delta, hit

@@ -250,13 +250,14 @@ class Engine:
         req.last_token_at = now
         finish = None
         if tok in req.stop_ids:
-            text, finish = req.detok.flush(), "stop"
+            text, finish = req.detok.flush()[0], "stop"
         else:
             text, hit = req.detok.add(tok)
             if hit:
                 finish = "stop"
             elif req.num_generated >= req.params.max_tokens:
-                text, finish = text + req.detok.flush(), "length"
+                rest, hit = req.detok.flush()  # the last token may complete a character, and a stop string
+                text, finish = text + rest, "stop" if hit else "length"
         ev = TokenEvent(req.id, tok, text, logprob, finish, req.num_prompt, req.num_generated)
         if finish:
             self._finish(req, finish)
@@ -334,7 +335,7 @@ class Engine:
         try:
             for p, sp in zip(prompts, plist):
                 ids.append(self.add_request(p, sp))
-        except ValueError:
+        except Exception:
             for rid in ids:  # all or nothing: a refused prompt leaves nothing behind
                 self.abort(rid)
             self._events = [e for e in self._events if e.request_id not in ids]

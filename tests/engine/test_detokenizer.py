@@ -30,7 +30,8 @@ def _stream(tok, prompt, gen, stop=()):
         out += delta
         if hit:
             return out, True
-    return out + d.flush(), False
+    rest, hit = d.flush()
+    return out + rest, hit
 
 
 def _partial_tokens(tok):

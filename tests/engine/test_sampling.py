@@ -1,4 +1,6 @@
 """Sampling parameters: seeds, top-k/p, stop strings and ids, max_tokens, abort, validation."""
+from decimal import Decimal
+
 import pytest
 
 from dsla_model.engine import Engine, EngineConfig, SamplingParams
@@ -125,10 +127,47 @@ def test_abort_frees_and_reports(hybrid, make_engine):
 @pytest.mark.parametrize("kw, msg", [
     (dict(max_tokens=0), "max_tokens"), (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
     (dict(top_k=-2), "top_k"), (dict(seed=-1), "seed"), (dict(seed=2**64), "seed"), (dict(stop=[""]), "stop"),
-    (dict(stop_token_ids=[-5]), "stop_token_ids")])
+    (dict(stop_token_ids=[-5]), "stop_token_ids"),
+    # values the sampler cannot take used to pass and fail inside a step, for every request
+    (dict(temperature=10**400), "temperature"), (dict(temperature=Decimal("0.7")), "temperature"),
+    (dict(temperature="0.5"), "temperature"), (dict(temperature=float("inf")), "temperature"),
+    (dict(top_p=Decimal("0.9")), "top_p"), (dict(stop=None), "stop"), (dict(stop_token_ids=None), "stop_token_ids"),
+    (dict(stop_token_ids=[True]), "stop_token_ids")])
 def test_bad_sampling_params(kw, msg):
     with pytest.raises(ValueError, match=msg):
         SamplingParams(**kw).validate()
+
+
+def test_generate_with_one_bad_params_leaves_nothing_behind(hybrid):
+    eng = Engine(hybrid, None, EngineConfig(cache_memory_bytes=4 << 20))
+    prompts = random_prompts(2, 256, seed=2)
+    with pytest.raises(ValueError, match="stop"):
+        eng.generate(prompts, [SamplingParams(max_tokens=4), SamplingParams(max_tokens=4, stop=None)])
+    assert not eng.requests and not eng.has_unfinished()
+
+
+def test_a_stop_string_completed_by_the_last_allowed_token_finishes_as_stop(hybrid):
+    """The max_tokens-th token completes a character that completes a stop string: the text was
+    cut at the stop but the finish reason said 'length'."""
+    p = random_prompts(1, 256, seed=9)[0]
+    base = Engine(hybrid, None, EngineConfig(cache_memory_bytes=4 << 20)).generate(
+        [p], SamplingParams(max_tokens=10, temperature=0))[0]
+    n = next(i for i in range(1, 10) if base[i] not in base[:i]) + 1  # the n-th token is new
+    x = base[n - 1]
+
+    class Tok:  # byte-level-like: x is "Z" and the first byte of a character the next token ends
+        eos_token_id = None
+
+        def decode(self, ids, **kw):
+            return "".join(("Z\u00e9" if j + 1 < len(ids) else "Z\ufffd") if t == x else chr(97 + t % 26)
+                           for j, t in enumerate(ids))
+
+    eng = Engine(hybrid, Tok(), EngineConfig(cache_memory_bytes=4 << 20))
+    eng.add_request(p, SamplingParams(max_tokens=n, temperature=0, stop=["Z"]))
+    evs = []
+    while eng.has_unfinished():
+        evs += eng.step()
+    assert "Z" not in "".join(e.text for e in evs) and evs[-1].finish_reason == "stop"
 
 
 def test_bad_requests(hybrid):
