@@ -132,8 +132,8 @@ class ConversionController:
         loads = [load_of(s) for _, s in self.reports.values()]
         load = aggregate(loads)
         self.metrics.load(load.queue, len(loads), len(self.published))
-        if not self.cfg.controller.enabled or not loads:
-            return
+        if not self.cfg.controller.enabled or not loads or not self.adopted:
+            return  # before adoption the replicas keep their layers: a decision would be a phantom
         d = decide(self.policy, self.state, load, now, self.num_layers, self.available_layers())
         self.state = d.state
         self.last_decision = {"action": d.action, "layers": d.layers, "reason": d.reason, "queue": load.queue,

@@ -37,3 +37,29 @@ def test_nothing_is_adopted_before_any_report():
     c = _controller()
     C._maybe_adopt(c, 500.0)
     assert not c.adopted and c.state.layers == 0
+
+
+def test_no_decision_is_made_before_the_fleet_is_adopted():
+    """Before adoption the replicas keep their layers; decisions taken then reached the metrics and
+    the history (a 'convert' that never happened), and moved the policy state adoption replaces."""
+    from collections import Counter, deque
+
+    from deploy.config import ControllerSettings
+
+    seen = []
+    c = _controller()
+    c.cfg.controller = ControllerSettings(poll_interval_s=0.5, policy={"queue_high": 1, "up_patience": 1,
+                                                                       "cooldown_s": 0})
+    c.store, c.num_layers, c.counts, c.history, c.last_decision = None, 4, Counter(), deque(), None
+    c.policy = c.cfg.controller.policy
+    c.metrics = SimpleNamespace(load=lambda *a: None, decision=lambda *a: seen.append(a))
+    c.available_layers = lambda: C.available_layers(c)
+    c._maybe_adopt = lambda now: C._maybe_adopt(c, now)
+    c._refresh_store = lambda: None
+    busy = {"dsla_layers": [], "waiting": 50, "loaded_layers": [2, 0, 3, 1]}
+    c.reports = {"r": (100.1, busy)}
+    C.tick(c, 100.2)  # heard the fleet for less than two intervals: no decision
+    assert not seen and not c.history and c.state.layers == 0
+    c.reports = {"r": (101.1, busy)}
+    C.tick(c, 101.2)
+    assert c.adopted and seen  # now the policy runs (and converts: the queue is long)
