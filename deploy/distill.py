@@ -65,10 +65,23 @@ class DistillPool:
             return
         for i in range(self.cfg.distill.num_workers):
             name = f"dsla-distill-{app_name}-{i}"
-            self.workers[name] = self._new_worker(name)
+            self.workers[name] = self._start_named(name)
+
+    def _start_named(self, name: str):
+        """A new worker, or None while the name is still taken: a restarted controller can come up
+        before Ray has released the name of the worker its predecessor owned. poll() tries again."""
+        try:
+            return self._new_worker(name)
+        except ValueError as e:
+            log.warning("cannot start %s yet: %s", name, e)
+            self.status[name] = {"state": "starting", "error": str(e)}
+            return None
 
     async def poll(self):
         for name, handle in list(self.workers.items()):
+            if handle is None:
+                self.workers[name] = self._start_named(name)
+                continue
             try:
                 st = await asyncio.wait_for(handle.status.remote(), STATUS_TIMEOUT_S)
             except (asyncio.TimeoutError, ray.exceptions.ActorUnavailableError):
@@ -106,7 +119,7 @@ class DistillPool:
         return {"workers": dict(self.status), "restarts": self.restarts, "namespace": NAMESPACE}
 
     def stop(self):
-        for handle in self.workers.values():
+        for handle in filter(None, self.workers.values()):
             try:
                 ray.kill(handle)
             except Exception:  # noqa: BLE001 - already gone

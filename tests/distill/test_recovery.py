@@ -125,3 +125,26 @@ def test_a_worker_that_dies_at_every_start_is_not_recreated_at_every_poll(monkey
         clock[0] += 0.5
     assert 4 <= len(made) <= 6  # at 0, 5, 15, 35, 75 s: not 200
     assert pool.status["w0"]["state"] == "restarting" and pool.status["w0"]["failures_in_a_row"] >= 5
+
+
+def test_a_worker_name_still_taken_at_start_is_started_by_a_later_poll(monkeypatch):
+    """A controller restarted by Serve can start before Ray released its predecessor's worker
+    name: the ValueError used to fail the controller's constructor."""
+    import deploy.distill as dd
+
+    tries = []
+
+    def new_worker(name):
+        tries.append(name)
+        if len(tries) == 1:
+            raise ValueError(f"The name {name} is already taken")
+        return "handle"
+
+    pool = dd.DistillPool.__new__(dd.DistillPool)
+    cfg = type("Cfg", (), {"distill": type("D", (), {"num_workers": 1})()})()
+    dd.DistillPool.__init__(pool, cfg, "/x", None)
+    monkeypatch.setattr(pool, "_new_worker", new_worker)
+    pool.start("app")
+    assert pool.workers == {"dsla-distill-app-0": None} and pool.status["dsla-distill-app-0"]["state"] == "starting"
+    asyncio.run(pool.poll())
+    assert pool.workers == {"dsla-distill-app-0": "handle"} and len(tries) == 2
