@@ -189,6 +189,8 @@ class LayerStore:
         """Write one layer atomically and return its manifest entry."""
         with self._locked():
             m = self.read_manifest()
+            if layer not in m["order"]:  # its position would be made up, and could repeat a real one
+                raise LayerStoreError(f"layer {layer} is not in this store's order {m['order']}")
             old = m["layers"].get(str(layer))
             version = (old["version"] + 1) if old else 1
             name = f"layer_{layer:03d}.v{version}.safetensors"
@@ -200,7 +202,7 @@ class LayerStore:
                 os.fsync(f.fileno())
             os.replace(tmp, self.path / name)
             order = m["order"]
-            entry = {"position": order.index(layer) if layer in order else len(m["layers"]),
+            entry = {"position": order.index(layer),
                      "version": version, "metrics": metrics, "sha256": _sha256(self.path / name),
                      "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "file": name}
             m["layers"][str(layer)] = entry

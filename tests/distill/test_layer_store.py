@@ -92,6 +92,15 @@ def test_not_a_store_is_a_clear_error(tmp_path):
         LayerStore(tmp_path).read_manifest()
 
 
+def test_a_layer_outside_the_order_is_refused(tmp_path):
+    """Its position was made up (the count of published layers) and could repeat a real one."""
+    h = tiny_hybrid()
+    st = _store(tmp_path, h, order=(2, 0))
+    with pytest.raises(LayerStoreError, match="not in this store's order"):
+        st.publish(1, _weights(h, 1), {})
+    assert st.published_layers() == [] and not list(st.path.glob("layer_*"))
+
+
 @pytest.mark.parametrize("damage", ["version", "order", "sha256"])
 def test_an_incomplete_manifest_is_a_clear_error(tmp_path, damage):
     """Readers index these keys directly: a manifest without one raised KeyError in the
