@@ -34,6 +34,16 @@ def cmd_distill(args) -> int:
     _positive("--batch-blocks", args.batch_blocks)
     _check_device(args.device)
     _positive("--kl-blocks", args.kl_blocks)
+    _positive("--threads", args.threads)
+    _positive("--gate-rank", args.gate_rank)
+    if args.delta_rank is not None and args.delta_rank < 0:
+        raise CLIError(f"--delta-rank must be >= 0, got {args.delta_rank}")
+    if args.kl_steps is not None and args.kl_steps < 0:
+        raise CLIError(f"--kl-steps must be >= 0, got {args.kl_steps}")
+    if not args.store:
+        raise CLIError("--store must name a directory")
+    if os.path.exists(args.store) and not os.path.isdir(args.store):
+        raise CLIError(f"--store {args.store}: not a directory")
     if args.text_file and not os.path.isfile(args.text_file):
         raise CLIError(f"--text-file {args.text_file}: no such file")
     if args.lr is not None and not args.lr > 0:
@@ -56,7 +66,7 @@ def cmd_distill(args) -> int:
         todo = distiller.todo()
         print(f"distilling {len(todo)} layer(s) {todo} into {args.store}", file=sys.stderr)
         published = distiller.run(show_progress=not args.quiet)
-    except (LayerStoreError, ModelNotFoundError, CorpusMissingError, ValueError) as e:
+    except (LayerStoreError, ModelNotFoundError, CorpusMissingError, ValueError, OSError) as e:
         raise CLIError(str(e)) from None
     print(json.dumps({"store": args.store, "published_now": published,
                       "published": distiller.store.published_layers()}))
@@ -72,8 +82,12 @@ def _distill_ray(args, kwargs) -> int:
     worker = DistillWorker.remote(threads=args.threads, **kwargs)
     last = None
     while True:
-        done = ray.get(worker.wait.remote(5.0))
-        st = ray.get(worker.status.remote())
+        try:
+            done = ray.get(worker.wait.remote(5.0))
+            st = ray.get(worker.status.remote())
+        except ray.exceptions.RayActorError as e:  # its constructor failed: a bad model, store, option
+            cause = getattr(e, "cause", None) or e
+            raise CLIError(f"distill worker failed: {str(cause).strip().splitlines()[-1]}") from None
         line = (f"layer {st['layer']} {st['state']} step {st['step']}/{st['steps']} "
                 f"loss {st['loss'] if st['loss'] is None else round(st['loss'], 4)} eta {st['eta_s']}s")
         if line != last:
@@ -104,7 +118,12 @@ def cmd_eval(args) -> int:
 
     conversions = _parse_conversions(args.conversion)
     _positive("--blocks", args.blocks)
+    _positive("--threads", args.threads)
+    if args.passkey:
+        _positive("--passkey-trials", args.passkey_trials)
     _check_device(args.device)
+    if args.out_dir and os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise CLIError(f"--out-dir {args.out_dir}: not a directory")
     if args.text_file and not os.path.isfile(args.text_file):
         raise CLIError(f"--text-file {args.text_file}: no such file")
     if args.threads:
@@ -134,12 +153,16 @@ def cmd_eval(args) -> int:
     meta = {"model": model_id, "store": str(store_path), "store_version": manifest["version"],
             "text": args.text_file or "corpus validation split", "blocks": int(blocks.shape[0]),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    print(json.dumps(results, indent=None if args.json else 1))  # first: a report that fails loses nothing
+    sys.stdout.flush()
     if args.out_dir:
         from dsla_model.eval_report import write_report
 
-        paths = write_report(results, meta, args.out_dir, args.name)
+        try:
+            paths = write_report(results, meta, args.out_dir, args.name)
+        except OSError as e:
+            raise CLIError(f"--out-dir {args.out_dir}: {e}") from None
         print(f"wrote {', '.join(paths)}", file=sys.stderr)
-    print(json.dumps(results, indent=None if args.json else 1))
     return 0
 
 

@@ -18,15 +18,15 @@ def add_model_args(p):
     p.add_argument("--model", default="default", help="'default', an HF model directory or a hub id")
 
 
-def load_hybrid(model_spec: str, device: str = "cpu"):
+def load_hybrid(model_spec: str, device: str = "cpu", dsla_config=None):
     from dsla_model.hybrid import HybridModel
     from dsla_model.loading import ModelNotFoundError, load_model
 
     try:
         model, tok, model_id = load_model(model_spec, device=device)
-    except ModelNotFoundError as e:
-        raise CLIError(str(e)) from None
-    return HybridModel(model), tok, model_id
+        return (HybridModel(model) if dsla_config is None else HybridModel(model, dsla_config)), tok, model_id
+    except (ModelNotFoundError, ValueError) as e:  # ValueError: an unsupported architecture or tokenizer
+        raise CLIError(str(e).splitlines()[0] if str(e) else repr(e)) from None
 
 
 def resolve_dsla_layers(hybrid, tok, args) -> list[int]:
@@ -44,17 +44,17 @@ def resolve_dsla_layers(hybrid, tok, args) -> list[int]:
     if args.conversion is not None:
         if not 0.0 <= args.conversion <= 1.0:
             raise CLIError(f"--conversion must be in [0, 1], got {args.conversion}")
-        order = _store_order(args) or cached_order(hybrid, tok)[0]
+        order = _store_order(args, hybrid) or cached_order(hybrid, tok)[0]
         return layers_for_conversion(order, args.conversion)
     return []
 
 
-def _store_order(args):
-    from dsla_model.layer_store import SHIPPED_STORE, LayerStore, LayerStoreError
+def _store_order(args, hybrid):
+    from dsla_model.layer_store import LayerStore, LayerStoreError, shipped_store
 
-    layers_dir = getattr(args, "layers_dir", None)
-    if not layers_dir and getattr(args, "model", None) == "default" and LayerStore(SHIPPED_STORE).exists():
-        layers_dir = SHIPPED_STORE  # the default model's distilled layers ship in the repo
+    # the shipped store holds a model's distilled layers whatever name the model was given by
+    # (apply_layers picks it the same way)
+    layers_dir = getattr(args, "layers_dir", None) or shipped_store(hybrid.fingerprint)
     if not layers_dir:
         return None
     try:
@@ -94,17 +94,23 @@ def apply_layers(hybrid, layers: list[int], layers_dir: str | None):
 def cmd_generate(args) -> int:
     from dsla_model.generate import generate_ids, generate_batch
 
-    if args.max_tokens < 1:
-        raise CLIError("--max-tokens must be >= 1")
-    if args.temperature < 0:
-        raise CLIError("--temperature must be >= 0")
+    from dsla_model.engine import SamplingParams
+
     if any(not p for p in args.prompt):
         raise CLIError("--prompt must not be empty")
+    try:  # the checks the engine makes, for the --no-cache path too
+        for i in range(len(args.prompt)):
+            SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed + i).validate()
+    except ValueError as e:
+        raise CLIError(f"{e} (from --max-tokens / --temperature / --seed)") from None
     hybrid, tok, _ = load_hybrid(args.model)
     layers = resolve_dsla_layers(hybrid, tok, args)
     apply_layers(hybrid, layers, args.layers_dir)
     eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     all_ids = [tok(prompt, add_special_tokens=False)["input_ids"] for prompt in args.prompt]
+    limit = getattr(hybrid.config, "max_position_embeddings", None)
+    if args.no_cache and limit and max(map(len, all_ids)) + args.max_tokens > limit:
+        raise CLIError(f"a prompt plus --max-tokens {args.max_tokens} exceeds the model's {limit} positions")
     if args.no_cache:
         # the reference: one prompt at a time, full forward at every step
         outs = (generate_ids(hybrid, ids, args.max_tokens, args.temperature, use_cache=False,
@@ -128,9 +134,14 @@ def cmd_generate(args) -> int:
 def cmd_order(args) -> int:
     from dsla_model.corpus import CorpusMissingError
 
+    from distill_workers.runner import DEFAULT_DSLA
+    from dsla_model.dsla_attention import DSLAConfig
+
     if args.num_prompts < 1:
         raise CLIError("--num-prompts must be >= 1")
-    hybrid, tok, _ = load_hybrid(args.model)
+    # the DSLA settings distill starts from: the damage order (and its cache entry) is then the one
+    # `distill` computes and uses
+    hybrid, tok, _ = load_hybrid(args.model, dsla_config=DSLAConfig(**DEFAULT_DSLA))
     try:
         if args.method == "damage":
             from distill_workers.damage import damage_order

@@ -171,6 +171,9 @@ class ChainedDistiller:
         self.dsla_config = dsla_config or hybrid.dsla_config
         self.order = list(order)
         self.num_layers = len(self.order) if num_layers is None else min(num_layers, len(self.order))
+        # one module built before the store is created: settings it cannot take (a negative rank)
+        # fail here, not after a manifest naming them made the store refuse every later run
+        hybrid.new_dsla_module(self.order[0], None, self.dsla_config)
         store.init(model_id, hybrid.fingerprint, self.order, self.dsla_config)
         store.remove_stale_temporaries()
         self.status = {"state": "idle", "layer": None, "step": 0, "steps": 0, "loss": None,

@@ -56,14 +56,50 @@ def test_passkey_prompt_length_and_answer():
     (["eval", "--store", "/nonexistent/store", "--model", "MODEL", "--conversion", "0.5"], "not a layer store"),
     (["distill", "--store", "STORE", "--layers", "0"], "--layers"),
     (["distill", "--store", "STORE", "--model", "/nonexistent/dir/x", "--layers", "1"], "model"),
+    # each of these was a traceback (and --gate-rank -1 left a store that refused every later run)
+    (["distill", "--store", "STORE", "--model", "MODEL", "--gate-rank", "-1"], "--gate-rank"),
+    (["distill", "--store", "STORE", "--model", "MODEL", "--threads", "-1"], "--threads"),
+    (["distill", "--store", "", "--model", "MODEL"], "--store"),
+    (["distill", "--store", "AFILE", "--model", "MODEL"], "not a directory"),
+    (["eval", "--model", "MODEL", "--conversion", "0.5", "--threads", "-1"], "--threads"),
+    (["eval", "--model", "MODEL", "--conversion", "0.5", "--passkey", "--passkey-trials", "0"], "--passkey-trials"),
+    (["eval", "--model", "MODEL", "--conversion", "0.5", "--out-dir", "AFILE"], "not a directory"),
+    (["generate", "--model", "MODEL", "--prompt", "x", "--temperature", "nan", "--no-cache"], "temperature"),
+    (["generate", "--model", "MODEL", "--prompt", "x", "--seed", "-1", "--no-cache"], "seed"),
+    (["generate", "--model", "MODEL", "--prompt", "x", "--max-tokens", "600", "--no-cache"], "512 positions"),
+    (["generate", "--model", "GPT2", "--prompt", "x"], "not supported"),
 ])
 def test_bad_cli_input_exits_non_zero_with_a_message(argv, message, capsys, tiny_model_dir, tmp_path):
     from deploy.cli import main
 
-    argv = [a.replace("MODEL", tiny_model_dir).replace("STORE", str(tmp_path / "s")) for a in argv]
+    (tmp_path / "afile").write_text("x")
+    subs = {"MODEL": tiny_model_dir, "STORE": str(tmp_path / "s"), "AFILE": str(tmp_path / "afile")}
+    if "GPT2" in argv:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+        subs["GPT2"] = str(tmp_path / "gpt2")
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            (tmp_path / "gpt2" / f).write_bytes(open(f"{tiny_model_dir}/{f}", "rb").read())
+    argv = [subs.get(a, a) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert message in err and "error" in err
+    assert message in err and "error" in err and "Traceback" not in err
+    assert not (tmp_path / "s" / "manifest.json").exists()  # nothing half-made
+
+
+def test_order_uses_the_settings_distill_uses(monkeypatch, tiny_model_dir, capsys):
+    """`order` built its model with other DSLA settings than `distill`, so it printed (and cached)
+    another damage order than the one distill then used."""
+    import distill_workers.damage as damage
+    from deploy.cli import main
+    from distill_workers.runner import DEFAULT_DSLA
+    from dsla_model.dsla_attention import DSLAConfig
+
+    seen = []
+    monkeypatch.setattr(damage, "damage_order", lambda h, tok: seen.append(h.dsla_config) or ([0, 1, 2], [0.0] * 3))
+    assert main(["order", "--model", tiny_model_dir, "--json"]) == 0
+    assert seen == [DSLAConfig(**DEFAULT_DSLA)] and json.loads(capsys.readouterr().out)["order"] == [0, 1, 2]
 
 
 def test_cli_eval_json_on_a_text_file(tiny_model_dir, tmp_path, capsys):
