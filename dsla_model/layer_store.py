@@ -200,6 +200,8 @@ class LayerStore:
                                                    "layer": str(layer)})
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
+            # safetensors writes 0600: replicas running as another user (a shared store) could not read it
+            os.chmod(tmp, 0o644)
             os.replace(tmp, self.path / name)
             order = m["order"]
             entry = {"position": order.index(layer),

@@ -92,6 +92,16 @@ def test_not_a_store_is_a_clear_error(tmp_path):
         LayerStore(tmp_path).read_manifest()
 
 
+def test_published_files_are_readable_by_other_users(tmp_path):
+    import stat
+
+    h = tiny_hybrid()
+    st = _store(tmp_path, h)
+    entry = st.publish(2, _weights(h, 2), {})
+    mode = (st.path / entry["file"]).stat().st_mode
+    assert mode & stat.S_IRGRP and mode & stat.S_IROTH
+
+
 def test_a_layer_outside_the_order_is_refused(tmp_path):
     """Its position was made up (the count of published layers) and could repeat a real one."""
     h = tiny_hybrid()
