@@ -61,10 +61,14 @@ def cmd_distill(args) -> int:
         if args.ray:
             return _distill_ray(args, kwargs)
         from distill_workers.runner import build_distiller
+        from dsla_model.layer_store import LayerStore
 
+        resumed = LayerStore(args.store).exists()
         distiller = build_distiller(**kwargs)
         todo = distiller.todo()
-        print(f"distilling {len(todo)} layer(s) {todo} into {args.store}", file=sys.stderr)
+        print(f"distilling {len(todo)} layer(s) {todo} into {args.store}"
+              + (" (an existing store: its order is kept, --order only orders a new one)" if resumed else ""),
+              file=sys.stderr)
         published = distiller.run(show_progress=not args.quiet)
     except (LayerStoreError, ModelNotFoundError, CorpusMissingError, ValueError, OSError) as e:
         raise CLIError(str(e)) from None

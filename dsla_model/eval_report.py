@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 
@@ -46,12 +47,15 @@ def write_report(results: list[dict], meta: dict, out_dir, name: str = "eval") -
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    md = out / f"{name}.md"
-    md.write_text(markdown_table(results, meta))
-    paths.append(str(md))
-    js = out / f"{name}.json"
-    js.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    paths.append(str(js))
+    for path, text in ((out / f"{name}.md", markdown_table(results, meta)),
+                       (out / f"{name}.json", json.dumps({"meta": meta, "results": results}, indent=1))):
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # a failure leaves the old report whole
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        paths.append(str(path))
     png = out / f"{name}.png"
     if plot(results, png, f"{meta.get('model', '')}: {name}"):
         paths.append(str(png))

@@ -124,3 +124,26 @@ def test_cli_eval_json_on_a_text_file(tiny_model_dir, tmp_path, capsys):
     assert main(["eval", "--model", tiny_model_dir, "--store", str(store.path), "--conversion", "1",
                  "--text-file", str(text)]) == 2
     assert "lacks layers" in capsys.readouterr().err
+
+
+def test_a_report_that_fails_half_way_leaves_the_old_one(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from dsla_model.eval_report import write_report
+
+    rows = [{"conversion": 0.0, "dsla_layers": [], "ppl": 10.0, "teacher_ppl": 10.0, "ppl_ratio": 1.0,
+             "top1_agreement": 1.0, "kl": 0.0}]
+    write_report(rows, {"model": "m"}, tmp_path, "eval")
+    before = (tmp_path / "eval.md").read_text()
+    real = Path.write_text
+
+    def half(self, text, *a, **k):  # a full disk, say: half the text, then an error
+        real(self, text[:len(text) // 2], *a, **k)
+        raise OSError("No space left on device")
+    monkeypatch.setattr(Path, "write_text", half)
+    with pytest.raises(OSError):
+        write_report([dict(rows[0], ppl=20.0)], {"model": "m"}, tmp_path, "eval")
+    monkeypatch.undo()
+    assert (tmp_path / "eval.md").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["eval.md", "eval.json"] + (
+        ["eval.png"] if (tmp_path / "eval.png").exists() else []))
