@@ -57,7 +57,8 @@ class HybridModel(nn.Module):
     def __init__(self, model: nn.Module, dsla_config: DSLAConfig = DSLAConfig()):
         super().__init__()
         layers = getattr(getattr(model, "model", None), "layers", None)
-        if layers is None or not all(hasattr(getattr(layer, "self_attn", None), "q_proj") for layer in layers):
+        attn = lambda layer: getattr(getattr(layer, "self_attn", None), "teacher", getattr(layer, "self_attn", None))  # noqa: E731
+        if layers is None or not all(hasattr(attn(layer), "q_proj") for layer in layers):
             raise ValueError(f"{type(model).__name__} is not supported: DSLA needs a Llama-shaped decoder "
                              "(model.model.layers[i].self_attn with q/k/v/o projections: Llama, Qwen2, Mistral)")
         self.fingerprint = model_fingerprint(model)  # of the untouched teacher

@@ -123,3 +123,13 @@ def test_convert_rejects_bad_layer_and_weights():
         h.convert(4)
     with pytest.raises(ValueError, match="do not fit"):
         h.convert(0, {"alpha": torch.zeros(2), "bogus": torch.zeros(1)})
+
+
+def test_only_llama_shaped_decoders_are_taken_and_wrapping_twice_is_fine():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with pytest.raises(ValueError, match="not supported"):
+        HybridModel(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)))
+    m = tiny_model(layers=2)
+    HybridModel(m)
+    assert HybridModel(m).num_layers == 2  # its layers are already switchable: taken as they are
