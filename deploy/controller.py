@@ -118,8 +118,7 @@ class ConversionController:
 
         try:  # read every tick (a small file): a store wiped and distilled again may repeat a version
             manifest = self.store.read_manifest()
-            layers = sorted(manifest["layers"].items(), key=lambda kv: kv[1]["position"])
-            self.published = [int(k) for k, _ in layers]
+            self.published = self.store.published_layers(manifest)
             self.store_version = int(manifest["version"])
         except (LayerStoreError, OSError) as e:
             log.warning("layer store unreadable for now: %s", e)

@@ -36,6 +36,7 @@ class PreloadedLayers:
         self.order: list[int] = []  # loaded layers, in the store's order
         self.store_version = 0
         self._seen = None  # the manifest's (version, layer identities) at the last refresh
+        self._settings = None  # its dsla_config, read with it (refresh runs every poll)
         self.errors: dict[int, str] = {}
         self._retry_at = 0.0  # monotonic time of the next retry of the layers in errors
         self._lock = threading.Lock()  # refresh runs in a worker thread
@@ -43,6 +44,8 @@ class PreloadedLayers:
     def dsla_config(self):
         from dsla_model.dsla_attention import DSLAConfig
 
+        if self._settings is not None:
+            return DSLAConfig.from_dict(self._settings)
         if self.store is not None and self.store.exists():
             return self.store.dsla_config()
         return DSLAConfig()
@@ -61,6 +64,7 @@ class PreloadedLayers:
             except (LayerStoreError, OSError) as e:  # mid-rewrite on a filesystem without atomic rename
                 log.warning("layer store unreadable for now: %s", e)
                 return []
+            self._settings = manifest.get("dsla_config")
             retry = bool(self.errors) and time.monotonic() >= self._retry_at
             seen = (manifest["version"], sorted((k, e["version"], e["sha256"]) for k, e in manifest["layers"].items()))
             if seen == self._seen and not retry:

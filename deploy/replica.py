@@ -74,7 +74,7 @@ class LLMReplica:
         self.layers.fingerprint = self.hybrid.fingerprint
         await asyncio.to_thread(refresh_layers, self.layers, self.hybrid)
         self.engine = AsyncEngine(self.hybrid, tok, EngineConfig(**cfg.engine.model_dump()))
-        self.installed: dict[int, int] = {}  # layer -> layer version of its installed DSLA module
+        self.installed: dict[int, tuple] = {}  # layer -> (version, sha256) of its installed DSLA module
         self.metrics = ReplicaMetrics(self.replica_id, self.hybrid.num_layers)
         self.recent_tpot: deque = deque(maxlen=1024)  # (finish time, time per output token)
         if cfg.controller.initial_layers:

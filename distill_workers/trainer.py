@@ -186,20 +186,19 @@ class ChainedDistiller:
         done = set(self.store.published_layers()) - self._unreadable
         return [l for l in self.order[:self.num_layers] if l not in done]
 
-    def _readable(self, layers) -> list[int]:
-        """The published layers that load (sha256, fingerprint); the others go back on the to-do
-        list, so one damaged file is republished instead of stopping the chain for good."""
+    def _apply_published(self):
+        """Convert the published layers with their stored weights, one at a time: a layer that no
+        longer loads (sha256, fingerprint) goes back on the to-do list, so one damaged file is
+        republished instead of stopping the chain for good."""
         from dsla_model.layer_store import LayerStoreError
 
-        good = []
-        for layer in layers:
+        self._unreadable.clear()
+        for layer in self.store.published_layers():
             try:
-                self.store.load_layer(layer, self.hybrid.fingerprint)
-                good.append(layer)
+                self.store.apply(self.hybrid, [layer])
             except (LayerStoreError, OSError) as e:
                 log.warning("published layer %d does not load (%s): distilling it again", layer, e)
                 self._unreadable.add(layer)
-        return good
 
     def stop(self):
         self._stop = True
@@ -221,8 +220,7 @@ class ChainedDistiller:
         """Distil every remaining layer; returns the layers published by this call."""
         freeze_teacher(self.hybrid)
         # the chain continues from the store: earlier layers are DSLA with their stored weights
-        self._unreadable.clear()
-        self.store.apply(self.hybrid, self._readable(self.store.published_layers()))
+        self._apply_published()
         for p in self.hybrid.dsla_parameters():
             p.requires_grad_(False)  # earlier layers are frozen: no gradient work for them
         blocks = self.blocks if self.blocks is not None else training_blocks(self.tok, self.cfg)

@@ -93,11 +93,14 @@ class LayerStore:
     def version(self) -> int:
         return int(self.read_manifest()["version"]) if self.exists() else 0
 
-    def published_layers(self) -> list[int]:
-        """Published layers, in the order they were distilled (their position)."""
-        if not self.exists():
-            return []
-        layers = self.read_manifest()["layers"]
+    def published_layers(self, manifest: dict | None = None) -> list[int]:
+        """Published layers, in the order they were distilled (their position); of `manifest` when
+        the caller has just read it."""
+        if manifest is None:
+            if not self.exists():
+                return []
+            manifest = self.read_manifest()
+        layers = manifest["layers"]
         return [int(k) for k, _ in sorted(layers.items(), key=lambda kv: kv[1]["position"])]
 
     def load_layer(self, layer: int, expected_fingerprint: str | None) -> dict:

@@ -140,6 +140,11 @@ def dsla_step(q, k, v, g1, g2, w, s1, s2, scale=None):
     return dsla_recurrent(q, k, v, g1, g2, w, s1, s2, scale)
 
 
+def check_pool_dtypes(s1_pool, s2_pool):
+    if s1_pool.dtype not in STATE_DTYPES or s2_pool.dtype != s1_pool.dtype:
+        raise ValueError(f"state pools must both be one of {STATE_DTYPES}, got {s1_pool.dtype} / {s2_pool.dtype}")
+
+
 def dsla_step_slots(q, k, v, g1, g2, w, s1_pool, s2_pool, slots, scale=None):
     """One decode step over a slot pool, updating the pools in place.
 
@@ -147,8 +152,7 @@ def dsla_step_slots(q, k, v, g1, g2, w, s1_pool, s2_pool, slots, scale=None):
     STATE_DTYPES; slots [B] int64 distinct slot indices. Returns o [B,Hq,Dv] (from the fp32
     states, before they are rounded to the pools' dtype).
     """
-    if s1_pool.dtype not in STATE_DTYPES or s2_pool.dtype != s1_pool.dtype:
-        raise ValueError(f"state pools must both be one of {STATE_DTYPES}, got {s1_pool.dtype} / {s2_pool.dtype}")
+    check_pool_dtypes(s1_pool, s2_pool)
     s1 = s1_pool.index_select(0, slots)
     s2 = s2_pool.index_select(0, slots)
     o, s1, s2 = dsla_recurrent(q[:, None], k[:, None], v[:, None], g1[:, None], g2[:, None], w, s1, s2, scale)

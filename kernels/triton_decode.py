@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from kernels import triton_alloc
-from kernels.reference import STATE_DTYPES
+from kernels.reference import check_pool_dtypes
 
 
 @triton.jit
@@ -69,9 +69,8 @@ def _decode_kernel(q, k, v, g1, g2, w, s1, s2, slots, o, scale,
 
 
 def check_state_pools(s1_pool, s2_pool):
-    """Slot pools are contiguous, of one shape, and fp32 or bf16 (STATE_DTYPES)."""
-    if s1_pool.dtype not in STATE_DTYPES or s2_pool.dtype != s1_pool.dtype:
-        raise ValueError(f"state pools must both be one of {STATE_DTYPES}, got {s1_pool.dtype} / {s2_pool.dtype}")
+    """Slot pools are contiguous, of one shape, and fp32 or bf16 (reference.STATE_DTYPES)."""
+    check_pool_dtypes(s1_pool, s2_pool)
     if not (s1_pool.is_contiguous() and s2_pool.is_contiguous()) or s1_pool.shape != s2_pool.shape:
         raise ValueError("state pools must be contiguous and of one shape")
 

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from kernels.reference import STATE_DTYPES as _STATE_DTYPES
 
 MAX_DEFAULT_MODEL_LEN = 8192
 CPU_DEFAULT_CACHE_BYTES = 512 * 2**20
-STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+STATE_DTYPES = {str(d).removeprefix("torch."): d for d in _STATE_DTYPES}  # by name: "float32", "bfloat16"
 GPU_CACHE_FRACTION = 0.85  # of the memory free after the model loaded; the rest is activations / graphs
 
 
