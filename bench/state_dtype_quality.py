@@ -90,7 +90,9 @@ def main():
     store = LayerStore(SHIPPED_STORE)
     order = store.read_manifest()["order"]
     n = round(args.conversion * len(order))
+    # a CPU measurement (quality, not speed): it names the machine, and no GPU because none was used
     res = {"command": "python " + " ".join(sys.argv), "machine": f"{platform.machine()} CPU ({os.cpu_count()} cores)",
+           "gpu": None,
            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "model": model_id,
            "torch": torch.__version__, "dsla_layers": sorted(order[:n]), "conversion": n / len(order),
            "tokens_per_text": args.tokens, "prefill": args.prefill, "texts": [p for p, _ in texts], "runs": []}
