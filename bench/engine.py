@@ -283,7 +283,7 @@ def run(args):
     cache_budget = int(BUDGET - weight_bytes - RESERVE)
     eng = Engine(hyb, None, EngineConfig(max_running=64, max_batched_tokens=4096, max_model_len=max_len,
                                          cache_memory_bytes=cache_budget, state_dtype=args.state_dtype))
-    state_bytes = eng.pool.s1.element_size()
+    state_bytes = (eng.pool.s1.element_size() + eng.pool.s2.element_size()) / 2  # per element of a pair
     eng.pool.kv.normal_()  # finite random KV everywhere (state pairs are zeroed when handed out)
     res["cache_budget_bytes"] = eng.pool.budget_bytes
     res["decode"], res["max_occupancy"] = [], []
@@ -437,9 +437,9 @@ def main():
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU: checks the script runs")
     ap.add_argument("--cpu-throughput", action="store_true",
                     help="default model on the CPU: 16 requests, engine vs HF generate one by one")
-    from dsla_model.engine.config import STATE_DTYPES
+    from dsla_model.engine.config import STATE_FORMATS
 
-    ap.add_argument("--state-dtype", default="float32", choices=sorted(STATE_DTYPES),
+    ap.add_argument("--state-dtype", default="float32", choices=sorted(STATE_FORMATS),
                     help="the DSLA state pools' dtype (EngineConfig.state_dtype); results go to "
                          "engine.<dtype>-states.* unless float32")
     args = ap.parse_args()

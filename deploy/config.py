@@ -34,10 +34,10 @@ class EngineSettings(_Strict):
     @field_validator("state_dtype")
     @classmethod
     def _state_dtype(cls, v):
-        from dsla_model.engine.config import STATE_DTYPES
+        from dsla_model.engine.config import STATE_FORMATS
 
-        if v not in STATE_DTYPES:
-            raise ValueError(f"state_dtype must be one of {sorted(STATE_DTYPES)}, got {v!r}")
+        if v not in STATE_FORMATS:
+            raise ValueError(f"state_dtype must be one of {sorted(STATE_FORMATS)}, got {v!r}")
         return v
 
 

@@ -26,7 +26,8 @@ from __future__ import annotations
 import torch
 
 # What a slot pool may hold. bf16 halves the state traffic of a decode step; each state is then
-# rounded to bf16 once per token (the update itself and the output run in fp32).
+# rounded to bf16 once per token (the update itself and the output run in fp32). The two pools
+# of a layer may differ: the history state in fp32 and the recency state in bf16.
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -141,8 +142,8 @@ def dsla_step(q, k, v, g1, g2, w, s1, s2, scale=None):
 
 
 def check_pool_dtypes(s1_pool, s2_pool):
-    if s1_pool.dtype not in STATE_DTYPES or s2_pool.dtype != s1_pool.dtype:
-        raise ValueError(f"state pools must both be one of {STATE_DTYPES}, got {s1_pool.dtype} / {s2_pool.dtype}")
+    if s1_pool.dtype not in STATE_DTYPES or s2_pool.dtype not in STATE_DTYPES:
+        raise ValueError(f"state pools must each be one of {STATE_DTYPES}, got {s1_pool.dtype} / {s2_pool.dtype}")
 
 
 def dsla_step_slots(q, k, v, g1, g2, w, s1_pool, s2_pool, slots, scale=None):

@@ -20,9 +20,10 @@ from kernels.reference import check_pool_dtypes
 
 
 @triton.jit
-def _state_tile(slots, Hkv, Dk: tl.constexpr, Dv: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+def _state_tile(slots, ss1, ss2, Hkv, Dk: tl.constexpr, Dv: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """This program's sequence, kv head and Dk/Dv indices (grid: sequence, kv head, Dv block),
-    and its state tile's offsets and mask in a slot pool [num_slots, Hkv, Dk, Dv]."""
+    its state tile's offsets in the two slot pools [num_slots, Hkv, Dk, Dv] (slot strides ss1,
+    ss2 elements: the pools of a pair may differ in dtype, so in stride) and the tile's mask."""
     ib = tl.program_id(0)
     hk = tl.program_id(1)
     dk = tl.arange(0, BK)
@@ -30,12 +31,12 @@ def _state_tile(slots, Hkv, Dk: tl.constexpr, Dv: tl.constexpr, BK: tl.constexpr
     mk = dk < Dk
     mv = dv < Dv
     slot = tl.load(slots + ib).to(tl.int64)
-    st = ((slot * Hkv + hk) * Dk + dk[:, None]) * Dv + dv[None, :]
-    return ib, hk, dk, dv, mk, mv, st, mk[:, None] & mv[None, :]
+    inner = (hk * Dk + dk[:, None]) * Dv + dv[None, :]
+    return ib, hk, dk, dv, mk, mv, slot * ss1 + inner, slot * ss2 + inner, mk[:, None] & mv[None, :]
 
 
 @triton.jit
-def _step_states(s1, s2, st, mst, S1, S2, kk, vv, a1, a2, w, scale):
+def _step_states(s1, s2, st1, st2, mst, S1, S2, kk, vv, a1, a2, w, scale):
     """Decay the two loaded state tiles, add k^T v, store them back in place; returns the mixed
     state scaled for the output. Shared with triton_decode_step.py so that both kernels do the
     same operations in the same order: that kernel must match this one bit for bit."""
@@ -43,24 +44,24 @@ def _step_states(s1, s2, st, mst, S1, S2, kk, vv, a1, a2, w, scale):
     S1 = S1.to(tl.float32) * a1[:, None] + kv
     S2 = S2.to(tl.float32) * a2[:, None] + kv
     # A bf16 pool holds each state rounded once per step; the update and the output use fp32.
-    tl.store(s1 + st, S1.to(s1.dtype.element_ty), mask=mst)
-    tl.store(s2 + st, S2.to(s2.dtype.element_ty), mask=mst)
+    tl.store(s1 + st1, S1.to(s1.dtype.element_ty), mask=mst)
+    tl.store(s2 + st2, S2.to(s2.dtype.element_ty), mask=mst)
     # Mixing before the product with q: one reduction per query head, not two.
     return (tl.load(w) * S1 + tl.load(w + 1) * S2) * scale
 
 
 @triton.jit
-def _decode_kernel(q, k, v, g1, g2, w, s1, s2, slots, o, scale,
+def _decode_kernel(q, k, v, g1, g2, w, s1, s2, slots, o, scale, ss1, ss2,
                    Hkv: tl.constexpr, G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr):
-    ib, hk, dk, dv, mk, mv, st, mst = _state_tile(slots, Hkv, Dk, Dv, BK, BV)
+    ib, hk, dk, dv, mk, mv, st1, st2, mst = _state_tile(slots, ss1, ss2, Hkv, Dk, Dv, BK, BV)
     kv_row = ib * Hkv + hk
     kk = tl.load(k + kv_row * Dk + dk, mask=mk, other=0.).to(tl.float32)
     vv = tl.load(v + kv_row * Dv + dv, mask=mv, other=0.).to(tl.float32)
     a1 = tl.exp(tl.load(g1 + kv_row * Dk + dk, mask=mk, other=0.).to(tl.float32))
     a2 = tl.exp(tl.load(g2 + kv_row * Dk + dk, mask=mk, other=0.).to(tl.float32))
-    M = _step_states(s1, s2, st, mst, tl.load(s1 + st, mask=mst, other=0.), tl.load(s2 + st, mask=mst, other=0.),
-                     kk, vv, a1, a2, w, scale)
+    M = _step_states(s1, s2, st1, st2, mst, tl.load(s1 + st1, mask=mst, other=0.),
+                     tl.load(s2 + st2, mask=mst, other=0.), kk, vv, a1, a2, w, scale)
     for gi in tl.static_range(G):
         hq = hk * G + gi
         qq = tl.load(q + (ib * Hkv * G + hq) * Dk + dk, mask=mk, other=0.).to(tl.float32)
@@ -69,14 +70,22 @@ def _decode_kernel(q, k, v, g1, g2, w, s1, s2, slots, o, scale,
 
 
 def check_state_pools(s1_pool, s2_pool):
-    """Slot pools are contiguous, of one shape, and fp32 or bf16 (reference.STATE_DTYPES)."""
+    """Slot pools of one shape, each fp32 or bf16 (reference.STATE_DTYPES), each slot's state
+    contiguous; slots may be any stride apart (a pool of fp32 history and bf16 recency states
+    interleaves them)."""
     check_pool_dtypes(s1_pool, s2_pool)
-    if not (s1_pool.is_contiguous() and s2_pool.is_contiguous()) or s1_pool.shape != s2_pool.shape:
-        raise ValueError("state pools must be contiguous and of one shape")
+    if s1_pool.dim() != 4 or s1_pool.shape != s2_pool.shape:
+        raise ValueError(f"state pools must be [num_slots, Hkv, Dk, Dv] of one shape, got "
+                         f"{tuple(s1_pool.shape)} / {tuple(s2_pool.shape)}")
+    _, Hkv, Dk, Dv = s1_pool.shape
+    for p in (s1_pool, s2_pool):
+        if p.stride()[1:] != (Dk * Dv, Dv, 1) or p.stride(0) < Hkv * Dk * Dv:
+            raise ValueError(f"each slot of a state pool must be one contiguous state, apart from the next; "
+                             f"got strides {p.stride()}")
 
 
 def dsla_decode_fused(q, k, v, g1, g2, w, s1_pool, s2_pool, slots, scale=None):
-    """One token per sequence over slot pools [num_slots, Hkv, Dk, Dv] (fp32 or bf16), updated in place.
+    """One token per sequence over slot pools [num_slots, Hkv, Dk, Dv] (each fp32 or bf16), updated in place.
 
     q [B,Hq,Dk], k/g1/g2 [B,Hkv,Dk], v [B,Hkv,Dv], w [2], slots [B] (distinct). Returns o [B,Hq,Dv].
     """
@@ -98,5 +107,5 @@ def dsla_decode_fused(q, k, v, g1, g2, w, s1_pool, s2_pool, slots, scale=None):
     grid = (B, Hkv, triton.cdiv(Dv, BV))
     _decode_kernel[grid](q.contiguous(), k.contiguous(), v.contiguous(), g1.contiguous(), g2.contiguous(),
                          w.float().contiguous(), s1_pool, s2_pool, slots.contiguous(), o, scale,
-                         Hkv=Hkv, G=Hq // Hkv, Dk=Dk, Dv=Dv, BK=BK, BV=BV, num_warps=4)
+                         s1_pool.stride(0), s2_pool.stride(0), Hkv=Hkv, G=Hq // Hkv, Dk=Dk, Dv=Dv, BK=BK, BV=BV, num_warps=4)
     return o

@@ -25,7 +25,8 @@ projections sum in another order.
 
 Layouts: qkv [B, Hq*Dk + Hkv*Dk + Hkv*Dv] (q, k, v side by side; unit stride along a row);
 t [B, 2R] (both gates' low-rank codes); up weights [Hkv*Dk, R] and biases [Hkv*Dk]; cos, sin
-[B, Dk]; head_scale [Hq]; fp32 or bf16 slot pools [num_slots, Hkv, Dk, Dv], updated in place.
+[B, Dk]; head_scale [Hq]; slot pools [num_slots, Hkv, Dk, Dv] (each fp32 or bf16, slots any stride
+apart), updated in place.
 """
 from __future__ import annotations
 
@@ -73,10 +74,10 @@ def _log_decay(t, wu, bu, gate_norm, gate_floor, DT: tl.constexpr):
 
 @triton.jit
 def _decode_step_kernel(QKV, T, Wu1, Bu1, Wu2, Bu2, Cos, Sin, w, HS, s1, s2, slots, o,
-                        s_qkv, s_t, s_c, R, gate_norm, gate_floor, scale,
+                        s_qkv, s_t, s_c, ss1, ss2, R, gate_norm, gate_floor, scale,
                         Hkv: tl.constexpr, G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr,
                         BV: tl.constexpr, RP: tl.constexpr):
-    ib, hk, dk, dv, _, mv, st, mst = _state_tile(slots, Hkv, Dk, Dv, Dk, BV)
+    ib, hk, dk, dv, _, mv, st1, st2, mst = _state_tile(slots, ss1, ss2, Hkv, Dk, Dv, Dk, BV)
     # Every load is issued before any math, so the state tiles (nearly all of the bytes) are in
     # flight while the RoPE and the gates are computed. The gate operands are loaded before
     # them: in this order Triton (3.9) keeps the state tiles, and the sums over Dk, in the
@@ -84,8 +85,8 @@ def _decode_step_kernel(QKV, T, Wu1, Bu1, Wu2, Bu2, Cos, Sin, w, HS, s1, s2, slo
     # which sums in another order (and costs a shared-memory round trip).
     t1, wu1, bu1 = _up_operands(T + ib * s_t, Wu1, Bu1, hk, R, RP, Dk)
     t2, wu2, bu2 = _up_operands(T + ib * s_t + R, Wu2, Bu2, hk, R, RP, Dk)
-    P1 = tl.load(s1 + st, mask=mst, other=0.)
-    P2 = tl.load(s2 + st, mask=mst, other=0.)
+    P1 = tl.load(s1 + st1, mask=mst, other=0.)
+    P2 = tl.load(s2 + st2, mask=mst, other=0.)
     DT = o.dtype.element_ty
     row = QKV + ib * s_qkv
     c = tl.load(Cos + ib * s_c + dk).to(tl.float32)
@@ -95,7 +96,7 @@ def _decode_step_kernel(QKV, T, Wu1, Bu1, Wu2, Bu2, Cos, Sin, w, HS, s1, s2, slo
     vv = tl.load(row + (HQ + Hkv) * Dk + hk * Dv + dv, mask=mv, other=0.).to(tl.float32)
     a1 = tl.exp(_log_decay(t1, wu1, bu1, gate_norm, gate_floor, DT))
     a2 = tl.exp(_log_decay(t2, wu2, bu2, gate_norm, gate_floor, DT))
-    M = _step_states(s1, s2, st, mst, P1, P2, kk, vv, a1, a2, w, scale)
+    M = _step_states(s1, s2, st1, st2, mst, P1, P2, kk, vv, a1, a2, w, scale)
     for gi in tl.static_range(G):
         hq = hk * G + gi
         qq = _rope(row + hq * Dk, c, sn, Dk, DT)
@@ -141,7 +142,8 @@ def dsla_decode_step_fused(qkv, t, up1, up2, cos, sin, w, head_scale, s1_pool, s
     BV = min(int(block_v), triton.next_power_of_2(Dv))
     _decode_step_kernel[(B, Hkv, triton.cdiv(Dv, BV))](
         qkv, t, *up1, *up2, cos, sin, w.float().contiguous(), head_scale, s1_pool, s2_pool, slots.contiguous(), o,
-        qkv.stride(0), t.stride(0), cos.stride(0), R, float(gate_norm), float(gate_floor), scale,
+        qkv.stride(0), t.stride(0), cos.stride(0), s1_pool.stride(0), s2_pool.stride(0), R, float(gate_norm),
+        float(gate_floor), scale,
         Hkv=Hkv, G=Hq // Hkv, Dk=Dk, Dv=Dv, BV=BV, RP=max(16, triton.next_power_of_2(R)), num_warps=int(num_warps),
         **_register_cap(qkv.device, B * Hkv * triton.cdiv(Dv, BV)))
     return o

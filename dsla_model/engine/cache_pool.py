@@ -3,19 +3,20 @@
 The budget is a single byte buffer seen two ways:
   - KV blocks  [num_blocks, 2 (k, v), block_size, Hkv, D] in the model dtype: one
     block holds `block_size` tokens of one attention layer;
-  - DSLA states [2 * num_groups, Hkv, Dk, Dv] in `state_dtype` (fp32, or bf16 for half the
-    decode-step traffic): a *state pair* (the history and
-    the recency state of one DSLA layer of one sequence) fills one group of
-    `blocks_per_pair` consecutive KV blocks exactly.
+  - DSLA state pairs: the history and the recency state of one DSLA layer of one sequence,
+    [Hkv, Dk, Dv] each, side by side, in `state_dtype` (fp32; bf16 for half the decode-step
+    traffic; or a (history, recency) pair of dtypes: fp32 history and bf16 recency states
+    move 3/4 of the bytes); a pair fills one group of `blocks_per_pair` consecutive KV
+    blocks exactly.
 Because both live in the same bytes, converting a layer frees KV blocks that new
 sequences can use as states or KV alike: capacity grows with conversion without
 resizing anything. KV blocks are handed out lowest index first and state pairs
 highest group first, so the two rarely fragment each other.
 
-The pair with index p is s1_pool[2p] / s2_pool[2p]: s1_pool and s2_pool are the
-same state array offset by one state, so each is a contiguous [N, Hkv, Dk, Dv]
-view and one slot index addresses both (what `kernels.dsla_decode_slots` takes).
-Group 0 is reserved as scratch for padded rows of captured decode graphs.
+The pair of group g is s1[g] / s2[g]: s1 and s2 are [num_groups, Hkv, Dk, Dv] views
+of the same bytes whose slots are one pair apart, so one slot index addresses both
+(what `kernels.dsla_decode_slots` takes). Group 0 is reserved as scratch for padded
+rows of captured decode graphs.
 """
 from __future__ import annotations
 
@@ -30,13 +31,16 @@ from kernels.reference import STATE_DTYPES
 
 class CachePool:
     def __init__(self, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device, budget_bytes: int,
-                 block_size: int = 16, state_dtype: torch.dtype = torch.float32):
+                 block_size: int = 16, state_dtype: torch.dtype | tuple = torch.float32):
         es = torch.empty((), dtype=dtype).element_size()
-        if state_dtype not in STATE_DTYPES:  # the decode kernels take no other
-            raise ValueError(f"state pools hold one of {STATE_DTYPES}, not {state_dtype}")
-        self.state_dtype = state_dtype
-        self.state_bytes = num_kv_heads * head_dim * head_dim * torch.empty((), dtype=state_dtype).element_size()
-        pair_bytes = 2 * self.state_bytes
+        dts = tuple(state_dtype) if isinstance(state_dtype, (tuple, list)) else (state_dtype, state_dtype)
+        if len(dts) != 2 or any(d not in STATE_DTYPES for d in dts):  # the decode kernels take no other
+            raise ValueError(f"state pools hold one of {STATE_DTYPES} (or a pair of them), not {state_dtype}")
+        self.state_dtypes = dts
+        sizes = [torch.empty((), dtype=d).element_size() for d in dts]
+        E = num_kv_heads * head_dim * head_dim
+        self.state_bytes = (E * sizes[0], E * sizes[1])  # (history, recency)
+        self.pair_bytes = pair_bytes = sum(self.state_bytes)
         bs = block_size
         while bs > 1 and pair_bytes % (2 * bs * num_kv_heads * head_dim * es):
             bs //= 2
@@ -52,9 +56,11 @@ class CachePool:
         self.budget_bytes = G * pair_bytes
         storage = torch.zeros(self.budget_bytes, dtype=torch.uint8, device=device)
         self.kv = storage.view(dtype).view(self.num_blocks, 2, bs, num_kv_heads, head_dim)
-        states = storage.view(state_dtype).view(2 * G, num_kv_heads, head_dim, head_dim)
-        self.s1 = states[0:2 * G - 1]
-        self.s2 = states[1:2 * G]
+        shape = (G, num_kv_heads, head_dim, head_dim)
+        inner = (head_dim * head_dim, head_dim, 1)
+        self.s1 = storage.view(dts[0]).as_strided(shape, (pair_bytes // sizes[0], *inner), 0)
+        self.s2 = storage.view(dts[1]).as_strided(shape, (pair_bytes // sizes[1], *inner),
+                                                  self.state_bytes[0] // sizes[1])
         self._free = np.ones(self.num_blocks, dtype=bool)
         self._group_free = np.full(G, m, dtype=np.int64)
         self._free[:m] = False  # group 0: scratch
@@ -104,7 +110,7 @@ class CachePool:
             heapq.heappush(self._heap, b)
 
     def alloc_pair(self) -> int:
-        """A zeroed state pair; returns its slot index (2 * group)."""
+        """A zeroed state pair; returns its slot index (its group)."""
         full = np.nonzero(self._group_free == self.blocks_per_pair)[0]
         if len(full) == 0:
             raise RuntimeError("no free state group")
@@ -113,12 +119,12 @@ class CachePool:
         self._free[g * m:(g + 1) * m] = False
         self._group_free[g] = 0
         self.num_free -= m
-        self.s1[2 * g].zero_()
-        self.s2[2 * g].zero_()
-        return 2 * g
+        self.s1[g].zero_()
+        self.s2[g].zero_()
+        return g
 
     def free_pair(self, slot: int):
-        g = slot // 2
+        g = slot
         m = self.blocks_per_pair
         self._free[g * m:(g + 1) * m] = True
         self._group_free[g] = m

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kernels.reference import STATE_DTYPES as _STATE_DTYPES
+import torch
 
 MAX_DEFAULT_MODEL_LEN = 8192
 CPU_DEFAULT_CACHE_BYTES = 512 * 2**20
-STATE_DTYPES = {str(d).removeprefix("torch."): d for d in _STATE_DTYPES}  # by name: "float32", "bfloat16"
+# state_dtype names -> the (history, recency) pools' dtypes (kernels.reference.STATE_DTYPES)
+STATE_FORMATS = {"float32": (torch.float32, torch.float32), "bfloat16": (torch.bfloat16, torch.bfloat16),
+                 "bfloat16-recency": (torch.float32, torch.bfloat16)}
 GPU_CACHE_FRACTION = 0.85  # of the memory free after the model loaded; the rest is activations / graphs
 
 
@@ -19,11 +21,13 @@ class EngineConfig:
     cache_memory_bytes: int | None = None  # None: 512 MiB on CPU, a fraction of free memory on CUDA
     use_cuda_graphs: bool = True
     block_size: int = 16  # tokens per KV block (reduced if the state size is not a multiple)
-    # How the DSLA state pools store each state between steps. "bfloat16" halves the bytes a
-    # DSLA layer's decode step moves (the update still runs in fp32), but rounding every token
+    # How the DSLA state pools store each state between steps (the update always runs in fp32).
+    # "bfloat16" halves the bytes a DSLA layer's decode step moves, but rounding every token
     # cancels history decays closer to 1 than bf16's step and drops small updates: outputs drift
     # from the model's over long decodes (bench/results/state_dtype_quality.md), and each prefill
     # piece adds a rounding, so a request's result depends on how its prompt was chunked.
+    # "bfloat16-recency" rounds only the recency state, whose decays bf16 resolves: 3/4 of the
+    # bytes, and a drift smaller than bf16 weights' own.
     state_dtype: str = "float32"
 
     def validate(self):
@@ -36,7 +40,7 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.cache_memory_bytes is not None and self.cache_memory_bytes <= 0:
             raise ValueError(f"cache_memory_bytes must be > 0, got {self.cache_memory_bytes}")
-        if not isinstance(self.state_dtype, str) or self.state_dtype not in STATE_DTYPES:
-            raise ValueError(f"state_dtype must be one of {sorted(STATE_DTYPES)}, got {self.state_dtype!r}")
+        if not isinstance(self.state_dtype, str) or self.state_dtype not in STATE_FORMATS:
+            raise ValueError(f"state_dtype must be one of {sorted(STATE_FORMATS)}, got {self.state_dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")

@@ -26,7 +26,7 @@ from collections import deque
 import torch
 
 from dsla_model.engine.cache_pool import CachePool
-from dsla_model.engine.config import (CPU_DEFAULT_CACHE_BYTES, GPU_CACHE_FRACTION, MAX_DEFAULT_MODEL_LEN, STATE_DTYPES,
+from dsla_model.engine.config import (CPU_DEFAULT_CACHE_BYTES, GPU_CACHE_FRACTION, MAX_DEFAULT_MODEL_LEN, STATE_FORMATS,
                                       EngineConfig)
 from dsla_model.engine.layer_config import LayerConfig
 from dsla_model.engine.outputs import TokenEvent
@@ -75,7 +75,7 @@ class Engine:
         self.vocab_size = mc.vocab_size
         self.max_model_len = _max_model_len(config, mc)
         self.pool = CachePool(hybrid.num_kv_heads, hybrid.head_dim, w.dtype, self.device,
-                              self._cache_budget(config), config.block_size, STATE_DTYPES[config.state_dtype])
+                              self._cache_budget(config), config.block_size, STATE_FORMATS[config.state_dtype])
         self.runner = ModelRunner(hybrid, self.pool, self.max_model_len)
         self.graphs = None
         if self.device.type == "cuda" and config.use_cuda_graphs:

@@ -29,15 +29,18 @@ def test_cuda_graph_engine_matches_reference():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_engine_with_bf16_states():
-    """bf16 state pools through graphs and the fused step: a batch gives each prompt the tokens it
-    gets alone (every prompt prefills whole either way), and mostly the fp32 reference's."""
+@pytest.mark.parametrize("states", ["bfloat16", "bfloat16-recency"])
+def test_cuda_graph_engine_with_bf16_states(states):
+    """bf16 state pools (both states, or the recency state only) through graphs and the fused step:
+    a batch gives each prompt the tokens it gets alone (every prompt prefills whole either way), and
+    mostly the fp32 reference's."""
     h = tiny_hybrid(dsla_layers=(0, 1, 3), heads=4, kv_heads=2, hidden=256).cuda()
     prompts = random_prompts(10, 256, lo=3, hi=120, seed=6)
     sp = SamplingParams(max_tokens=24, temperature=0)
-    cfg = dict(max_running=8, max_batched_tokens=2048, cache_memory_bytes=64 << 20, state_dtype="bfloat16")
+    cfg = dict(max_running=8, max_batched_tokens=2048, cache_memory_bytes=64 << 20, state_dtype=states)
     eng = Engine(h, None, EngineConfig(**cfg))
-    assert eng.pool.s1.dtype == torch.bfloat16
+    assert eng.pool.s2.dtype == torch.bfloat16
+    assert eng.pool.s1.dtype == (torch.bfloat16 if states == "bfloat16" else torch.float32)
     got = eng.generate(prompts, sp)
     assert eng.graphs is not None and eng.graphs.captures >= 1
     for p, g in zip(prompts, got):
@@ -48,5 +51,6 @@ def test_cuda_graph_engine_with_bf16_states():
 
 if __name__ == "__main__":
     test_cuda_graph_engine_matches_reference()
-    test_cuda_graph_engine_with_bf16_states()
+    test_cuda_graph_engine_with_bf16_states("bfloat16")
+    test_cuda_graph_engine_with_bf16_states("bfloat16-recency")
     print("gpu engine test passed")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kernels import reference as ref
+from tests.kernels.pools import STATE_PAIRS, slot_pools
 from tests.kernels.where import CUDA, DEV  # also skips this module where no Triton path runs
 
 import triton  # noqa: E402
@@ -27,7 +28,7 @@ def poison(monkeypatch):
     monkeypatch.setattr(triton_alloc, "POISON", True)
 
 
-def _case(B, Hq, Hkv, Dk, Dv, R, dtype, seed, slots, floor=FLOOR, state_dtype=torch.float32):
+def _case(B, Hq, Hkv, Dk, Dv, R, dtype, seed, slots, floor=FLOOR, state_dtypes=STATE_PAIRS["f32"]):
     """Arguments of dsla_decode_step as the runner passes them: qkv and the gate codes are two
     column ranges of one GEMV output (rows not contiguous), pools larger than the batch."""
     g = torch.Generator().manual_seed(seed)
@@ -41,12 +42,11 @@ def _case(B, Hq, Hkv, Dk, Dv, R, dtype, seed, slots, floor=FLOOR, state_dtype=to
     up2 = ((r(Hkv * Dk, R) * 1.5).to(dtype), (r(Hkv * Dk) * 2 - 2).to(dtype))
     w = torch.softmax(r(2), 0)
     head_scale = (r(Hq) * 0.5).exp().to(dtype)
-    p1 = r(max(slots) + 3, Hkv, Dk, Dv).to(state_dtype)
-    p2 = r(max(slots) + 3, Hkv, Dk, Dv).to(state_dtype)
+    p1, p2 = slot_pools(max(slots) + 3, Hkv, Dk, Dv, state_dtypes, g, DEV)
     dev = lambda x: x.to(DEV)  # noqa: E731
     return dict(qkv=dev(y[:, :n]), t=dev(y[:, n:n + 2 * R]), up1=tuple(map(dev, up1)), up2=tuple(map(dev, up2)),
-                cos=dev(cos), sin=dev(sin), w=dev(w), head_scale=dev(head_scale), s1_pool=dev(p1),
-                s2_pool=dev(p2), slots=torch.tensor(slots, device=DEV), num_heads=Hq, num_kv_heads=Hkv,
+                cos=dev(cos), sin=dev(sin), w=dev(w), head_scale=dev(head_scale), s1_pool=p1,
+                s2_pool=p2, slots=torch.tensor(slots, device=DEV), num_heads=Hq, num_kv_heads=Hkv,
                 gate_norm=NORM, gate_floor=floor, scale=Dk ** -0.5)
 
 
@@ -67,12 +67,12 @@ def _rel(a, b):
 SHAPES = [(1, 2, 2, 16, 16, 4, [3]), (3, 6, 2, 16, 48, 8, [4, 0, 2]), (2, 4, 1, 32, 32, 16, [6, 1])]
 
 
-@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("states", list(STATE_PAIRS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_decode_step_matches_reference(dtype, shape, state_dtype):
+def test_decode_step_matches_reference(dtype, shape, states):
     *dims, slots = shape
-    a = _case(*dims, dtype, seed=sum(dims), slots=slots, state_dtype=state_dtype)
+    a = _case(*dims, dtype, seed=sum(dims), slots=slots, state_dtypes=STATE_PAIRS[states])
     r = _cpu(a)
     before = a["s1_pool"].cpu().clone(), a["s2_pool"].cpu().clone()
     o_ref = ref.dsla_decode_step(**r)
@@ -81,11 +81,12 @@ def test_decode_step_matches_reference(dtype, shape, state_dtype):
     # bf16 is rounded in the kernel (q, k, the up projections, the output twice) as in the
     # reference, but Triton's interpreter rounds toward zero where the GPU and torch round to
     # nearest: one bf16 step (2^-8) apart there, far less when compiled
-    o_tol, s_tol = (2e-5, 2e-5) if dtype == torch.float32 else (1e-2, 2e-4) if CUDA else (2e-2, 1e-2)
-    if state_dtype == torch.bfloat16:  # both round the same fp32 states: an ulp apart at most (ties; and
-        s_tol = max(s_tol, 2e-3 if CUDA else 8e-3)  # the interpreter rounds toward zero, often)
+    o_tol, s_tol32 = (2e-5, 2e-5) if dtype == torch.float32 else (1e-2, 2e-4) if CUDA else (2e-2, 1e-2)
     assert _rel(o.cpu(), o_ref) < o_tol
     for got, want, old in zip((a["s1_pool"], a["s2_pool"]), (r["s1_pool"], r["s2_pool"]), before):
+        # a bf16 pool: both round the same fp32 states, an ulp apart at most (ties; and the
+        # interpreter rounds toward zero, often)
+        s_tol = s_tol32 if got.dtype == torch.float32 else max(s_tol32, 2e-3 if CUDA else 8e-3)
         got = got.cpu()
         assert _rel(got[slots], want[slots]) < s_tol
         assert _rel(got[slots], old[slots]) > 1e-2  # the step did change them
@@ -100,7 +101,7 @@ def test_bf16_state_pools_track_fp32_pools(dtype):
     B, Hq, Hkv, D, R, slots = 3, 4, 2, 32, 8, [5, 0, 2]
     runs = {}
     for sd in (torch.float32, torch.bfloat16):
-        a = _case(B, Hq, Hkv, D, D, R, dtype, seed=21, slots=slots, state_dtype=sd)
+        a = _case(B, Hq, Hkv, D, D, R, dtype, seed=21, slots=slots, state_dtypes=(sd, sd))
         a["s1_pool"] = a["s1_pool"].float().to(sd)  # both start from the same (bf16-representable) states
         a["s2_pool"] = a["s2_pool"].float().to(sd)
         if sd == torch.float32:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kernels import reference as ref
+from tests.kernels.pools import STATE_PAIRS, slot_pools
 from tests.kernels.where import CUDA, DEV  # also skips this module where no Triton path runs
 
 from kernels import triton_alloc  # noqa: E402
@@ -216,31 +217,41 @@ def test_prefill_gradients_varlen_bf16():
         assert _rel(a.cpu(), b) < (4e-2 if name in ("g1", "g2") else 1.5e-2), name
 
 
-def _decode_case(B, Hq, Hkv, Dk, Dv, dtype, seed, slots, state_dtype=torch.float32):
+def _decode_case(B, Hq, Hkv, Dk, Dv, dtype, seed, slots, state_dtypes=STATE_PAIRS["f32"]):
     q, k, v, g1, g2, w, _, _ = _inputs(B, 1, Hq, Hkv, Dk, Dv, dtype, seed, states=False)
-    g = torch.Generator().manual_seed(seed)
-    p1 = torch.randn(max(slots) + 3, Hkv, Dk, Dv, generator=g).to(DEV, state_dtype)
-    p2 = torch.randn_like(p1)
+    p1, p2 = slot_pools(max(slots) + 3, Hkv, Dk, Dv, state_dtypes, torch.Generator().manual_seed(seed), DEV)
     sl = torch.tensor(slots, device=DEV)
     return [x[:, 0] for x in (q, k, v, g1, g2)], w, p1, p2, sl
 
 
-@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("states", list(STATE_PAIRS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,Hq,Hkv,Dk,Dv,slots", [(1, 2, 2, 16, 16, [0]), (3, 6, 2, 16, 64, [4, 0, 2])])
-def test_decode_slots(dtype, B, Hq, Hkv, Dk, Dv, slots, state_dtype):
-    (q, k, v, g1, g2), w, p1, p2, sl = _decode_case(B, Hq, Hkv, Dk, Dv, dtype, 9, slots, state_dtype)
-    r1, r2 = p1.cpu().clone(), p2.cpu().clone()  # the reference's pools have the kernel's dtype
-    old = r1.clone()
+def test_decode_slots(dtype, B, Hq, Hkv, Dk, Dv, slots, states):
+    (q, k, v, g1, g2), w, p1, p2, sl = _decode_case(B, Hq, Hkv, Dk, Dv, dtype, 9, slots, STATE_PAIRS[states])
+    r1, r2 = p1.cpu().clone(), p2.cpu().clone()  # the reference's pools have the kernel's dtypes
+    old = r1.clone(), r2.clone()
     ro = ref.dsla_step_slots(*[x.cpu().float() for x in (q, k, v, g1, g2, w)], r1, r2, sl.cpu())
     o = dsla_decode_fused(q, k, v, g1, g2, w, p1, p2, sl)
-    assert o.dtype == dtype and p1.dtype == state_dtype
+    assert o.dtype == dtype and (p1.dtype, p2.dtype) == STATE_PAIRS[states]
     assert _rel(o.cpu(), ro) < _tol(dtype)
-    # every slot matches: updated ones and the untouched ones alike (bf16 pools: both round the same
-    # fp32 states, an ulp apart at most where the interpreter rounds toward zero)
-    s_tol = 1e-5 if state_dtype == torch.float32 else 2e-3 if CUDA else 8e-3
-    assert _rel(p1.cpu(), r1) < s_tol and _rel(p2.cpu(), r2) < s_tol
-    assert _rel(p1.cpu()[slots], old[slots]) > 1e-2
+    # every slot of each pool matches: updated ones and the untouched ones alike (bf16 pools: both
+    # round the same fp32 states, an ulp apart at most where the interpreter rounds toward zero)
+    for got, want, before in zip((p1, p2), (r1, r2), old):
+        s_tol = 1e-5 if got.dtype == torch.float32 else 2e-3 if CUDA else 8e-3
+        assert _rel(got.cpu(), want) < s_tol
+        assert _rel(got.cpu()[slots], before[slots]) > 1e-2
+
+
+def test_decode_refuses_pools_it_cannot_address():
+    """Each slot must be one contiguous state (the kernel adds a slot stride to fixed inner offsets),
+    slots must not overlap, and both pools must have one shape."""
+    (q, k, v, g1, g2), w, p1, p2, sl = _decode_case(2, 2, 2, 16, 16, torch.float32, 3, [0, 1])
+    bad = {"transposed": (p1.transpose(2, 3), p2), "overlapping": (p1.as_strided(p1.shape, (16, *p1.stride()[1:])), p2),
+           "shapes": (p1[:, :1], p2[:, :1].expand(-1, 2, -1, -1)), "float16": (p1, p2.half())}
+    for name, (a, b) in bad.items():
+        with pytest.raises(ValueError, match="state pool"):
+            dsla_decode_fused(q, k, v, g1, g2, w, a, b, sl)
 
 
 def test_decode_continues_prefill():
