@@ -7,14 +7,14 @@ The budget is a single byte buffer seen two ways:
     [Hkv, Dk, Dv] each, side by side, in `state_dtype` (fp32; bf16 for half the decode-step
     traffic; or a (history, recency) pair of dtypes: fp32 history and bf16 recency states
     move 3/4 of the bytes); a pair fills one group of `blocks_per_pair` consecutive KV
-    blocks exactly.
+    blocks (exactly: the block size is reduced until it divides the pair, unless no size does).
 Because both live in the same bytes, converting a layer frees KV blocks that new
 sequences can use as states or KV alike: capacity grows with conversion without
 resizing anything. KV blocks are handed out lowest index first and state pairs
 highest group first, so the two rarely fragment each other.
 
 The pair of group g is s1[g] / s2[g]: s1 and s2 are [num_groups, Hkv, Dk, Dv] views
-of the same bytes whose slots are one pair apart, so one slot index addresses both
+of the same bytes whose slots are one group apart, so one slot index addresses both
 (what `kernels.dsla_decode_slots` takes). Group 0 is reserved as scratch for padded
 rows of captured decode graphs.
 """
@@ -44,23 +44,25 @@ class CachePool:
         bs = block_size
         while bs > 1 and pair_bytes % (2 * bs * num_kv_heads * head_dim * es):
             bs //= 2
+        if pair_bytes % (2 * bs * num_kv_heads * head_dim * es):
+            # no block size fits a pair exactly (fp32 weights, bf16 recency states, head dim 2 mod 4):
+            # the configured size, and each pair's last block partly unused
+            bs = block_size
         self.block_size = bs
-        self.block_bytes = 2 * bs * num_kv_heads * head_dim * es
-        if pair_bytes % self.block_bytes:
-            raise ValueError("a DSLA state pair is not a whole number of KV blocks")
-        self.blocks_per_pair = m = pair_bytes // self.block_bytes
-        self.num_groups = G = int(budget_bytes // pair_bytes)
+        self.block_bytes = bb = 2 * bs * num_kv_heads * head_dim * es
+        self.blocks_per_pair = m = -(-pair_bytes // bb)
+        self.group_bytes = gb = m * bb  # one pair, or m KV blocks
+        self.num_groups = G = int(budget_bytes // gb)
         if G < 2:
-            raise ValueError(f"cache budget {budget_bytes} B is too small (need at least {2 * pair_bytes} B)")
+            raise ValueError(f"cache budget {budget_bytes} B is too small (need at least {2 * gb} B)")
         self.num_blocks = G * m
-        self.budget_bytes = G * pair_bytes
+        self.budget_bytes = G * gb
         storage = torch.zeros(self.budget_bytes, dtype=torch.uint8, device=device)
         self.kv = storage.view(dtype).view(self.num_blocks, 2, bs, num_kv_heads, head_dim)
         shape = (G, num_kv_heads, head_dim, head_dim)
         inner = (head_dim * head_dim, head_dim, 1)
-        self.s1 = storage.view(dts[0]).as_strided(shape, (pair_bytes // sizes[0], *inner), 0)
-        self.s2 = storage.view(dts[1]).as_strided(shape, (pair_bytes // sizes[1], *inner),
-                                                  self.state_bytes[0] // sizes[1])
+        self.s1 = storage.view(dts[0]).as_strided(shape, (gb // sizes[0], *inner), 0)
+        self.s2 = storage.view(dts[1]).as_strided(shape, (gb // sizes[1], *inner), self.state_bytes[0] // sizes[1])
         self._free = np.ones(self.num_blocks, dtype=bool)
         self._group_free = np.full(G, m, dtype=np.int64)
         self._free[:m] = False  # group 0: scratch

@@ -5,11 +5,14 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.reference import STATE_DTYPES
+
 MAX_DEFAULT_MODEL_LEN = 8192
 CPU_DEFAULT_CACHE_BYTES = 512 * 2**20
-# state_dtype names -> the (history, recency) pools' dtypes (kernels.reference.STATE_DTYPES)
-STATE_FORMATS = {"float32": (torch.float32, torch.float32), "bfloat16": (torch.bfloat16, torch.bfloat16),
-                 "bfloat16-recency": (torch.float32, torch.bfloat16)}
+# state_dtype names -> the (history, recency) pools' dtypes: "float32" and "bfloat16" for both,
+# "bfloat16-recency" for an fp32 history and a bf16 recency state
+STATE_FORMATS = {str(d).removeprefix("torch."): (d, d) for d in STATE_DTYPES}
+STATE_FORMATS["bfloat16-recency"] = (torch.float32, torch.bfloat16)
 GPU_CACHE_FRACTION = 0.85  # of the memory free after the model loaded; the rest is activations / graphs
 
 

@@ -34,7 +34,7 @@ def test_state_pairs_and_kv_blocks_tile_the_budget(states):
     from dsla_model.engine.config import STATE_FORMATS
 
     p = CachePool(2, 16, torch.bfloat16, "cpu", 1 << 16, block_size=4, state_dtype=STATE_FORMATS[states])
-    assert p.num_groups * p.pair_bytes == p.budget_bytes == p.num_blocks * p.block_bytes
+    assert p.num_groups * p.pair_bytes == p.budget_bytes == p.num_blocks * p.block_bytes == p.num_groups * p.group_bytes
     m = p.blocks_per_pair
     for g in (0, 1, p.num_groups - 1):
         for pool, other in ((p.s1, p.s2), (p.s2, p.s1)):
@@ -44,6 +44,28 @@ def test_state_pairs_and_kv_blocks_tile_the_budget(states):
             assert int(other.count_nonzero()) == 0
             touched = p.kv.view(p.num_blocks, -1).count_nonzero(1).nonzero().flatten().tolist()
             assert touched and all(g * m <= b < (g + 1) * m for b in touched)
+
+
+def test_a_pair_that_no_block_size_fits_takes_whole_blocks():
+    """fp32 weights, head dim 18: a pair of fp32 and bf16 states (6 * 2 * 18^2 B) is no whole number
+    of KV blocks at any block size; it takes its blocks' bytes with the last one partly unused, at
+    the configured block size, and its two states still lie inside its own group."""
+    from dsla_model.engine.cache_pool import CachePool
+
+    p = CachePool(2, 18, torch.float32, "cpu", 1 << 16, block_size=4, state_dtype=(torch.float32, torch.bfloat16))
+    assert p.block_size == 4 and p.pair_bytes == 3888 and p.blocks_per_pair == 4 and p.group_bytes == 4608
+    for g in (1, p.num_groups - 1):
+        for pool in (p.s1, p.s2):
+            p.kv.zero_()
+            pool[g].fill_(1.0)
+            touched = p.kv.view(p.num_blocks, -1).count_nonzero(1).nonzero().flatten().tolist()
+            assert touched and all(g * 4 <= b < (g + 1) * 4 for b in touched)
+    eng = Engine(tiny_hybrid(dsla_layers=(0, 2), heads=4, kv_heads=2, hidden=72), None,
+                 EngineConfig(state_dtype="bfloat16-recency", cache_memory_bytes=1 << 20))
+    prompt = random_prompts(1, 256, lo=20, hi=21, seed=3)[0]
+    sp = SamplingParams(max_tokens=6, temperature=0)
+    assert eng.generate([prompt], sp)[0] == _engine(eng.hybrid, "float32", cache_memory_bytes=1 << 20).generate(
+        [prompt], sp)[0]
 
 
 @pytest.mark.parametrize("states", ["bfloat16", "bfloat16-recency"])
