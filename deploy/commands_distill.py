@@ -32,6 +32,8 @@ def cmd_distill(args) -> int:
     _positive("--tokens-per-layer", args.tokens_per_layer)
     _positive("--train-blocks", args.train_blocks)
     _positive("--batch-blocks", args.batch_blocks)
+    if args.block_len is not None and args.block_len < 16:
+        raise CLIError(f"--block-len must be >= 16 tokens, got {args.block_len}")
     _check_device(args.device)
     _positive("--kl-blocks", args.kl_blocks)
     _positive("--threads", args.threads)
@@ -56,7 +58,8 @@ def cmd_distill(args) -> int:
                   train_blocks=args.train_blocks, order=args.order, seed=args.seed, gate_rank=args.gate_rank,
                   delta_rank=args.delta_rank, output_bias=None if not args.no_output_bias else False,
                   one_state=args.one_state, kl_steps=args.kl_steps, kl_blocks=args.kl_blocks,
-                  batch_blocks=args.batch_blocks, lr=args.lr, text_file=args.text_file, device=args.device)
+                  batch_blocks=args.batch_blocks, lr=args.lr, text_file=args.text_file, device=args.device,
+                  block_size=args.block_len)
     try:
         if args.ray:
             return _distill_ray(args, kwargs)
@@ -176,13 +179,16 @@ def add_parsers(sub):
     p.add_argument("--store", required=True, help="layer store directory (created if missing; resumed if not)")
     p.add_argument("--layers", type=int, default=None, help="distil the first N layers of the order (default: all)")
     p.add_argument("--tokens-per-layer", type=int, default=None, help="training tokens per layer")
-    p.add_argument("--train-blocks", type=int, default=None, help="cached 512-token training blocks per layer")
+    p.add_argument("--train-blocks", type=int, default=None, help="cached training blocks per layer")
+    p.add_argument("--block-len", type=int, default=None,
+                   help="tokens per training block (default 512): the longest context a DSLA state is trained "
+                        "over (bench/context_quality.py shows quality past it)")
     p.add_argument("--kl-steps", type=int, default=None, help="logits-KL steps per layer after the MSE phase")
     p.add_argument("--kl-blocks", type=int, default=None, help="training blocks the logits-KL phase replays")
-    p.add_argument("--batch-blocks", type=int, default=None, help="512-token blocks per optimiser step")
+    p.add_argument("--batch-blocks", type=int, default=None, help="training blocks per optimiser step")
     p.add_argument("--lr", type=float, default=None, help="MSE-phase learning rate")
     p.add_argument("--text-file", default=None,
-                   help="train on 512-token blocks spread over this file instead of the corpus' training split")
+                   help="train on blocks spread over this file instead of the corpus' training split")
     p.add_argument("--order", default="sensitivity",
                    help="sensitivity (measured per-layer conversion damage, least first; computed once per "
                         "model and cached) | reverse | random | entropy (attention-entropy proxy) | a JSON file "

@@ -250,7 +250,7 @@ class ChainedDistiller:
                 self._bar.close()
             if self._stop:
                 break  # an interrupted layer is never published
-            metrics["config"] = {"tokens_per_layer": self.cfg.tokens_per_layer,
+            metrics["config"] = {"tokens_per_layer": self.cfg.tokens_per_layer, "block_size": self.cfg.block_size,
                                  "train_blocks": self.cfg.train_blocks, "one_state": self.cfg.one_state,
                                  "kl_steps": self.cfg.kl_steps, "batch_blocks": self.cfg.batch_blocks,
                                  "lr": self.cfg.lr, "device": str(blocks.device)}

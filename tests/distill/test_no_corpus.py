@@ -35,3 +35,16 @@ def test_text_file_replaces_the_corpus_for_order_and_training(tiny_model_dir, tm
     cached = list((tmp_path / "cache" / "order").glob("*-damage-*.json"))
     assert len(cached) == 1 and "corpus" not in cached[0].name
     assert json.loads(cached[0].read_text())["order"] == m["order"]
+
+
+@pytest.mark.skipif(not os.path.exists(TEXT), reason="needs Debian's base-files")
+def test_block_len_sets_the_training_blocks_length(tiny_model_dir, tmp_path):
+    """--block-len: the layer trains on blocks of that many tokens (its manifest entry says so and
+    the token count is a whole number of them); a length below 16 is refused before any work."""
+    r = _distill(tmp_path, tiny_model_dir, "--text-file", TEXT, "--train-blocks", "3", "--block-len", "96",
+                 "--order", "reverse")
+    assert r.returncode == 0, r.stderr
+    entry = next(iter(LayerStore(tmp_path / "store").read_manifest()["layers"].values()))
+    assert entry["metrics"]["config"]["block_size"] == 96 and entry["metrics"]["tokens"] % 96 == 0
+    r = _distill(tmp_path, tiny_model_dir, "--block-len", "8")
+    assert r.returncode == 2 and "--block-len must be >= 16" in r.stderr and "Traceback" not in r.stderr
