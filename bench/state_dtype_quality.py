@@ -26,7 +26,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-TEXTS = ("/usr/share/common-licenses/GPL-3", "/usr/share/common-licenses/Apache-2.0")
+from bench.license_texts import load_texts  # noqa: E402
+
 WEIGHTS = ("float32", "bfloat16")
 STATES = ("float32", "bfloat16", "bfloat16-recency")
 
@@ -81,12 +82,7 @@ def main():
 
     torch.manual_seed(0)
     model, tok, model_id = load_model("default")
-    texts = []
-    for path in TEXTS:
-        ids = tok(open(path, encoding="utf-8").read(), add_special_tokens=False)["input_ids"]
-        if len(ids) < args.tokens:
-            sys.exit(f"{path} holds {len(ids)} tokens, fewer than --tokens {args.tokens}")
-        texts.append((path, ids[:args.tokens]))
+    texts = load_texts(tok, args.tokens)
     store = LayerStore(SHIPPED_STORE)
     order = store.read_manifest()["order"]
     n = round(args.conversion * len(order))
