@@ -18,6 +18,7 @@ more step computed, inside its own reserved cache, whose token is dropped.
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import time
 import uuid
@@ -106,6 +107,7 @@ class Engine:
     # ---- requests ----------------------------------------------------------------------
     def add_request(self, prompt_ids, params, request_id: str | None = None) -> str:
         params.validate()
+        params = copy.deepcopy(params)  # the request keeps what was checked, whatever the caller changes after
         prompt_ids = list(prompt_ids) if prompt_ids is not None else []
         if not prompt_ids:
             raise ValueError("prompt must contain at least one token")
@@ -135,7 +137,7 @@ class Engine:
         return request_id
 
     def abort(self, request_id: str) -> None:
-        req = self.requests.get(request_id)
+        req = self.requests.get(str(request_id))  # ids are stored as strings (add_request)
         if req is not None:
             self._finish(req, "abort")
             self._events.append(TokenEvent(req.id, -1, "", None, "abort",

@@ -199,3 +199,31 @@ def test_temperatures_near_zero_sample_greedily(hybrid):
     greedy = eng.generate(prompts, SamplingParams(max_tokens=5, temperature=0))
     assert eng.generate(prompts, SamplingParams(max_tokens=5, temperature=1e-44, seed=1)) == greedy
     assert SamplingParams(temperature=1e-6).greedy and not SamplingParams(temperature=1e-4).greedy
+
+
+def test_a_request_keeps_the_params_it_was_admitted_with(hybrid, make_engine):
+    """One SamplingParams object reused and changed for the next request: the first keeps its own
+    max_tokens (it used to read the live object: 20 tokens instead of 5, and past max_model_len a
+    crash of the whole step)."""
+    eng = make_engine(hybrid, None, EngineConfig(max_model_len=32, cache_memory_bytes=4 << 20))
+    sp = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    a = eng.add_request(list(range(1, 11)), sp)
+    sp.max_tokens = 30  # 10 + 30 would not fit max_model_len 32
+    b = eng.add_request([1, 2], sp)
+    got = {a: [], b: []}
+    while eng.has_unfinished():
+        for e in eng.step():
+            if e.token_id >= 0:
+                got[e.request_id].append(e.token_id)
+    assert len(got[a]) == 5 and len(got[b]) == 30
+
+
+def test_abort_takes_the_id_add_request_was_given(hybrid, make_engine):
+    """add_request stores str(request_id); abort(7) used to look up 7 and do nothing."""
+    eng = make_engine(hybrid, None, EngineConfig(cache_memory_bytes=4 << 20))
+    rid = eng.add_request([1, 2, 3], SamplingParams(max_tokens=20, temperature=0), request_id=7)
+    eng.step()
+    eng.abort(7)
+    evs = eng.step()
+    assert rid == "7" and [e.finish_reason for e in evs if e.request_id == "7"] == ["abort"]
+    assert not eng.has_unfinished()
