@@ -95,6 +95,7 @@ def cmd_generate(args) -> int:
     from dsla_model.generate import generate_ids, generate_batch
 
     from dsla_model.engine import SamplingParams
+    from dsla_model.loading import eos_token_ids
 
     if any(not p for p in args.prompt):
         raise CLIError("--prompt must not be empty")
@@ -106,7 +107,7 @@ def cmd_generate(args) -> int:
     hybrid, tok, _ = load_hybrid(args.model)
     layers = resolve_dsla_layers(hybrid, tok, args)
     apply_layers(hybrid, layers, args.layers_dir)
-    eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    eos = set(eos_token_ids(tok, hybrid.model))
     all_ids = [tok(prompt, add_special_tokens=False)["input_ids"] for prompt in args.prompt]
     limit = getattr(hybrid.config, "max_position_embeddings", None)
     if args.no_cache and limit and max(map(len, all_ids)) + args.max_tokens > limit:

@@ -105,6 +105,16 @@ def load_model(spec: str | None = None, dtype=torch.float32, device="cpu", attn_
     return model, tok, model_id
 
 
+def eos_token_ids(tokenizer, model) -> list[int]:
+    """The ids that end a generation: the tokenizer's EOS and the model's generation config's
+    (an int or a list: Llama-3-Instruct ends a turn with <|eot_id|>, which is not the tokenizer's
+    EOS), as HF generate and vLLM take them."""
+    ids = [getattr(tokenizer, "eos_token_id", None)]
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += gen if isinstance(gen, (list, tuple)) else [gen]
+    return sorted({int(i) for i in ids if i is not None})
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
     """A cheap, stable fingerprint of the weights: names, shapes and a strided sample of values,
     taken at bfloat16 precision. A float32 checkpoint loaded in bfloat16 (a GPU replica's

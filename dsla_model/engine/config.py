@@ -47,3 +47,30 @@ class EngineConfig:
             raise ValueError(f"state_dtype must be one of {sorted(STATE_FORMATS)}, got {self.state_dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+
+
+def _sliding_window(mc) -> int | None:
+    """The attention window of a model whose layers use one (Mistral: all of them; Qwen2: the
+    layers its layer_types mark), else None."""
+    window = getattr(mc, "sliding_window", None)
+    layer_types = getattr(mc, "layer_types", None)
+    if not getattr(mc, "use_sliding_window", True):  # Qwen2's switch (its window field is set regardless)
+        return None
+    if window and (layer_types is None or "sliding_attention" in layer_types):
+        return int(window)
+    return None
+
+
+def model_max_len(config: EngineConfig, mc) -> int:
+    """The longest sequence the engine serves for model config `mc` (the ingress validates
+    requests against the same number). The runner's attention sees every earlier token, which
+    equals the model's windowed attention only while a sequence fits its window: longer
+    sequences would get other tokens."""
+    window = _sliding_window(mc)
+    if config.max_model_len is not None:
+        if window is not None and config.max_model_len > window:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's sliding window "
+                             f"({window} tokens), which the engine does not implement")
+        return config.max_model_len
+    limit = getattr(mc, "max_position_embeddings", MAX_DEFAULT_MODEL_LEN) or MAX_DEFAULT_MODEL_LEN
+    return min(limit, MAX_DEFAULT_MODEL_LEN, window or MAX_DEFAULT_MODEL_LEN)

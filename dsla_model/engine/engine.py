@@ -27,41 +27,17 @@ from collections import deque
 import torch
 
 from dsla_model.engine.cache_pool import CachePool
-from dsla_model.engine.config import (CPU_DEFAULT_CACHE_BYTES, GPU_CACHE_FRACTION, MAX_DEFAULT_MODEL_LEN, STATE_FORMATS,
-                                      EngineConfig)
+from dsla_model.engine.config import (CPU_DEFAULT_CACHE_BYTES, GPU_CACHE_FRACTION, STATE_FORMATS, EngineConfig,
+                                      model_max_len)
 from dsla_model.engine.layer_config import LayerConfig
 from dsla_model.engine.outputs import TokenEvent
 from dsla_model.engine.request import Request
 from dsla_model.engine.runner import ModelRunner
 from dsla_model.engine.sampler import sample
 from dsla_model.engine.scheduler import Scheduler, WorkItem
+from dsla_model.loading import eos_token_ids
 
 _RECENT = 256  # requests in the ttft / tpot means
-
-
-def _sliding_window(mc) -> int | None:
-    """The attention window of a model whose layers use one (Mistral: all of them; Qwen2: the
-    layers its layer_types mark), else None."""
-    window = getattr(mc, "sliding_window", None)
-    layer_types = getattr(mc, "layer_types", None)
-    if not getattr(mc, "use_sliding_window", True):  # Qwen2's switch (its window field is set regardless)
-        return None
-    if window and (layer_types is None or "sliding_attention" in layer_types):
-        return int(window)
-    return None
-
-
-def _max_model_len(config, mc) -> int:
-    """The runner's attention sees every earlier token, which equals the model's windowed
-    attention only while a sequence fits its window: longer sequences would get other tokens."""
-    window = _sliding_window(mc)
-    if config.max_model_len is not None:
-        if window is not None and config.max_model_len > window:
-            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's sliding window "
-                             f"({window} tokens), which the engine does not implement")
-        return config.max_model_len
-    limit = getattr(mc, "max_position_embeddings", MAX_DEFAULT_MODEL_LEN) or MAX_DEFAULT_MODEL_LEN
-    return min(limit, MAX_DEFAULT_MODEL_LEN, window or MAX_DEFAULT_MODEL_LEN)
 
 
 class Engine:
@@ -74,7 +50,7 @@ class Engine:
         self.device = w.device
         mc = hybrid.config
         self.vocab_size = mc.vocab_size
-        self.max_model_len = _max_model_len(config, mc)
+        self.max_model_len = model_max_len(config, mc)
         self.pool = CachePool(hybrid.num_kv_heads, hybrid.head_dim, w.dtype, self.device,
                               self._cache_budget(config), config.block_size, STATE_FORMATS[config.state_dtype])
         self.runner = ModelRunner(hybrid, self.pool, self.max_model_len)
@@ -89,8 +65,8 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._events: list[TokenEvent] = []  # abort events, emitted by the next step
         self._inflight = None  # (group, tokens getter) of a launched step whose tokens are not read yet
-        eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
-        self.eos_ids = [eos] if eos is not None else []
+        # an engine without a tokenizer works on ids alone: it stops at stop_token_ids only
+        self.eos_ids = eos_token_ids(tokenizer, hybrid.model) if tokenizer is not None else []
         self._ttft, self._tpot = deque(maxlen=_RECENT), deque(maxlen=_RECENT)
         self.generated_tokens = 0
         self.swaps = 0

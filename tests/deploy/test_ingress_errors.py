@@ -64,3 +64,29 @@ def test_a_streamed_choice_refused_after_another_started_is_a_429_not_an_error_i
     with pytest.raises(APIError) as e:
         asyncio.run(OpenAIIngress.func_or_class._serve(ingress, plan, None))
     assert e.value.status == 429 and e.value.headers == {"Retry-After": "1"}
+
+
+def test_ingress_limit_is_the_engines_for_a_sliding_window_model(tmp_path):
+    """A Mistral with a 128-token window and 512 positions: the engine serves 128 tokens, so the
+    ingress (its /v1/models, its default max_tokens, its context_length_exceeded checks) must say
+    128 too; it said 512 and let the engine refuse with a bare 400."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    from dsla_model.loading import resolve_model
+    from tests.conftest import tiny_config
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("default"))
+    cfg = tiny_config("mistral", layers=2, vocab=len(tok))
+    cfg.sliding_window = 128
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    user_class = OpenAIIngress.func_or_class.__mro__[1]  # the class under Serve's ASGI wrapper
+
+    def limit(config):
+        ingress = object.__new__(user_class)
+        user_class.__init__(ingress, config, None, None)
+        return ingress.limits.max_model_len
+
+    assert limit({"model": str(tmp_path)}) == 128
+    assert limit({"model": str(tmp_path), "engine": {"max_model_len": 100}}) == 100

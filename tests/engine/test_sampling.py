@@ -90,13 +90,16 @@ def test_stop_token_ids_and_max_tokens_and_logprobs(hybrid, make_engine):
     assert [e.token_id for e in short] == [e.token_id for e in base[:3]] and short[-1].finish_reason == "length"
 
 
+class Tok:
+    """The smallest tokenizer the engine accepts."""
+    eos_token_id = None
+
+    def decode(self, ids, **kw):
+        return "".join(chr(65 + i % 26) for i in ids)
+
+
 def test_eos_stops_unless_ignored(hybrid, make_engine):
     p = random_prompts(1, 256, seed=9)[0]
-    class Tok:  # noqa: E306 - the smallest tokenizer the engine accepts
-        eos_token_id = None
-
-        def decode(self, ids, **kw):
-            return "".join(chr(65 + i % 26) for i in ids)
     base = make_engine(hybrid, Tok(), EngineConfig(cache_memory_bytes=4 << 20)).generate(
         [p], SamplingParams(max_tokens=10, temperature=0))[0]
     t = Tok()
@@ -104,6 +107,21 @@ def test_eos_stops_unless_ignored(hybrid, make_engine):
     eng = make_engine(hybrid, t, EngineConfig(cache_memory_bytes=4 << 20))
     assert eng.generate([p], SamplingParams(max_tokens=10, temperature=0))[0] == base[:base.index(base[3]) + 1]
     assert eng.generate([p], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0] == base
+
+
+def test_the_generation_configs_eos_ids_stop_too(make_engine):
+    """Llama-3-Instruct ends a turn with <|eot_id|>, which its generation config lists as an EOS id
+    and its tokenizer does not: generation must stop there (it ran on to max_tokens). An engine
+    without a tokenizer works on ids alone and stops at stop_token_ids only."""
+    h = tiny_hybrid(dsla_layers=(1,))
+    p = random_prompts(1, 256, seed=9)[0]
+    sp = SamplingParams(max_tokens=10, temperature=0)
+    h.model.generation_config.eos_token_id = None
+    base = make_engine(h, Tok(), EngineConfig(cache_memory_bytes=4 << 20)).generate([p], sp)[0]
+    h.model.generation_config.eos_token_id = [255, base[3]]
+    got = make_engine(h, Tok(), EngineConfig(cache_memory_bytes=4 << 20)).generate([p], sp)[0]
+    assert got == base[:base.index(base[3]) + 1] and len(got) < 10
+    assert make_engine(h, None, EngineConfig(cache_memory_bytes=4 << 20)).generate([p], sp)[0] == base
 
 
 def test_abort_frees_and_reports(hybrid, make_engine):
