@@ -2,7 +2,8 @@
 positions, for the teacher and each conversion level.
 
 The distilled layers were trained on 512-token blocks (docs/results/README.md) and `dsla-serve
-eval` scores 512-token blocks, so neither shows what happens further into a context. Here each
+eval` scores perplexity on 512-token blocks (its passkey test probes 1-2K contexts for retrieval
+only), so neither shows how language modelling holds up further into a context. Here each
 text's first --tokens tokens go through the model in one forward pass (the chunked form, equal to
 decoding them one by one), and the next-token log-likelihood is averaged per --window positions.
 

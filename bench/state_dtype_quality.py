@@ -27,24 +27,19 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.license_texts import load_texts  # noqa: E402
+from dsla_model.engine.config import STATE_FORMATS  # noqa: E402
 
 WEIGHTS = ("float32", "bfloat16")
-STATES = ("float32", "bfloat16", "bfloat16-recency")
-
-
-def _bf16(s):
-    return s.to(torch.bfloat16).float()
+STATES = tuple(STATE_FORMATS)  # float32 first: the others are scored against it
 
 
 def rounding_cache(hybrid, states):
-    """A HybridCache that stores each DSLA state as a pool of `states` would: "float32", "bfloat16"
-    (both states rounded), or "bfloat16-recency" (only the fast-decaying recency state)."""
+    """A HybridCache that stores each DSLA state as the engine's pools of format `states`
+    (EngineConfig.state_dtype) do: rounded to that pool's dtype after every step."""
+    d1, d2 = STATE_FORMATS[states]
     cache = hybrid.new_cache()
     put = cache.set_dsla_state
-    if states == "bfloat16":
-        cache.set_dsla_state = lambda i, s1, s2, n: put(i, _bf16(s1), _bf16(s2), n)
-    elif states == "bfloat16-recency":
-        cache.set_dsla_state = lambda i, s1, s2, n: put(i, s1, _bf16(s2), n)
+    cache.set_dsla_state = lambda i, s1, s2, n: put(i, s1.to(d1).float(), s2.to(d2).float(), n)
     return cache
 
 

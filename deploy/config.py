@@ -31,6 +31,12 @@ class EngineSettings(_Strict):
     use_cuda_graphs: bool = True
     state_dtype: str = "float32"
 
+    def engine_config(self):
+        """The engine's own config (dsla_model.engine.EngineConfig), field for field."""
+        from dsla_model.engine.config import EngineConfig
+
+        return EngineConfig(**self.model_dump())
+
     @field_validator("state_dtype")
     @classmethod
     def _state_dtype(cls, v):

@@ -80,7 +80,7 @@ class OpenAIIngress:
     def __init__(self, config: dict, llm, controller):
         from transformers import AutoConfig, AutoTokenizer
 
-        from dsla_model.engine.config import EngineConfig, model_max_len
+        from dsla_model.engine.config import served_max_len
         from dsla_model.loading import DEFAULT_MODEL_NAME, resolve_model
 
         self.cfg = AppConfig.model_validate(config)
@@ -91,7 +91,7 @@ class OpenAIIngress:
         name = self.cfg.served_model_name or (DEFAULT_MODEL_NAME if self.cfg.model == "default" else self.cfg.model)
         self.limits = Limits(model_name=name, vocab_size=mcfg.vocab_size,
                              # the engine's own limit (a sliding window caps it), so both refuse alike
-                             max_model_len=model_max_len(EngineConfig(**self.cfg.engine.model_dump()), mcfg),
+                             max_model_len=served_max_len(self.cfg.engine.engine_config(), mcfg),
                              max_tokens_limit=self.cfg.max_tokens_limit,
                              default_max_tokens=self.cfg.default_max_tokens, max_choices=self.cfg.max_choices)
         self.retry_after = str(max(1, math.ceil(self.cfg.replica.retry_after_s)))

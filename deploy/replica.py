@@ -59,7 +59,7 @@ def refresh_layers(layers: PreloadedLayers, hybrid) -> list[int]:
 @serve.deployment(name="LLMReplica")
 class LLMReplica:
     async def __init__(self, config: dict, controller):
-        from dsla_model.engine import AsyncEngine, EngineConfig
+        from dsla_model.engine import AsyncEngine
         from dsla_model.hybrid import HybridModel
         from dsla_model.loading import load_model
 
@@ -73,7 +73,7 @@ class LLMReplica:
         self.hybrid = HybridModel(model, self.layers.dsla_config())
         self.layers.fingerprint = self.hybrid.fingerprint
         await asyncio.to_thread(refresh_layers, self.layers, self.hybrid)
-        self.engine = AsyncEngine(self.hybrid, tok, EngineConfig(**cfg.engine.model_dump()))
+        self.engine = AsyncEngine(self.hybrid, tok, cfg.engine.engine_config())
         self.installed: dict[int, tuple] = {}  # layer -> (version, sha256) of its installed DSLA module
         self.metrics = ReplicaMetrics(self.replica_id, self.hybrid.num_layers)
         self.recent_tpot: deque = deque(maxlen=1024)  # (finish time, time per output token)

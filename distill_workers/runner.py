@@ -82,6 +82,9 @@ def build_distiller(model: str = "default", store: str = "", layers: int | None 
     else:
         raise ValueError(f"unknown order {order!r}: one of {', '.join(ORDERS)} or a JSON file")
     cfg = DistillConfig(seed=seed, one_state=one_state)
+    positions = getattr(hybrid.config, "max_position_embeddings", None)
+    if block_size is not None and positions and block_size > positions:
+        raise ValueError(f"training blocks of {block_size} tokens exceed the model's {positions} positions")
     for key, value in (("tokens_per_layer", tokens_per_layer), ("train_blocks", train_blocks),
                        ("block_size", block_size), ("lr", lr), ("kl_steps", kl_steps), ("kl_blocks", kl_blocks),
                        ("batch_blocks", batch_blocks)):

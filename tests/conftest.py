@@ -32,6 +32,8 @@ def tiny_model(kind="llama", seed=0, **kw):
     torch.manual_seed(seed)
     cfg = tiny_config(kind, **kw)
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    # no EOS id of its own (transformers' config default is 2): a test that wants one sets it
+    model.generation_config.eos_token_id = None
     return model.eval()
 
 

@@ -27,15 +27,16 @@ import numpy as np
 import torch
 
 from kernels.reference import STATE_DTYPES
+from kernels.state_pools import pair_views
 
 
 class CachePool:
     def __init__(self, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device, budget_bytes: int,
-                 block_size: int = 16, state_dtype: torch.dtype | tuple = torch.float32):
+                 block_size: int = 16, state_dtypes: torch.dtype | tuple = torch.float32):
         es = torch.empty((), dtype=dtype).element_size()
-        dts = tuple(state_dtype) if isinstance(state_dtype, (tuple, list)) else (state_dtype, state_dtype)
+        dts = tuple(state_dtypes) if isinstance(state_dtypes, (tuple, list)) else (state_dtypes, state_dtypes)
         if len(dts) != 2 or any(d not in STATE_DTYPES for d in dts):  # the decode kernels take no other
-            raise ValueError(f"state pools hold one of {STATE_DTYPES} (or a pair of them), not {state_dtype}")
+            raise ValueError(f"state pools hold one of {STATE_DTYPES} (or a pair of them), not {state_dtypes}")
         self.state_dtypes = dts
         sizes = [torch.empty((), dtype=d).element_size() for d in dts]
         E = num_kv_heads * head_dim * head_dim
@@ -59,10 +60,7 @@ class CachePool:
         self.budget_bytes = G * gb
         storage = torch.zeros(self.budget_bytes, dtype=torch.uint8, device=device)
         self.kv = storage.view(dtype).view(self.num_blocks, 2, bs, num_kv_heads, head_dim)
-        shape = (G, num_kv_heads, head_dim, head_dim)
-        inner = (head_dim * head_dim, head_dim, 1)
-        self.s1 = storage.view(dts[0]).as_strided(shape, (gb // sizes[0], *inner), 0)
-        self.s2 = storage.view(dts[1]).as_strided(shape, (gb // sizes[1], *inner), self.state_bytes[0] // sizes[1])
+        self.s1, self.s2 = pair_views(storage, G, num_kv_heads, head_dim, head_dim, dts, gb)
         self._free = np.ones(self.num_blocks, dtype=bool)
         self._group_free = np.full(G, m, dtype=np.int64)
         self._free[:m] = False  # group 0: scratch

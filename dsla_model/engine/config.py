@@ -61,7 +61,7 @@ def _sliding_window(mc) -> int | None:
     return None
 
 
-def model_max_len(config: EngineConfig, mc) -> int:
+def served_max_len(config: EngineConfig, mc) -> int:
     """The longest sequence the engine serves for model config `mc` (the ingress validates
     requests against the same number). The runner's attention sees every earlier token, which
     equals the model's windowed attention only while a sequence fits its window: longer

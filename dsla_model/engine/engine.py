@@ -28,7 +28,7 @@ import torch
 
 from dsla_model.engine.cache_pool import CachePool
 from dsla_model.engine.config import (CPU_DEFAULT_CACHE_BYTES, GPU_CACHE_FRACTION, STATE_FORMATS, EngineConfig,
-                                      model_max_len)
+                                      served_max_len)
 from dsla_model.engine.layer_config import LayerConfig
 from dsla_model.engine.outputs import TokenEvent
 from dsla_model.engine.request import Request
@@ -50,7 +50,7 @@ class Engine:
         self.device = w.device
         mc = hybrid.config
         self.vocab_size = mc.vocab_size
-        self.max_model_len = model_max_len(config, mc)
+        self.max_model_len = served_max_len(config, mc)
         self.pool = CachePool(hybrid.num_kv_heads, hybrid.head_dim, w.dtype, self.device,
                               self._cache_budget(config), config.block_size, STATE_FORMATS[config.state_dtype])
         self.runner = ModelRunner(hybrid, self.pool, self.max_model_len)
@@ -82,8 +82,7 @@ class Engine:
 
     # ---- requests ----------------------------------------------------------------------
     def add_request(self, prompt_ids, params, request_id: str | None = None) -> str:
-        params.validate()
-        params = copy.deepcopy(params)  # the request keeps what was checked, whatever the caller changes after
+        params = copy.deepcopy(params).validate()  # what is checked is what the request keeps
         prompt_ids = list(prompt_ids) if prompt_ids is not None else []
         if not prompt_ids:
             raise ValueError("prompt must contain at least one token")

@@ -63,7 +63,8 @@ def test_state_dtype_reaches_the_engine_config_and_is_checked():
     from dsla_model.engine import EngineConfig
 
     cfg = load_config(ROOT / "deploy" / "serve_config_gpu.yaml", {"engine.state_dtype": "bfloat16"})
-    assert EngineConfig(**cfg.engine.model_dump()).state_dtype == "bfloat16"
+    assert cfg.engine.engine_config().state_dtype == "bfloat16"
+    assert isinstance(cfg.engine.engine_config(), EngineConfig)
     assert load_config(ROOT / "deploy" / "serve_config_gpu.yaml").engine.state_dtype == "bfloat16-recency"
     assert load_config(ROOT / "deploy" / "serve_config.yaml").engine.state_dtype == "float32"
     with pytest.raises(ValueError, match="state_dtype"):

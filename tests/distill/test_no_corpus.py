@@ -48,3 +48,5 @@ def test_block_len_sets_the_training_blocks_length(tiny_model_dir, tmp_path):
     assert entry["metrics"]["config"]["block_size"] == 96 and entry["metrics"]["tokens"] % 96 == 0
     r = _distill(tmp_path, tiny_model_dir, "--block-len", "8")
     assert r.returncode == 2 and "--block-len must be >= 16" in r.stderr and "Traceback" not in r.stderr
+    r = _distill(tmp_path, tiny_model_dir, "--block-len", "100000", "--text-file", TEXT)
+    assert r.returncode == 2 and "exceed the model's" in r.stderr and "Traceback" not in r.stderr

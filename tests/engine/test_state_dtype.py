@@ -33,7 +33,7 @@ def test_state_pairs_and_kv_blocks_tile_the_budget(states):
     from dsla_model.engine.cache_pool import CachePool
     from dsla_model.engine.config import STATE_FORMATS
 
-    p = CachePool(2, 16, torch.bfloat16, "cpu", 1 << 16, block_size=4, state_dtype=STATE_FORMATS[states])
+    p = CachePool(2, 16, torch.bfloat16, "cpu", 1 << 16, block_size=4, state_dtypes=STATE_FORMATS[states])
     assert p.num_groups * p.pair_bytes == p.budget_bytes == p.num_blocks * p.block_bytes == p.num_groups * p.group_bytes
     m = p.blocks_per_pair
     for g in (0, 1, p.num_groups - 1):
@@ -52,7 +52,7 @@ def test_a_pair_that_no_block_size_fits_takes_whole_blocks():
     the configured block size, and its two states still lie inside its own group."""
     from dsla_model.engine.cache_pool import CachePool
 
-    p = CachePool(2, 18, torch.float32, "cpu", 1 << 16, block_size=4, state_dtype=(torch.float32, torch.bfloat16))
+    p = CachePool(2, 18, torch.float32, "cpu", 1 << 16, block_size=4, state_dtypes=(torch.float32, torch.bfloat16))
     assert p.block_size == 4 and p.pair_bytes == 3888 and p.blocks_per_pair == 4 and p.group_bytes == 4608
     for g in (1, p.num_groups - 1):
         for pool in (p.s1, p.s2):
@@ -125,7 +125,7 @@ def test_bad_state_dtypes_are_refused_up_front():
             EngineConfig(state_dtype=bad).validate()
     for bad in (torch.float16, (torch.float32,), (torch.float32, torch.float16)):
         with pytest.raises(ValueError, match="state pools"):
-            CachePool(2, 16, torch.float32, "cpu", 1 << 20, state_dtype=bad)
+            CachePool(2, 16, torch.float32, "cpu", 1 << 20, state_dtypes=bad)
 
 
 def _prefill_logits(h, state_dtype, prompt, budget):

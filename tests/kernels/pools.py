@@ -1,7 +1,9 @@
-"""Slot pools for the decode kernels' tests, laid out as the engine's cache pool lays them: the
-history and recency states of a slot side by side in one buffer, so each pool's slots are a
-pair apart, and the two pools may hold different dtypes."""
+"""Slot pools for the decode kernels' tests, laid out as the engine's cache pool lays them
+(kernels/state_pools.py): a slot's history and recency states side by side in one buffer, each
+pool's slots a pair apart, the two pools possibly of different dtypes."""
 import torch
+
+from kernels.state_pools import pair_views
 
 # (history, recency) state dtypes by test id
 STATE_PAIRS = {"f32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
@@ -10,13 +12,8 @@ STATE_PAIRS = {"f32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, t
 
 def slot_pools(n, Hkv, Dk, Dv, dtypes, gen, device):
     """Two pools [n, Hkv, Dk, Dv] of random states (standard normal, rounded to each dtype)."""
-    E = Hkv * Dk * Dv
-    sizes = [torch.empty((), dtype=d).element_size() for d in dtypes]
-    pair = E * sum(sizes)
-    buf = torch.zeros(n * pair, dtype=torch.uint8, device=device)
-    inner = (Dk * Dv, Dv, 1)
-    p1 = buf.view(dtypes[0]).as_strided((n, Hkv, Dk, Dv), (pair // sizes[0], *inner), 0)
-    p2 = buf.view(dtypes[1]).as_strided((n, Hkv, Dk, Dv), (pair // sizes[1], *inner), E * sizes[0] // sizes[1])
+    slot = Hkv * Dk * Dv * sum(torch.empty((), dtype=d).element_size() for d in dtypes)
+    p1, p2 = pair_views(torch.zeros(n * slot, dtype=torch.uint8, device=device), n, Hkv, Dk, Dv, dtypes, slot)
     for p in (p1, p2):
         p.copy_(torch.randn(p.shape, generator=gen))
     return p1, p2
