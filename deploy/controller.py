@@ -50,7 +50,7 @@ class ConversionController:
         self.store_version = 0
         self.state = PolicyState(layers=cfg.controller.initial_layers)
         self.adopted = False
-        self.started = time.monotonic()
+        self.first_report_t: float | None = None  # when this controller first heard a replica
         self.reports: dict[str, tuple[float, dict]] = {}
         self.last_decision: dict | None = None
         self.history: deque = deque(maxlen=100)  # decisions that changed the target
@@ -64,17 +64,22 @@ class ConversionController:
 
     # -- called by replicas and the ingress --------------------------------
     async def report(self, replica_id: str, stats: dict) -> dict:
-        self.reports[replica_id] = (time.monotonic(), stats)
+        now = time.monotonic()
+        self.reports[replica_id] = (now, stats)
+        if self.first_report_t is None:
+            self.first_report_t = now
         if not self.adopted:  # not heard the fleet yet (see _maybe_adopt): each replica keeps its layers
             return {"dsla_layers": list(stats.get("dsla_layers", []))}
         return {"dsla_layers": self.target_layers()}
 
     def _maybe_adopt(self, now: float):
         """A (re)started controller continues from what the fleet serves, once every live replica
-        has had two report intervals to speak: the most layers any of them serves. Taking the first
+        has had two report intervals to speak (counted from the first report: Serve may route to a
+        new controller well after it started): the most layers any of them serves. Taking the first
         report instead let a replica that had just started (with the initial layers) revert a
         loaded fleet."""
-        if self.adopted or not self.reports or now - self.started < 2 * self.cfg.controller.poll_interval_s:
+        if (self.adopted or not self.reports or self.first_report_t is None
+                or now - self.first_report_t < 2 * self.cfg.controller.poll_interval_s):
             return
         self.adopted = True
         layers = max(len(s.get("dsla_layers", [])) for _, s in self.reports.values())

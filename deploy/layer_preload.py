@@ -81,13 +81,14 @@ class PreloadedLayers:
                 if self.versions.get(layer) == ident:
                     continue
                 try:
-                    self.weights[layer] = self.store.load_layer(layer, self.fingerprint)
+                    # the version read, not the one this manifest named: a republish in between
+                    self.weights[layer], read = self.store.load_layer_entry(layer, self.fingerprint)
                 except (LayerStoreError, OSError) as e:
                     if self.errors.get(layer) != str(e):
                         log.error("layer %d not loaded (retried every %.0f s): %s", layer, RETRY_S, e)
                     self.errors[layer] = str(e)
                     continue
-                self.versions[layer] = ident
+                self.versions[layer] = (read["version"], read["sha256"])
                 self.errors.pop(layer, None)
                 loaded.append(layer)
             self.order = [int(k) for k, _ in entries if int(k) in self.weights]

@@ -105,6 +105,11 @@ class LayerStore:
 
     def load_layer(self, layer: int, expected_fingerprint: str | None) -> dict:
         """The layer's DSLA state dict, after checking its sha256 and the model fingerprint."""
+        return self.load_layer_entry(layer, expected_fingerprint)[0]
+
+    def load_layer_entry(self, layer: int, expected_fingerprint: str | None) -> tuple[dict, dict]:
+        """(state dict, the manifest entry it was checked against): the entry names the version
+        read, which a publish between the caller's own manifest read and this one can change."""
         m, entry, data = self._read_layer_file(layer, expected_fingerprint)
         f = self.path / entry["file"]
         digest = hashlib.sha256(data).hexdigest()
@@ -119,7 +124,7 @@ class LayerStore:
         if meta.get("model_fingerprint") != m["model_fingerprint"] or meta.get("layer") != str(layer):
             raise LayerStoreError(f"layer {layer}: {f.name} belongs to another model or layer "
                                   f"(file says layer {meta.get('layer')}, fingerprint {meta.get('model_fingerprint')})")
-        return tensors
+        return tensors, entry
 
     def _read_layer_file(self, layer: int, expected_fingerprint: str | None, attempts: int = 3):
         """(manifest, entry, file bytes) of a layer. The bytes are read once, so the checks and

@@ -242,7 +242,8 @@ class Engine:
 
     # ---- hot swap ----------------------------------------------------------------------
     def set_conversion(self, dsla_layers, store_version=None, layer_weights: dict | None = None) -> None:
-        """Make `dsla_layers` the DSLA layers for requests added from now on.
+        """Make `dsla_layers` the DSLA layers for requests added from now on, and for those
+        still waiting (see `_repin_waiting`).
 
         A layer in `layer_weights` gets a new module with those weights; another
         converted layer keeps the DSLA module installed in the model (a fresh one if
@@ -267,12 +268,26 @@ class Engine:
         if new.same_modules(self.conf):
             self.conf.store_version = store_version if store_version is not None else self.conf.store_version
         else:
-            old = self.conf
+            before = {r.conf.id for r in self.requests.values()} | {self.conf.id}
             self.conf = new
             self.swaps += 1
-            if self.graphs is not None and not any(r.conf is old for r in self.requests.values()):
-                self.graphs.drop(old.id)
+            self._repin_waiting()
+            if self.graphs is not None:  # configurations no request holds any more
+                held = {r.conf.id for r in self.requests.values()}
+                for cid in before - held:
+                    self.graphs.drop(cid)
         self.last_swap_s = time.perf_counter() - t0
+
+    def _repin_waiting(self):
+        """Requests still waiting (no cache yet) take the new configuration: conversion is meant
+        to make room for the queue, and a queue pinned to the old one would need the old cache
+        (the controller converts because the queue is long). A request that could never fit the
+        pool under the new one (a revert to longer KV) keeps its old configuration."""
+        c, pool = self.conf, self.pool
+        for r in self.scheduler.waiting:
+            if r.cache is None and pool.blocks_for(len(c.attn_layers), len(c.dsla_layers), r.max_len) \
+                    <= pool.usable_blocks:
+                r.conf = c
 
     # ---- sizing and metrics ------------------------------------------------------------
     def capacity(self, seq_len: int) -> int:

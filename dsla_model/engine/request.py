@@ -14,7 +14,7 @@ class Request:
         self.id = request_id
         self.prompt_ids = list(prompt_ids)
         self.params = params
-        self.conf = conf  # pinned LayerConfig: fixed at add_request, kept to the end
+        self.conf = conf  # LayerConfig: the engine's at add_request (or at a swap while waiting), kept once admitted
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         n = len(self.prompt_ids) - params.resume_tokens  # the prompt proper; the rest an earlier attempt's output

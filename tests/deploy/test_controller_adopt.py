@@ -11,7 +11,7 @@ C = ConversionController.func_or_class
 
 def _controller():
     cfg = SimpleNamespace(controller=SimpleNamespace(poll_interval_s=0.5))
-    c = SimpleNamespace(cfg=cfg, reports={}, adopted=False, started=100.0, published=[2, 0, 3, 1],
+    c = SimpleNamespace(cfg=cfg, reports={}, adopted=False, first_report_t=None, published=[2, 0, 3, 1],
                         state=PolicyState(layers=0))
     c.target_layers = lambda: C.target_layers(c)
     return c
@@ -22,13 +22,19 @@ def _report(c, rid, layers):
 
 
 def test_a_fresh_replica_reporting_first_does_not_revert_a_loaded_fleet():
+    """The two report intervals count from the first report, not from the controller's start:
+    Serve may route replicas to a new controller seconds after it started, and a clock started
+    then let the first tick that heard anyone adopt (a fresh replica's none, reverting the fleet)."""
     c = _controller()
     # a replica that has just started (initial layers: none) happens to report first
     assert _report(c, "fresh", []) == []
-    assert _report(c, "loaded", [2, 0, 3]) == [2, 0, 3]  # told to keep its layers, not to revert
-    C._maybe_adopt(c, 100.4)  # too early: not every replica has had two report intervals
+    t0 = c.first_report_t
+    C._maybe_adopt(c, t0 + 0.1)  # however long ago the controller started
     assert not c.adopted
-    C._maybe_adopt(c, 101.0)
+    assert _report(c, "loaded", [2, 0, 3]) == [2, 0, 3]  # told to keep its layers, not to revert
+    C._maybe_adopt(c, t0 + 0.4)  # too early: not every replica has had two report intervals
+    assert not c.adopted
+    C._maybe_adopt(c, t0 + 1.0)
     assert c.adopted and c.state.layers == 3
     assert _report(c, "fresh", []) == [2, 0, 3] and _report(c, "loaded", [2, 0, 3]) == [2, 0, 3]
 
@@ -57,7 +63,7 @@ def test_no_decision_is_made_before_the_fleet_is_adopted():
     c._maybe_adopt = lambda now: C._maybe_adopt(c, now)
     c._refresh_store = lambda: None
     busy = {"dsla_layers": [], "waiting": 50, "loaded_layers": [2, 0, 3, 1]}
-    c.reports = {"r": (100.1, busy)}
+    c.reports, c.first_report_t = {"r": (100.1, busy)}, 100.1
     C.tick(c, 100.2)  # heard the fleet for less than two intervals: no decision
     assert not seen and not c.history and c.state.layers == 0
     c.reports = {"r": (101.1, busy)}

@@ -142,3 +142,31 @@ def test_a_replica_started_before_its_store_follows_the_store_settings(tmp_path)
     eng = Engine(hybrid, None, EngineConfig(cache_memory_bytes=4 << 20))
     eng.set_conversion([3], pre.store_version, pre.weights_for([3], {}))
     assert hybrid.dsla_layers == [3]
+
+
+def test_a_republish_during_a_load_records_the_version_read(setup):
+    """The distill worker republishes a layer between the preloader's manifest read and its file
+    read: the weights are the new version's, and so must be the recorded version (it recorded the
+    old one, reloaded the same file at the next poll and made the replica swap to identical weights)."""
+    import torch
+
+    hybrid, store = setup
+    publish(hybrid, store, 3)
+    pre = PreloadedLayers(str(store.path), hybrid.fingerprint)
+    real = pre.store._read_layer_file
+
+    def racing(layer, *a, **kw):  # the layer file read, just after the preloader read the manifest
+        if not racing.fired:
+            racing.fired = True
+            sd = {k: v + 1 for k, v in hybrid.new_dsla_module(layer).state_dict().items()}
+            store.publish(layer, sd, {})  # version 2
+        return real(layer, *a, **kw)
+
+    racing.fired = False
+    pre.store._read_layer_file = racing
+    assert pre.refresh() == [3]
+    entry = store.read_manifest()["layers"]["3"]
+    assert entry["version"] == 2 and pre.versions[3] == (2, entry["sha256"])
+    held, v2 = pre.weights[3], store.load_layer(3, hybrid.fingerprint)
+    assert all(torch.equal(held[k], v2[k]) for k in held)
+    assert pre.refresh() == [] and pre.weights_for([3], {3: pre.versions[3]}) == {}

@@ -1,4 +1,5 @@
-"""Hot swaps under load: in-flight requests finish under the configuration they were admitted with."""
+"""Hot swaps under load: in-flight requests finish under the configuration they were admitted with;
+requests still waiting at a swap take the new one."""
 import pytest
 import torch
 
@@ -36,30 +37,76 @@ def test_requests_in_flight_during_10_swaps_match_their_pinned_config(pipe):
     sp = SamplingParams(max_tokens=10, temperature=0)
     rid_to = {}
     done = {}
+    admitted = {}  # request id -> its configuration when it got its cache
+
+    def step():
+        for ev in eng.step():
+            done.setdefault(ev.request_id, []).append(ev)
+        for rid, r in eng.requests.items():
+            if r.cache is not None:
+                assert admitted.setdefault(rid, r.conf) is r.conf  # never changes once admitted
+
     p = 0
     for swap, layers in enumerate(schedules):
         for _ in range(3):  # three new requests per configuration
             rid = eng.add_request(prompts[p], sp)
-            rid_to[rid] = (p, eng.requests[rid].conf)
+            rid_to[rid] = (p, eng.requests[rid].conf, eng.requests[rid])
             p += 1
         for _ in range(3):  # let them get going (some mid-prefill, some mid-decode) before the swap
-            for ev in eng.step():
-                done.setdefault(ev.request_id, []).append(ev)
+            step()
         # a new distilled version of one converted layer arrives with every other swap
         weights = {layers[0]: random_weights(h, layers[0], swap)} if layers and swap % 2 else None
         eng.set_conversion(layers, store_version=swap, layer_weights=weights)
         assert eng.stats()["dsla_layers"] == layers
     while eng.has_unfinished():
-        for ev in eng.step():
-            done.setdefault(ev.request_id, []).append(ev)
+        step()
     assert eng.swaps == 10
     assert not pipe or eng.chained_steps
     assert set(done) == set(rid_to)
+    repinned = 0
     for rid, evs in done.items():
         assert evs[-1].finish_reason == "length" and all(e.finish_reason is None for e in evs[:-1])
-        i, conf = rid_to[rid]
-        assert [e.token_id for e in evs] == alone_under(h, conf, prompts[i], 10)
+        i, at_add, req = rid_to[rid]
+        assert req.conf is admitted[rid]
+        repinned += req.conf is not at_add  # it waited through a swap
+        assert [e.token_id for e in evs] == alone_under(h, req.conf, prompts[i], 10)
+    assert repinned > 0
     assert eng.pool.num_free == eng.pool.usable_blocks
+
+
+def test_a_conversion_admits_the_queue_under_the_new_configuration():
+    """The controller converts because the queue is long: the waiting requests (no cache yet) must
+    take the converted configuration, or they keep needing the old cache and the queue stays as
+    long (4 of 10 ran, 6 waited, and stayed waiting after converting every layer). A revert keeps
+    a waiting request's configuration when the reverted one could never fit it."""
+    h = tiny_hybrid(dsla_layers=())
+    eng = Engine(h, None, EngineConfig(max_running=16, max_batched_tokens=4096, cache_memory_bytes=1 << 20))
+    sp = SamplingParams(max_tokens=20, temperature=0)
+    for p in random_prompts(10, 256, lo=180, hi=181, seed=3):
+        eng.add_request(p, sp)
+    eng.step()
+    before = eng.stats()
+    assert before["running"] < 10 and before["waiting"] > 0
+    eng.set_conversion([0, 1, 2, 3])
+    eng.step()
+    assert eng.stats()["running"] == 10 and eng.stats()["waiting"] == 0
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.pool.num_free == eng.pool.usable_blocks
+    # a request that only fits converted stays converted when the engine reverts while it waits
+    big = eng.pool.usable_blocks * eng.pool.block_size  # more KV tokens than the pool holds
+    small = Engine(h, None, EngineConfig(max_running=1, max_batched_tokens=4096, cache_memory_bytes=1 << 20,
+                                        max_model_len=big + 64))
+    small.set_conversion([0, 1, 2, 3])
+    first = small.add_request([1] * 40, SamplingParams(max_tokens=4, temperature=0))
+    waiting = small.add_request([1] * 40, SamplingParams(max_tokens=big, temperature=0, ignore_eos=True))
+    small.step()
+    small.set_conversion([])
+    assert list(small.requests[waiting].conf.dsla_layers) == [0, 1, 2, 3]
+    small.abort(first)
+    small.abort(waiting)
+    small.step()
+    assert not small.has_unfinished()
 
 
 def test_capacity_grows_with_conversion():
