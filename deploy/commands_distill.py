@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -48,8 +49,8 @@ def cmd_distill(args) -> int:
         raise CLIError(f"--store {args.store}: not a directory")
     if args.text_file and not os.path.isfile(args.text_file):
         raise CLIError(f"--text-file {args.text_file}: no such file")
-    if args.lr is not None and not args.lr > 0:
-        raise CLIError(f"--lr must be > 0, got {args.lr}")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise CLIError(f"--lr must be a finite number > 0, got {args.lr}")
     if args.threads:
         import torch
 
@@ -120,7 +121,7 @@ def _parse_conversions(text: str) -> list[float]:
 
 def cmd_eval(args) -> int:
     from deploy.commands_model import load_hybrid
-    from dsla_model.evaluation import evaluate_conversions, text_blocks
+    from dsla_model.evaluation import PASSKEY_CONTEXTS, evaluate_conversions, text_blocks
     from dsla_model.layer_store import LayerStore, LayerStoreError, shipped_store
 
     conversions = _parse_conversions(args.conversion)
@@ -151,11 +152,16 @@ def cmd_eval(args) -> int:
         if missing:
             raise CLIError(f"store {store_path} lacks layers for conversion(s) "
                            + "; ".join(f"{c}: {m}" for c, m in missing.items()))
+        # nothing past the model's positions: its scores there would be of a model out of range
+        positions = getattr(hybrid.config, "max_position_embeddings", None) or 1 << 30
+        if positions < 512:
+            raise CLIError(f"the model has {positions} positions; eval scores 512-token blocks")
+        contexts = tuple(c for c in PASSKEY_CONTEXTS if c <= positions)
         blocks = text_blocks(tok, 512, args.blocks, args.text_file)
         log = (lambda r: print(json.dumps(r), file=sys.stderr)) if not args.json else None
-        results = evaluate_conversions(hybrid, tok, conversions, order, store.apply, blocks,
-                                       passkey=args.passkey, passkey_trials=args.passkey_trials, log=log)
-    except (LayerStoreError, ValueError) as e:
+        results = evaluate_conversions(hybrid, tok, conversions, order, store.apply, blocks, passkey=args.passkey,
+                                       passkey_trials=args.passkey_trials, passkey_contexts=contexts, log=log)
+    except (LayerStoreError, ValueError, OSError) as e:
         raise CLIError(str(e)) from None
     meta = {"model": model_id, "store": str(store_path), "store_version": manifest["version"],
             "text": args.text_file or "corpus validation split", "blocks": int(blocks.shape[0]),

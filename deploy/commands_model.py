@@ -154,7 +154,7 @@ def cmd_order(args) -> int:
 
             order, score = sensitivity_order(hybrid, tok, args.num_prompts)
             label = "entropy"
-    except CorpusMissingError as e:
+    except (CorpusMissingError, OSError) as e:
         raise CLIError(str(e)) from None
     if args.json:
         key = "damage" if args.method == "damage" else "entropy"
@@ -184,7 +184,9 @@ def add_parsers(sub):
     p.add_argument("--prompt", action="append", required=True, help="may be repeated")
     add_model_args(p)
     p.add_argument("--dsla-layers", default=None, help="comma-separated layers to convert, e.g. 0,14,29")
-    p.add_argument("--conversion", type=float, default=None, help="convert this fraction of layers in sensitivity order")
+    p.add_argument("--conversion", type=float, default=None,
+                   help="convert this fraction of layers, in the layer store's order (without a store for this "
+                        "model: the attention-entropy order, which needs no calibration run)")
     p.add_argument("--layers-dir", default=None, help="a layer store with distilled DSLA layers")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)

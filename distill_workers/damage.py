@@ -11,6 +11,7 @@ CPU for the default model, and the result is cached per model.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import torch
@@ -135,10 +136,9 @@ def damage_order(hybrid, tokenizer, cfg: DistillConfig = DAMAGE_CONFIG, log=None
     settings = _settings_key(hybrid, cfg)
     name = f"{hybrid.fingerprint}-damage-{cfg.tokens_per_layer}-{cfg.train_blocks}-{text}-{settings}.json"
     path = cache_root() / "order" / name
-    if path.exists():
-        d = json.loads(path.read_text())
-        damage = {int(k): v for k, v in d["damage"].items()}
-        return d["order"], damage
+    cached = _read_cached(path, hybrid.num_layers)
+    if cached is not None:
+        return cached
     freeze_teacher(hybrid)
     dev = next(hybrid.parameters()).device
     if text_file is not None:
@@ -149,8 +149,31 @@ def damage_order(hybrid, tokenizer, cfg: DistillConfig = DAMAGE_CONFIG, log=None
     mods = distil_independently(hybrid, data, cfg, log=log)
     damage = measure_damage(hybrid, mods, held_out.to(dev))
     order = order_by_damage(damage)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"order": order, "damage": {str(k): v for k, v in damage.items()}}))
-    os.replace(tmp, path)
+    try:  # a cache is a convenience: a read-only or full cache directory must not lose the result
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"order": order, "damage": {str(k): v for k, v in damage.items()}}))
+        os.replace(tmp, path)
+    except OSError as e:
+        logging.getLogger(__name__).warning("damage order not cached (%s): %s", path, e)
+    return order, damage
+
+
+def _read_cached(path, num_layers: int):
+    """(order, damage) from a cache file, or None when there is none or it is not a valid one
+    (truncated, edited): then the order is measured again."""
+    try:
+        d = json.loads(path.read_text())
+        order = d["order"]
+        damage = {int(k): float(v) for k, v in d["damage"].items()}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        logging.getLogger(__name__).warning("ignoring the damage-order cache %s: %s", path, e)
+        return None
+    if (not isinstance(order, list) or sorted(order) != list(range(num_layers))
+            or sorted(damage) != list(range(num_layers))):
+        logging.getLogger(__name__).warning("ignoring the damage-order cache %s: not an order of %d layers",
+                                            path, num_layers)
+        return None
     return order, damage

@@ -78,10 +78,11 @@ def kl_phase(hybrid, layer: int, module, data, teacher_lp: torch.Tensor, steps: 
             last = loss.item()
         with torch.no_grad():
             after = held_out_kl()
-        if after > before:  # a few noisy steps made it worse: keep the MSE-trained weights
+        kept = after <= before  # False for a NaN too (a diverged phase)
+        if not kept:  # a few noisy steps made it worse: keep the MSE-trained weights
             with torch.no_grad():
                 for p, v in zip(module.state_dict().values(), saved.values()):
                     p.copy_(v)
     finally:
         sw.dsla, sw.use_dsla = prev_mod, prev_flag
-    return {"kl_kept": after <= before, "kl_before": round(before, 5), "kl_after": round(after, 5), "kl_steps": steps, "kl_last": round(last, 5)}
+    return {"kl_kept": kept, "kl_before": round(before, 5), "kl_after": round(after, 5), "kl_steps": steps, "kl_last": round(last, 5)}

@@ -181,6 +181,7 @@ class ChainedDistiller:
         self._stop = False
         self._bar = None
         self._unreadable: set[int] = set()  # published, but failing their checks: distilled again
+        self._ready: set[int] = set()  # layers whose stored weights are installed in the hybrid
 
     def todo(self) -> list[int]:
         done = set(self.store.published_layers()) - self._unreadable
@@ -193,12 +194,25 @@ class ChainedDistiller:
         from dsla_model.layer_store import LayerStoreError
 
         self._unreadable.clear()
+        self._ready.clear()
         for layer in self.store.published_layers():
             try:
                 self.store.apply(self.hybrid, [layer])
+                self._ready.add(layer)
             except (LayerStoreError, OSError) as e:
                 log.warning("published layer %d does not load (%s): distilling it again", layer, e)
                 self._unreadable.add(layer)
+
+    def _chain_before(self, layer: int):
+        """Convert exactly the ready layers before `layer` in the order: a layer is trained on the
+        inputs the hybrid gives it when the layers before it are DSLA, never the ones after it (a
+        damaged layer distilled again sits before layers that are already published)."""
+        pos = self.order.index(layer)
+        later = [x for x in self.order[pos + 1:] if x in self._ready]
+        if later:
+            log.warning("layer %d is distilled again; layers %s after it were distilled on its previous "
+                        "version", layer, later)
+        self.hybrid.set_dsla_layers([x for x in self.order[:pos] if x in self._ready])
 
     def stop(self):
         self._stop = True
@@ -235,6 +249,7 @@ class ChainedDistiller:
             if self._stop:
                 break
             self.status.update(state="capturing", layer=layer, step=0, loss=None)
+            self._chain_before(layer)
             data = capture_layer(self.hybrid, layer, blocks, batch=max(2, self.cfg.batch_blocks),
                                  resid_blocks=self.cfg.kl_blocks if self.cfg.kl_steps else 0)
             self.status["state"] = "training"
@@ -250,15 +265,22 @@ class ChainedDistiller:
                 self._bar.close()
             if self._stop:
                 break  # an interrupted layer is never published
+            state = module.state_dict()
+            if not (math.isfinite(metrics["rel_mse"]) and all(bool(v.isfinite().all()) for v in state.values())):
+                # a diverged layer must not reach the store: replicas would serve it
+                raise ValueError(f"layer {layer} diverged (non-finite weights or loss: relative MSE "
+                                 f"{metrics['rel_mse']}); not published. Try a lower learning rate.")
             metrics["config"] = {"tokens_per_layer": self.cfg.tokens_per_layer, "block_size": self.cfg.block_size,
                                  "train_blocks": self.cfg.train_blocks, "one_state": self.cfg.one_state,
                                  "kl_steps": self.cfg.kl_steps, "batch_blocks": self.cfg.batch_blocks,
                                  "lr": self.cfg.lr, "device": str(blocks.device)}
-            self.store.publish(layer, module.state_dict(), metrics)
+            self.store.publish(layer, state, metrics)
             self._unreadable.discard(layer)
             self.hybrid.install(layer, module)
             self.hybrid.convert(layer)
+            self._ready.add(layer)
             published.append(layer)
             self.status["published"] = self.store.published_layers()
+        self.hybrid.set_dsla_layers(sorted(self._ready))  # the whole chain, as the store holds it
         self.status["state"] = "stopped" if self._stop else "done"
         return published

@@ -66,8 +66,11 @@ class TeacherReference:
         return self._score(lps)
 
 
+PASSKEY_CONTEXTS = (512, 1024, 2048)
+
+
 def evaluate_conversions(hybrid, tokenizer, conversions, order, apply_layers, blocks: torch.Tensor,
-                         passkey: bool = False, passkey_trials: int = 4, passkey_contexts=(512, 1024, 2048),
+                         passkey: bool = False, passkey_trials: int = 4, passkey_contexts=PASSKEY_CONTEXTS,
                          log=None) -> list[dict]:
     """One result per conversion ratio. `apply_layers(hybrid, layers)` converts exactly
     those layers (e.g. LayerStore.apply); the hybrid is reset to all-attention first."""

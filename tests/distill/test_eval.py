@@ -68,6 +68,7 @@ def test_passkey_prompt_length_and_answer():
     (["generate", "--model", "MODEL", "--prompt", "x", "--seed", "-1", "--no-cache"], "seed"),
     (["generate", "--model", "MODEL", "--prompt", "x", "--max-tokens", "600", "--no-cache"], "512 positions"),
     (["generate", "--model", "GPT2", "--prompt", "x"], "not supported"),
+    (["distill", "--store", "STORE", "--model", "MODEL", "--lr", "inf"], "--lr"),  # published NaN layers
 ])
 def test_bad_cli_input_exits_non_zero_with_a_message(argv, message, capsys, tiny_model_dir, tmp_path):
     from deploy.cli import main
@@ -147,3 +148,118 @@ def test_a_report_that_fails_half_way_leaves_the_old_one(tmp_path, monkeypatch):
     assert (tmp_path / "eval.md").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["eval.md", "eval.json"] + (
         ["eval.png"] if (tmp_path / "eval.png").exists() else []))
+
+
+def test_passkey_counts_a_longer_number_as_a_miss():
+    """Scoring looked only at the answer's positions: a model answering 604946 for the key 60494
+    (SmolLM2 writes numbers digit by digit) scored as a hit. The next token must end the number."""
+    import re
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from dsla_model.loading import default_model_dir
+    from dsla_model.passkey import QUESTION, passkey_accuracy
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir())
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+
+    class Answers(torch.nn.Module):
+        """Causal: reads the key from the needle and answers it, followed by `extra`."""
+
+        def __init__(self, extra):
+            super().__init__()
+            self.extra, self.p = extra, torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, ids):
+            ids = ids[0].tolist()
+            out = torch.zeros(1, len(ids), len(tok))
+            text = tok.decode(ids)
+            key = re.search(r"The pass key is (\d+)\.", text).group(1)
+            start = len(ids) - len(enc(f" {key}")) - 1  # the position that predicts the answer's first token
+            want = enc(f" {key}{self.extra}")
+            for i, t in enumerate(range(start, len(ids))):
+                out[0, t, want[i] if i < len(want) else enc("\n")[0]] = 1
+            return out
+
+    assert passkey_accuracy(Answers("\n"), tok, contexts=(512,), trials=2)["mean"] == 1.0
+    assert passkey_accuracy(Answers("6"), tok, contexts=(512,), trials=2)["mean"] == 0.0
+    assert QUESTION.endswith("is")
+
+
+def test_the_kl_phase_never_keeps_diverged_weights():
+    """after > before is False for NaN: a diverged KL phase kept its NaN weights (kl_kept False)."""
+    import torch
+
+    from distill_workers.kl_phase import kl_phase, teacher_logprobs
+    from distill_workers.layer_data import capture_layer
+
+    h = tiny_hybrid()
+    blocks = tiny_blocks(4)
+    lp = teacher_logprobs(h, blocks)
+    data = capture_layer(h, 1, blocks, batch=2, resid_blocks=4)
+    module = h.new_dsla_module(1)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    res = kl_phase(h, 1, module, data, lp, steps=2, lr=float("inf"))
+    assert not res["kl_kept"]
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+def test_eval_scores_no_passkey_context_past_the_models_positions(tiny_model_dir, tmp_path, capsys):
+    """The tiny model has 512 positions: its 1024- and 2048-token passkey prompts were scored anyway
+    (0.0 for the teacher too, a model out of range); now only the contexts it has are. A text file
+    that exists but cannot be read is an error message, not a traceback."""
+    from deploy.cli import main
+    from dsla_model.dsla_attention import DSLAConfig
+    from dsla_model.hybrid import HybridModel
+    from dsla_model.loading import load_model
+
+    h = HybridModel(load_model(tiny_model_dir)[0], DSLAConfig())
+    LayerStore(tmp_path / "s").init("tiny", h.fingerprint, [2, 0, 1], h.dsla_config)
+    assert main(["eval", "--model", tiny_model_dir, "--store", str(tmp_path / "s"), "--conversion", "0",
+                 "--blocks", "1", "--passkey", "--passkey-trials", "1", "--out-dir", "", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert list(res[0]["passkey_by_context"]) == ["512"]
+    assert main(["eval", "--model", tiny_model_dir, "--store", str(tmp_path / "s"), "--conversion", "0",
+                 "--text-file", "/proc/self/mem", "--out-dir", ""]) == 2
+    err = capsys.readouterr().err
+    assert "Input/output error" in err and "Traceback" not in err
+
+
+def test_a_bad_or_unwritable_damage_order_cache_costs_a_recompute_not_the_run(tmp_path, monkeypatch, caplog):
+    """A truncated or edited cache file raised (JSONDecodeError, KeyError) and a read-only cache
+    directory threw away the measured order with a traceback; both are now warnings."""
+    import os
+
+    from distill_workers import damage
+
+    path = tmp_path / "c.json"
+    for bad in ('{"order": [0, 1', '{"order": [0, 0, 1], "damage": {"0": 1, "1": 2, "2": 3}}', '[1, 2]',
+                '{"order": [2, 0, 1], "damage": {"0": "x"}}'):
+        path.write_text(bad)
+        assert damage._read_cached(path, 3) is None
+    path.write_text('{"order": [2, 0, 1], "damage": {"0": 0.5, "1": 0.7, "2": 0.1}}')
+    assert damage._read_cached(path, 3) == ([2, 0, 1], {0: 0.5, 1: 0.7, 2: 0.1})
+    assert damage._read_cached(tmp_path / "none.json", 3) is None
+
+    def refuse(*a, **k):
+        raise OSError(30, "Read-only file system")
+
+    tok = _tokenizer()  # before the cache is made unwritable: the default model lives there
+    monkeypatch.setattr(os, "replace", refuse)
+    monkeypatch.setattr("dsla_model.loading.cache_root", lambda: tmp_path / "cache")
+    h = tiny_hybrid(vocab=len(tok))
+    cfg = damage.DistillConfig(tokens_per_layer=48, train_blocks=2, block_size=48, train_chunk_size=8, kl_steps=0)
+    text = tmp_path / "t.txt"
+    text.write_text(open("/usr/share/common-licenses/GPL-3").read())
+    order, dmg = damage.damage_order(h, tok, cfg, text_file=str(text))
+    assert sorted(order) == [0, 1, 2] and set(dmg) == {0, 1, 2}
+    assert "not cached" in caplog.text
+
+
+def _tokenizer():
+    from transformers import AutoTokenizer
+
+    from dsla_model.loading import default_model_dir
+
+    return AutoTokenizer.from_pretrained(default_model_dir())

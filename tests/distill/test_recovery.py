@@ -148,3 +148,39 @@ def test_a_worker_name_still_taken_at_start_is_started_by_a_later_poll(monkeypat
     assert pool.workers == {"dsla-distill-app-0": None} and pool.status["dsla-distill-app-0"]["state"] == "starting"
     asyncio.run(pool.poll())
     assert pool.workers == {"dsla-distill-app-0": "handle"} and len(tries) == 2
+
+
+def test_a_layer_distilled_again_sees_only_the_layers_before_it(tmp_path, monkeypatch):
+    """Order [2, 0, 1], all published, layer 2's file damaged: layer 2 (position 0) is captured with
+    no DSLA layer before it, not with 0 and 1 (the later positions) converted; the chain is whole
+    again after the run."""
+    import distill_workers.trainer as T
+
+    torch.set_num_threads(1)
+    store, blocks = LayerStore(tmp_path / "s"), tiny_blocks(4)
+    h = tiny_hybrid()
+    assert ChainedDistiller(h, None, "tiny", store, [2, 0, 1], CFG, h.dsla_config, blocks=blocks).run() == [2, 0, 1]
+    f = store.path / store.read_manifest()["layers"]["2"]["file"]
+    f.write_bytes(b"garbage")
+    seen = []
+    real = T.capture_layer
+    monkeypatch.setattr(T, "capture_layer", lambda hyb, layer, *a, **k: seen.append((layer, hyb.dsla_layers))
+                        or real(hyb, layer, *a, **k))
+    h2 = tiny_hybrid()
+    assert ChainedDistiller(h2, None, "tiny", store, [2, 0, 1], CFG, h2.dsla_config, blocks=blocks).run() == [2]
+    assert seen == [(2, [])]
+    assert sorted(h2.dsla_layers) == [0, 1, 2]
+
+
+def test_a_diverged_layer_is_not_published(tmp_path):
+    """A learning rate that blows the weights up to inf / NaN used to publish them (and replicas
+    served them: every token 0); now the run stops with an error and the store is unchanged."""
+    import pytest
+
+    torch.set_num_threads(1)
+    store, blocks = LayerStore(tmp_path / "s"), tiny_blocks(4)
+    h = tiny_hybrid()
+    cfg = DistillConfig(**{**CFG.to_dict(), "lr": float("inf")})
+    with pytest.raises(ValueError, match="diverged"):
+        ChainedDistiller(h, None, "tiny", store, [2, 0, 1], cfg, h.dsla_config, num_layers=1, blocks=blocks).run()
+    assert store.published_layers() == []
