@@ -1,10 +1,11 @@
 """The synchronous engine: requests in, token events out, one `step()` at a time.
 
 No threads here (AsyncEngine adds one). Between steps the caller may add or
-abort requests and change the layer configuration; a configuration change only
-affects requests added after it (each request is pinned to the `LayerConfig`
-it was added with). A step runs one forward per configuration present in the
-batch, so a swap never mixes caches of different layouts.
+abort requests and change the layer configuration; a configuration change
+affects the requests added after it and those still waiting for admission (each
+request is pinned to a `LayerConfig` once it has a cache). A step runs one forward
+per configuration present in the batch, so a swap never mixes caches of different
+layouts.
 
 Pipelined decode (CUDA graphs only): when a step is decode only, one layer
 configuration and greedy without logprobs, its tokens stay on the device and
