@@ -37,11 +37,8 @@ class CachePool:
         dts = tuple(state_dtypes) if isinstance(state_dtypes, (tuple, list)) else (state_dtypes, state_dtypes)
         if len(dts) != 2 or any(d not in STATE_DTYPES for d in dts):  # the decode kernels take no other
             raise ValueError(f"state pools hold one of {STATE_DTYPES} (or a pair of them), not {state_dtypes}")
-        self.state_dtypes = dts
         sizes = [torch.empty((), dtype=d).element_size() for d in dts]
-        E = num_kv_heads * head_dim * head_dim
-        self.state_bytes = (E * sizes[0], E * sizes[1])  # (history, recency)
-        self.pair_bytes = pair_bytes = sum(self.state_bytes)
+        self.pair_bytes = pair_bytes = num_kv_heads * head_dim * head_dim * sum(sizes)
         bs = block_size
         while bs > 1 and pair_bytes % (2 * bs * num_kv_heads * head_dim * es):
             bs //= 2
@@ -78,6 +75,10 @@ class CachePool:
     def blocks_for(self, num_attn_layers: int, num_dsla_layers: int, seq_len: int) -> int:
         """Blocks one sequence of `seq_len` tokens needs under a layer configuration."""
         return num_attn_layers * math.ceil(seq_len / self.block_size) + num_dsla_layers * self.blocks_per_pair
+
+    def ever_fits(self, num_attn_layers, num_dsla_layers, seq_len) -> bool:
+        """Whether one such sequence fits the whole pool (when nothing else holds any of it)."""
+        return self.blocks_for(num_attn_layers, num_dsla_layers, seq_len) <= self.usable_blocks
 
     def can_allocate(self, num_attn_layers, num_dsla_layers, seq_len) -> bool:
         if int(np.count_nonzero(self._group_free == self.blocks_per_pair)) < num_dsla_layers:

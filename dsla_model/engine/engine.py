@@ -97,7 +97,7 @@ class Engine:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
                              f"exceeds max_model_len {self.max_model_len}")
         c = self.conf
-        if self.pool.blocks_for(len(c.attn_layers), len(c.dsla_layers), total) > self.pool.usable_blocks:
+        if not self.pool.ever_fits(len(c.attn_layers), len(c.dsla_layers), total):
             raise ValueError(f"a sequence of {total} tokens does not fit the cache budget "
                              f"({self.pool.budget_bytes} bytes) under the current conversion")
         if params.stop and self.tokenizer is None:
@@ -284,10 +284,9 @@ class Engine:
         to make room for the queue, and a queue pinned to the old one would need the old cache
         (the controller converts because the queue is long). A request that could never fit the
         pool under the new one (a revert to longer KV) keeps its old configuration."""
-        c, pool = self.conf, self.pool
+        c = self.conf
         for r in self.scheduler.waiting:
-            if r.cache is None and pool.blocks_for(len(c.attn_layers), len(c.dsla_layers), r.max_len) \
-                    <= pool.usable_blocks:
+            if r.cache is None and self.pool.ever_fits(len(c.attn_layers), len(c.dsla_layers), r.max_len):
                 r.conf = c
 
     # ---- sizing and metrics ------------------------------------------------------------
