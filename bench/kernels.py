@@ -86,7 +86,12 @@ SWEEP = (
     ("output", [dict(output=4, output_bv=128), dict(output=8, output_bv=128)]),
 )
 # warps must follow the Dk block (64 rows with 4 warps spills; kernels/triton_chunk_bwd.py)
-BWD_SWEEP = [dict(dq=8, dk=8, dq_bk=64, dk_bk=64, dv=8, states_bwd=8), dict(dq=4, dk=4, dq_bk=32, dk_bk=32, dv=8, states_bwd=8)]
+BWD_SWEEP = (
+    ("backward", [dict(dq=4, dk=4, dq_bk=32, dk_bk=32, dv=8, states_bwd=8),
+                  dict(dq=8, dk=8, dq_bk=64, dk_bk=64, dv=8, states_bwd=8)]),
+    ("backward inter-chunk", [dict(inter=4, inter_bk=64, inter_bv=64), dict(inter=4, inter_bk=64, inter_bv=128),
+                              dict(inter=4, inter_bk=64, inter_bv=32), dict(inter=8, inter_bk=128, inter_bv=64)]),
+)
 
 
 def _qkvg(T):
@@ -103,7 +108,8 @@ def _kernel_stats(rows, T):
     from kernels import triton_chunk_bwd as B
     from kernels import triton_chunk_fwd as F
 
-    for fn in (F._states_fwd, F._scores_fwd, F._output_fwd, B._states_bwd, B._dq_bwd, B._dv_bwd, B._dk_bwd):
+    for fn in (F._states_fwd, F._scores_fwd, F._output_fwd, B._states_bwd, B._inter_bwd, B._dq_bwd, B._dv_bwd,
+               B._dk_bwd):
         for dev_cache in getattr(fn, "device_caches", {}).values():
             for key, kern in dev_cache[0].items():
                 nw = getattr(getattr(kern, "metadata", None), "num_warps", None)
@@ -148,7 +154,8 @@ def forward_parts(T, rows, sweep):
             o, _, _ = dsla_chunk_fused(*xs)
             torch.autograd.grad(o, xs, do)
 
-        _sweep(rows, T, "backward", BWD_SWEEP, lambda: bench_ms(fwd_bwd, rep=50), " (fwd+bwd)")
+        for group, variants in BWD_SWEEP:
+            _sweep(rows, T, group, variants, lambda: bench_ms(fwd_bwd, rep=50), " (fwd+bwd)")
     xs = [x.clone().requires_grad_(True) for x in (q, k, v, g1, g2, w)]
     do = torch.randn_like(q)
     for _ in range(2):

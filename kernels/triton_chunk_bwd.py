@@ -8,13 +8,18 @@ dP[t,s] = dO'_t . v_s for s < t (the diagonal s = t is handled apart, see below)
   1. `_states_bwd`: per (sequence, kv head, Dk block, Dv block), walk the chunks backwards
      carrying both dS in registers:  dS_{c-1} = exp(b_last) dS_c + w_i sum_group (q exp(b))^T dO'
      storing dS_c for every chunk and, at the end, the initial states' gradients.
-  2. `_dq_bwd` per (chunk, query head, 16-row query block, Dk block):
+  2. `_inter_bwd` per (chunk, head, Dk block), at M = C rows: the inter-chunk terms
+         Xq_i = exp(b) (dO' h_i^T)   (query heads)    Xk_i = exp(b_last - b) (v dS_i^T)   (kv heads)
+     into the buffers dq / dk later overwrite with the gate gradients' parts (read first, same rows).
+     Done per 16-row block inside dq / dk they cost ~3 of their 11 ms at T=16K (H200); the key
+     side inside `_states_bwd` (dS is in its registers) made that walk 1.1 -> 5.3 ms.
+  3. `_dq_bwd` per (chunk, query head, 16-row query block, Dk block):
          dq~_i = (dO' h_i^T) exp(b_i) + sum_{s<t} dP[t,s] k_s exp(b_t - b_s)     (unweighted)
          dq    = sum_i w_i dq~_i + (w_0 + w_1) dpd k,   dpd_t = dO'_t . v_t (the diagonal)
      and writes dBq_i = w_i q dq~_i (the query half of the gate gradient) and per-program dw sums.
-  3. `_dv_bwd` per (chunk, kv head): dv = sum_group A^T dO' + sum_i (k exp(b_last - b_i)) dS_i,
+  4. `_dv_bwd` per (chunk, kv head): dv = sum_group A^T dO' + sum_i (k exp(b_last - b_i)) dS_i,
      with A the mixed scores the forward stored.
-  4. `_dk_bwd` per (chunk, kv head, 16-row key block, Dk block):
+  5. `_dk_bwd` per (chunk, kv head, 16-row key block, Dk block):
          dk_i = w_i sum_{t>s} dP[t,s] q_t exp(b_t - b_s) + (v dS_i^T) exp(b_last - b_i)
          dk   = sum_i dk_i + (w_0 + w_1) sum_group dpd q
      and the gate gradient's block-local part: dB_i = sum_group dBq_i - k dk_i, reverse-cumsummed
@@ -39,8 +44,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.triton_chunk_fwd import (chunk_state_tile, chunk_tile, from_row, load_rows, load_state_pair, mm,
-                                     mm_precise, row_of, to_end, walk_tile)
+from kernels.triton_chunk_fwd import (chunk_state_tile, chunk_tile, decay_from_start, decay_to_end, from_row,
+                                     load_rows, load_state_pair, mm, mm_precise, row_of, to_end, walk_tile)
 
 
 @triton.jit
@@ -78,6 +83,55 @@ def _states_bwd(q, g1, g2, w, do, dsT1, dsT2, dS1, dS2, ds01, ds02, cu, coff, sc
 
 
 @triton.jit
+def _inter_bwd(x, st1, st2, b1, b2, X1, X2, cu, cseq, coff, scale, Hx, Hkv, G: tl.constexpr,
+               Dk: tl.constexpr, Dv: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr,
+               BV: tl.constexpr, BVH: tl.constexpr, FROM_START: tl.constexpr, PRECISE: tl.constexpr,
+               IEEE: tl.constexpr):
+    """Per (chunk, head hx of x, Dk block): X_i = scale * decay * (x S_i^T) for both states, x a [C, Dv]
+    row tile (dO or v), S_i the chunk's [Dk, Dv] state (h_i or dS_i) of hx's kv head. decay is
+    exp(b) (FROM_START: the query side) or exp(b_last - b) (the key side), from the block cumsums.
+    PRECISE: a near-fp32 product, for the key side: k.dk from the final state cancels against
+    the gate gradient's final-state term (dS_T . S_T), computed in fp32."""
+    ic = tl.program_id(0)
+    hx = tl.program_id(1)
+    ik = tl.program_id(2)
+    hk = hx // G
+    t0, eos, t, mt = chunk_tile(cu, cseq, coff, ic, C)
+    dk = ik * BK + tl.arange(0, BK)
+    mk = dk < Dk
+    srow = ((ic * Hkv + hk) * Dk + dk[:, None]).to(tl.int64) * Dv
+    a1 = tl.zeros([C, BK], dtype=tl.float32)
+    a2 = tl.zeros([C, BK], dtype=tl.float32)
+    for iv in tl.static_range(0, BV, BVH):
+        dvh = iv + tl.arange(0, BVH)
+        mvh = dvh < Dv
+        ms = mk[:, None] & mvh[None, :]
+        xx = load_rows(x, t, mt, Hx, hx, Dv, dvh, mvh).to(tl.float32)
+        s1 = tl.trans(tl.load(st1 + srow + dvh[None, :], mask=ms, other=0.))
+        s2 = tl.trans(tl.load(st2 + srow + dvh[None, :], mask=ms, other=0.))
+        if PRECISE:
+            a1 += mm_precise(xx, s1, IEEE)
+            a2 += mm_precise(xx, s2, IEEE)
+        else:
+            a1 += mm(xx, s1, IEEE)
+            a2 += mm(xx, s2, IEEE)
+    bt1 = load_rows(b1, t, mt, Hkv, hk, Dk, dk, mk)
+    bt2 = load_rows(b2, t, mt, Hkv, hk, Dk, dk, mk)
+    if FROM_START:
+        e1, _ = decay_from_start(bt1, b1, t0, eos, Hkv, hk, Dk, dk, mk, C, SUB)
+        e2, _ = decay_from_start(bt2, b2, t0, eos, Hkv, hk, Dk, dk, mk, C, SUB)
+        a1 = a1 * e1
+        a2 = a2 * e2
+    else:
+        a1, _ = decay_to_end(a1, bt1, b1, t0, eos, Hkv, hk, Dk, dk, mk, C, SUB)
+        a2, _ = decay_to_end(a2, bt2, b2, t0, eos, Hkv, hk, Dk, dk, mk, C, SUB)
+    out = (t[:, None] * Hx + hx).to(tl.int64) * Dk + dk[None, :]
+    m_out = mt[:, None] & mk[None, :]
+    tl.store(X1 + out, a1 * scale, mask=m_out)
+    tl.store(X2 + out, a2 * scale, mask=m_out)
+
+
+@triton.jit
 def dq_diag_exact(dPm, kI, gI, SUB: tl.constexpr):
     """sum_{s<t} dPm[t,s] k_s exp(sum_{u in (s, t]} g_u) inside one block, key column by key
     column: for a block that decays by more than RANGE_MAX, where a factored exp(-b) could
@@ -108,12 +162,13 @@ def block_cols(cu, cseq, coff, w, ic, ik, Dk: tl.constexpr, Dv: tl.constexpr, C:
 
 
 @triton.jit
-def _dq_bwd(q, k, v, g1, g2, w, h1, h2, do, dq, dBq1, dBq2, dwp, cu, cseq, coff, scale,
+def _dq_bwd(q, k, v, g1, g2, w, do, dq, dBq1, dBq2, dwp, cu, cseq, coff, scale,
             Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr,
-            C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BVH: tl.constexpr,
+            C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
             RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
     """Per (chunk, query head, query block I, Dk block): dq of the block's rows, the query half
-    of both gate gradients, and dw's per-program sums.
+    of both gate gradients, and dw's per-program sums. dBq1, dBq2 hold `_inter_bwd`'s inter-chunk
+    terms on entry (each program reads its rows before it overwrites them).
 
     Key blocks J < I are visited from I-1 down to 0 carrying mid_i = the log decay of the
     blocks strictly between J and I, so that for t in I, s in J
@@ -121,9 +176,7 @@ def _dq_bwd(q, k, v, g1, g2, w, h1, h2, do, dq, dBq1, dBq2, dwp, cu, cseq, coff,
     (bI: within-block inclusive cumsum, rest_J: decay from a key row to its block's end): the
     walk accumulates dP_IJ (k_J exp(rest_J + mid)) with exponents <= 0 and the block's rows take
     exp(bI) once at the end. The diagonal block starts the sum with dP_II (k_I exp(-bI)) when
-    it decays by at most RANGE_MAX, else takes the exact form after. After the walk mid_i is
-    b at the block's start, which gives the inter-chunk term (dO' h_i^T) exp(mid_i) exp(bI).
-    h is read BVH columns of Dv at a time, so its tile never sits in registers whole."""
+    it decays by at most RANGE_MAX, else takes the exact form after."""
     pid = tl.program_id(0)
     hq = tl.program_id(1)
     ik = tl.program_id(2)
@@ -160,30 +213,19 @@ def _dq_bwd(q, k, v, g1, g2, w, h1, h2, do, dq, dBq1, dBq2, dwp, cu, cseq, coff,
         gJ = load_rows(g2, tJ, mJ, Hkv, hk, Dk, dk, mk).to(tl.float32)
         acc2 += mm(dP, kJ * tl.exp(tl.cumsum(gJ, axis=0, reverse=True) - gJ + mid2[None, :]), IEEE)
         mid2 += tl.sum(gJ, axis=0)
-    # the inter-chunk products end the kernel body (see the module docstring: product order)
-    x1 = tl.zeros([SUB, BK], dtype=tl.float32)
-    x2 = tl.zeros([SUB, BK], dtype=tl.float32)
-    hrow = ((ic * Hkv + hk) * Dk + dk[:, None]).to(tl.int64) * Dv
-    for iv in tl.static_range(0, BV, BVH):
-        dvh = iv + tl.arange(0, BVH)
-        mvh = dvh < Dv
-        mh = mk[:, None] & mvh[None, :]
-        ddh = load_rows(do, tI, mI, Hq, hq, Dv, dvh, mvh).to(tl.float32)
-        x1 += mm(ddh, tl.trans(tl.load(h1 + hrow + dvh[None, :], mask=mh, other=0.)), IEEE)
-        x2 += mm(ddh, tl.trans(tl.load(h2 + hrow + dvh[None, :], mask=mh, other=0.)), IEEE)
+    out = (tI[:, None] * Hq + hq).to(tl.int64) * Dk + dk[None, :]
+    m_out = mI[:, None] & mk[None, :]
     qI = load_rows(q, tI, mI, Hq, hq, Dk, dk, mk).to(tl.float32)
     dpd = scale * tl.sum(dd.to(tl.float32) * load_rows(v, tI, mI, Hkv, hk, Dv, dv, mv).to(tl.float32), axis=1)
     qk_diag = tl.sum(dpd * tl.sum(qI * kI, axis=1), axis=0)
     gI = load_rows(g1, tI, mI, Hkv, hk, Dk, dk, mk).to(tl.float32)
-    dq1 = tl.exp(tl.cumsum(gI, axis=0)) * (acc1 + x1 * (scale * tl.exp(mid1))[None, :])
+    dq1 = tl.exp(tl.cumsum(gI, axis=0)) * acc1 + tl.load(dBq1 + out, mask=m_out, other=0.)
     if not fast1:
         dq1 += dq_diag_exact(dPm, kI, gI, SUB)
     gI = load_rows(g2, tI, mI, Hkv, hk, Dk, dk, mk).to(tl.float32)
-    dq2 = tl.exp(tl.cumsum(gI, axis=0)) * (acc2 + x2 * (scale * tl.exp(mid2))[None, :])
+    dq2 = tl.exp(tl.cumsum(gI, axis=0)) * acc2 + tl.load(dBq2 + out, mask=m_out, other=0.)
     if not fast2:
         dq2 += dq_diag_exact(dPm, kI, gI, SUB)
-    out = (tI[:, None] * Hq + hq).to(tl.int64) * Dk + dk[None, :]
-    m_out = mI[:, None] & mk[None, :]
     tl.store(dBq1 + out, w0 * qI * dq1, mask=m_out)
     tl.store(dBq2 + out, w1 * qI * dq2, mask=m_out)
     wp = dwp + ((pid * Hq + hq) * tl.num_programs(2) + ik) * 2
@@ -245,38 +287,22 @@ def dk_diag_exact(dPt, qJ, gJ, SUB: tl.constexpr):
 
 
 @triton.jit
-def dk_inter(v, dS, tJ, mJ, hk, Hkv, srow, Dv: tl.constexpr, mk, SUB: tl.constexpr, BK: tl.constexpr,
-             BV: tl.constexpr, BVH: tl.constexpr, IEEE: tl.constexpr):
-    """v_J dS^T, BVH columns of Dv at a time (the dS tile never sits in registers whole). fp32
-    dS and a near-fp32 product: k.dk from the final state cancels against the final-state term
-    of the gate gradient (dS_T . S_T), computed in fp32."""
-    x = tl.zeros([SUB, BK], dtype=tl.float32)
-    for iv in tl.static_range(0, BV, BVH):
-        dvh = iv + tl.arange(0, BVH)
-        mvh = dvh < Dv
-        vh = load_rows(v, tJ, mJ, Hkv, hk, Dv, dvh, mvh).to(tl.float32)
-        dSh = tl.load(dS + srow + dvh[None, :], mask=mk[:, None] & mvh[None, :], other=0.)
-        x += mm_precise(vh, tl.trans(dSh), IEEE)
-    return x
-
-
-@triton.jit
-def _dk_bwd(q, k, v, g1, g2, w, dS1, dS2, do, dBq1, dBq2, dk_out, dgl1, dgl2, tot1, tot2, cu, cseq, coff, scale,
+def _dk_bwd(q, k, v, g1, g2, w, do, dBq1, dBq2, dk_out, dgl1, dgl2, tot1, tot2, cu, cseq, coff, scale,
             Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr,
-            C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BVH: tl.constexpr,
+            C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
             RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
     """Per (chunk, kv head, key block J, Dk block): dk of the block's rows (both states, the
     whole query group) and the gate gradients' block-local parts: the reverse cumsum of dB_i
     inside the block and the block's total (`_dg_finish` adds the later blocks'; reads dBq
-    from `_dq_bwd`).
+    from `_dq_bwd`). dgl1, dgl2 hold `_inter_bwd`'s inter-chunk terms on entry (each program
+    reads its rows before it overwrites them).
 
     Query blocks I > J are visited in order carrying mid_i = the log decay of the blocks
     strictly between J and I, so that for s in J, t in I
         exp(b_t - b_s) = exp(rest_J,s) exp(bI_t + mid_i)
     and the walk accumulates dP_IJ^T (q_I exp(bI + mid)) with exponents <= 0; the block's rows
     take exp(rest_J) once at the end. The diagonal block is exp(-bJ) dP_JJ^T (q_J exp(bJ))
-    when it decays by at most RANGE_MAX, else exact. After the walk mid_i is the decay from
-    the block's end to the chunk's end, which gives the inter-chunk term (v dS_i^T) exp(b_last - b)."""
+    when it decays by at most RANGE_MAX, else exact."""
     pid = tl.program_id(0)
     hk = tl.program_id(1)
     ik = tl.program_id(2)
@@ -330,18 +356,14 @@ def _dk_bwd(q, k, v, g1, g2, w, dS1, dS2, do, dBq1, dBq2, dk_out, dgl1, dgl2, to
             dPt = mm(vJ, tl.trans(load_rows(do, tI, mI, Hq, hq, Dv, dv, mv)), IEEE) * scale  # [s, t]
             acc1 += mm(dPt, qI * e1, IEEE)
             acc2 += mm(dPt, qI * e2, IEEE)
-    # the inter-chunk products end the kernel body (see the module docstring: product order)
-    srow = ((ic * Hkv + hk) * Dk + dk[:, None]).to(tl.int64) * Dv
     toff = (pid * Hkv + hk).to(tl.int64) * Dk + dk
     out = (tJ[:, None] * Hkv + hk).to(tl.int64) * Dk + dk[None, :]
-    x = dk_inter(v, dS1, tJ, mJ, hk, Hkv, srow, Dv, mk, SUB, BK, BV, BVH, IEEE)
-    d = tl.exp(tl.cumsum(gJ1, axis=0, reverse=True) - gJ1) * (w0 * acc1 + x * tl.exp(mid1)[None, :])
+    d = tl.exp(tl.cumsum(gJ1, axis=0, reverse=True) - gJ1) * (w0 * acc1) + tl.load(dgl1 + out, mask=mJK, other=0.)
     dk_tot += d
     dB1 -= kJ * d
     tl.store(dgl1 + out, tl.cumsum(dB1, axis=0, reverse=True), mask=mJK)
     tl.store(tot1 + toff, tl.sum(dB1, axis=0), mask=mk)
-    x = dk_inter(v, dS2, tJ, mJ, hk, Hkv, srow, Dv, mk, SUB, BK, BV, BVH, IEEE)
-    d = tl.exp(tl.cumsum(gJ2, axis=0, reverse=True) - gJ2) * (w1 * acc2 + x * tl.exp(mid2)[None, :])
+    d = tl.exp(tl.cumsum(gJ2, axis=0, reverse=True) - gJ2) * (w1 * acc2) + tl.load(dgl2 + out, mask=mJK, other=0.)
     dk_tot += d
     dB2 -= kJ * d
     tl.store(dgl2 + out, tl.cumsum(dB2, axis=0, reverse=True), mask=mJK)

@@ -334,10 +334,11 @@ def _output_fwd(q, v, b1, b2, w, h1, h2, A, o, cu, cseq, coff, scale,
     qq = load_rows(q, t, mt, Hq, hq, Dk, dk, mk)
     vv = load_rows(v, t, mt, Hkv, hk, Dv, dv, mv)
     e, _ = decay_from_start(load_rows(b1, t, mt, Hkv, hk, Dk, dk, mk), b1, t0, eos, Hkv, hk, Dk, dk, mk, C, SUB)
-    hh = tl.load(h1 + hoff, mask=mst, other=0.)
+    # h is q's dtype, or fp32 kept for the backward: rounded to q's dtype here either way
+    hh = tl.load(h1 + hoff, mask=mst, other=0.).to(qq.dtype)
     acc = tl.load(w) * mm((qq * e).to(hh.dtype), hh, IEEE)
     e, _ = decay_from_start(load_rows(b2, t, mt, Hkv, hk, Dk, dk, mk), b2, t0, eos, Hkv, hk, Dk, dk, mk, C, SUB)
-    hh = tl.load(h2 + hoff, mask=mst, other=0.)
+    hh = tl.load(h2 + hoff, mask=mst, other=0.).to(qq.dtype)
     acc += tl.load(w + 1) * mm((qq * e).to(hh.dtype), hh, IEEE)
     cols = tl.arange(0, C)
     Am = tl.load(A + (t[:, None] * Hq + hq).to(tl.int64) * C + cols[None, :], mask=mt[:, None], other=0.)

@@ -13,7 +13,7 @@ import torch
 import triton
 
 from kernels import triton_alloc
-from kernels.triton_chunk_bwd import _dg_finish, _dk_bwd, _dq_bwd, _dv_bwd, _states_bwd
+from kernels.triton_chunk_bwd import _dg_finish, _dk_bwd, _dq_bwd, _dv_bwd, _inter_bwd, _states_bwd
 from kernels.triton_chunk_fwd import CHUNK, RANGE_MAX, SUB, _output_fwd, _scores_fwd, _states_fwd
 from kernels.triton_decode import dsla_decode_fused  # noqa: F401  (re-exported)
 
@@ -46,13 +46,13 @@ class _Plan:
 # bench/kernels.py sweeps them at T=16K and reports what it kept; the values here are the
 # ones that measured best there (H200, runs 6-7 in bench/results/kernels.md). walk_pre: the
 # forward's walk reads the scores pass's block cumsums instead of scanning the gates (whole
-# forward 3.03 vs 3.45 ms); the backward's walk always reads them. dq/dk (per 16-row
-# block): num_warps, Dk block, Dv slice of the inter-chunk product; the warps must follow
-# the Dk block (64 with 4 warps spills): 8 warps / 64 gave fwd+bwd 25.5 ms, 4 warps / 32
-# gave 18.7 ms.
+# forward 3.03 vs 3.45 ms). dq/dk (per 16-row block): num_warps and Dk block; the warps
+# must follow the Dk block (64 with 4 warps spills): 8 warps / 64 gave fwd+bwd 25.5 ms,
+# 4 warps / 32 gave 18.7 ms. inter: the backward's inter-chunk products (warps, Dk block,
+# Dv slice).
 LAUNCH = dict(scores=2, states_fwd=4, states_bk=16, states_bv=128, prefetch=False, walk_pre=True, output=4,
-              output_bv=128, states_bwd=8, dq=4, dq_bk=32, dq_bv=32, dk=4, dk_bk=32, dk_bv=32, dv=8,
-              dv_bv=128)
+              output_bv=128, states_bwd=8, dq=4, dq_bk=32, dk=4, dk_bk=32, dv=8, dv_bv=128,
+              inter=4, inter_bk=64, inter_bv=64)
 _PLANS: dict = {}
 
 
@@ -100,7 +100,8 @@ def _states(k, v, g1, g2, s1, s2, plan, Hkv, Dk, Dv, store_h, ieee, h_dtype=None
     return h1, h2, sT1, sT2
 
 
-def _forward(q, k, v, g1, g2, w, s1, s2, scale, plan):
+def _forward(q, k, v, g1, g2, w, s1, s2, scale, plan, h_dtype=None):
+    """h_dtype: the chunk states' storage (default q's dtype); fp32 when the backward will read them."""
     Ttot, Hq, Dk = q.shape
     Hkv, Dv = k.shape[1], v.shape[2]
     ieee = q.dtype == torch.float32
@@ -113,15 +114,15 @@ def _forward(q, k, v, g1, g2, w, s1, s2, scale, plan):
                                                    G=Hq // Hkv, Dk=Dk, C=CHUNK, SUB=SUB, BK=BK, RANGE_MAX=RANGE_MAX,
                                                    IEEE=ieee, num_warps=LAUNCH["scores"])
     if LAUNCH["walk_pre"]:
-        h1, h2, sT1, sT2 = _states(k, v, b1, b2, s1, s2, plan, Hkv, Dk, Dv, True, ieee, pre=True)
+        h1, h2, sT1, sT2 = _states(k, v, b1, b2, s1, s2, plan, Hkv, Dk, Dv, True, ieee, h_dtype, pre=True)
     else:
-        h1, h2, sT1, sT2 = _states(k, v, g1, g2, s1, s2, plan, Hkv, Dk, Dv, True, ieee)
+        h1, h2, sT1, sT2 = _states(k, v, g1, g2, s1, s2, plan, Hkv, Dk, Dv, True, ieee, h_dtype)
     o = triton_alloc.empty(Ttot, Hq, Dv, dtype=q.dtype, device=dev)
     BVo = min(BV, LAUNCH["output_bv"])
     _output_fwd[(plan.n_chunks, Hq, triton.cdiv(Dv, BVo))](
         q, v, b1, b2, w, h1, h2, A, o, plan.cu, plan.cseq, plan.coff, scale, Hq, Hkv, G=Hq // Hkv, Dk=Dk, Dv=Dv,
         C=CHUNK, BK=BK, BV=BVo, IEEE=ieee, SUB=SUB, num_warps=LAUNCH["output"])
-    return o, sT1, sT2, A, b1, b2
+    return o, sT1, sT2, A, b1, b2, h1, h2
 
 
 def _suffix(tot, plan):
@@ -133,17 +134,13 @@ def _suffix(tot, plan):
     return R[:-1] - t - R[nxt]
 
 
-def _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, b1, b2, scale, plan):
+def _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, b1, b2, h1, h2, scale, plan):
     Ttot, Hq, Dk = q.shape
     Hkv, Dv = k.shape[1], v.shape[2]
     G = Hq // Hkv
     dev = q.device
     ieee = q.dtype == torch.float32
     BKs, BVs, BK, BV = _blocks(Dk, Dv)
-    # fp32 chunk states for the backward (bf16 snapshots biased dw by ~1%, 0.1% in fp32),
-    # walked from the forward's block cumsums b1, b2: no gate scans (H200, T=16K: the forward's
-    # walk and this one 2.43 -> 1.93 ms, bench/results/kernels.md run 7)
-    h1, h2, _, _ = _states(k, v, b1, b2, s1, s2, plan, Hkv, Dk, Dv, True, ieee, torch.float32, pre=True)
     do = do.contiguous()
     N = plan.n_seq
     has_dst = dsT1 is not None or dsT2 is not None
@@ -160,29 +157,39 @@ def _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, b1, b2, s
                       dS1, dS2, ds01, ds02, plan.cu, plan.coff, scale, Hq, Hkv, G,
                       Dk=Dk, Dv=Dv, C=CHUNK, BK=BKs, BV=BVs, HAS_DST=has_dst, IEEE=ieee,
                       num_warps=LAUNCH["states_bwd"])
-    common = dict(G=G, Dk=Dk, Dv=Dv, C=CHUNK, SUB=SUB, BV=BV, RANGE_MAX=RANGE_MAX, IEEE=ieee)
+    common = dict(G=G, Dk=Dk, Dv=Dv, C=CHUNK, SUB=SUB, BV=BV, IEEE=ieee)
     NB = CHUNK // SUB  # dq and dk: one program per 16-row block and Dk block
     BKq, BKk = min(BK, LAUNCH["dq_bk"]), min(BK, LAUNCH["dk_bk"])
     dq = triton_alloc.empty(Ttot, Hq, Dk, dtype=q.dtype, device=dev)
     dBq1 = triton_alloc.empty(Ttot, Hq, Dk, **f32)
     dBq2 = triton_alloc.empty(Ttot, Hq, Dk, **f32)
+    dgl1 = triton_alloc.empty(Ttot, Hkv, Dk, **f32)
+    dgl2 = triton_alloc.empty(Ttot, Hkv, Dk, **f32)
+    # the inter-chunk terms at M = C rows, into the buffers dq / dk read them from and then overwrite
+    BKi = min(BK, LAUNCH["inter_bk"])
+    inter = dict(common, SUB=SUB, BK=BKi, BVH=min(BV, LAUNCH["inter_bv"]), num_warps=LAUNCH["inter"])
+    _inter_bwd[(plan.n_chunks, Hq, triton.cdiv(Dk, BKi))](
+        do, h1, h2, b1, b2, dBq1, dBq2, plan.cu, plan.cseq, plan.coff, scale, Hq, Hkv, FROM_START=True,
+        PRECISE=False, **inter)
+    _inter_bwd[(plan.n_chunks, Hkv, triton.cdiv(Dk, BKi))](
+        v, dS1, dS2, b1, b2, dgl1, dgl2, plan.cu, plan.cseq, plan.coff, 1.0, Hkv, Hkv, FROM_START=False,
+        PRECISE=True, **dict(inter, G=1))
+    common["RANGE_MAX"] = RANGE_MAX
     dwp = triton_alloc.empty(plan.n_chunks * NB, Hq, triton.cdiv(Dk, BKq), 2, **f32)
     _dq_bwd[(plan.n_chunks * NB, Hq, triton.cdiv(Dk, BKq))](
-        q, k, v, g1, g2, w, h1, h2, do, dq, dBq1, dBq2, dwp, plan.cu, plan.cseq, plan.coff, scale, Hq, Hkv,
-        BK=BKq, BVH=min(BV, LAUNCH["dq_bv"]), num_warps=LAUNCH["dq"], **common)
+        q, k, v, g1, g2, w, do, dq, dBq1, dBq2, dwp, plan.cu, plan.cseq, plan.coff, scale, Hq, Hkv,
+        BK=BKq, num_warps=LAUNCH["dq"], **common)
     dv = triton_alloc.empty(Ttot, Hkv, Dv, dtype=v.dtype, device=dev)
     BVd = min(BV, LAUNCH["dv_bv"])
     _dv_bwd[(plan.n_chunks, Hkv, triton.cdiv(Dv, BVd))](k, g1, g2, A, dS1, dS2, do, dv, plan.cu, plan.cseq,
                                                         plan.coff, scale, Hq, Hkv, G=G, Dk=Dk, Dv=Dv, C=CHUNK,
                                                         BK=BK, BV=BVd, IEEE=ieee, num_warps=LAUNCH["dv"])
     dk = triton_alloc.empty(Ttot, Hkv, Dk, dtype=k.dtype, device=dev)
-    dgl1 = triton_alloc.empty(Ttot, Hkv, Dk, **f32)
-    dgl2 = triton_alloc.empty(Ttot, Hkv, Dk, **f32)
     tot1 = triton_alloc.empty(plan.n_chunks, NB, Hkv, Dk, **f32)
     tot2 = triton_alloc.empty(*tot1.shape, **f32)
     _dk_bwd[(plan.n_chunks * NB, Hkv, triton.cdiv(Dk, BKk))](
-        q, k, v, g1, g2, w, dS1, dS2, do, dBq1, dBq2, dk, dgl1, dgl2, tot1, tot2, plan.cu, plan.cseq, plan.coff,
-        scale, Hq, Hkv, BK=BKk, BVH=min(BV, LAUNCH["dk_bv"]), num_warps=LAUNCH["dk"], **common)
+        q, k, v, g1, g2, w, do, dBq1, dBq2, dk, dgl1, dgl2, tot1, tot2, plan.cu, plan.cseq, plan.coff,
+        scale, Hq, Hkv, BK=BKk, num_warps=LAUNCH["dk"], **common)
     dw = dwp.sum((0, 1, 2)).to(w.dtype)
     dgs = []
     for dgl, tot, dsT, sT, g in ((dgl1, tot1, dsT1, sT1, g1), (dgl2, tot2, dsT2, sT2, g2)):
@@ -203,17 +210,21 @@ def _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, b1, b2, s
 class _ChunkFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g1, g2, w, s1, s2, scale, plan):
-        o, sT1, sT2, A, b1, b2 = _forward(q, k, v, g1, g2, w, s1, s2, scale, plan)
-        # b1, b2 (fp32, the size of g1, g2) are kept so the backward's walk needs no gate scans
-        # (walks 2.43 -> 1.93 ms at T=16K on the H200) at that much more saved memory per layer
-        ctx.save_for_backward(q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, b1, b2)
+        # When a gradient is wanted the forward keeps its chunk states in fp32 for the backward
+        # (bf16 snapshots biased dw by ~1%, 0.1% in fp32) instead of the backward walking them
+        # again; the output kernel rounds them to q's dtype either way, so o does not change.
+        # b1, b2 (fp32 block cumsums, the size of g1, g2) are kept too: no gate scans later.
+        h_dtype = torch.float32 if any(ctx.needs_input_grad) else None
+        o, sT1, sT2, A, b1, b2, h1, h2 = _forward(q, k, v, g1, g2, w, s1, s2, scale, plan, h_dtype)
+        ctx.save_for_backward(q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, b1, b2, h1, h2)
         ctx.scale, ctx.plan = scale, plan
         return o, sT1, sT2
 
     @staticmethod
     def backward(ctx, do, dsT1, dsT2):
-        q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, b1, b2 = ctx.saved_tensors
-        grads = _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, b1, b2, ctx.scale, ctx.plan)
+        q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, b1, b2, h1, h2 = ctx.saved_tensors
+        grads = _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, b1, b2, h1, h2, ctx.scale,
+                          ctx.plan)
         return (*grads, None, None)
 
 
