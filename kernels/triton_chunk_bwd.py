@@ -1,7 +1,7 @@
 """Fused dual-state chunked prefill, backward (Triton).
 
 Notation per state i: b = chunk-relative inclusive cumsum of the log decay,
-h_c = state at the start of chunk c (recomputed by `_states_fwd`, fp32),
+h_c = state at the start of chunk c (fp32, kept by the forward when a gradient is wanted),
 dS_c = gradient w.r.t. the state at the END of chunk c, dO' = scale * dO,
 dP[t,s] = dO'_t . v_s for s < t (the diagonal s = t is handled apart, see below).
 
