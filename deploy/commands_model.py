@@ -108,7 +108,7 @@ def cmd_generate(args) -> int:
     layers = resolve_dsla_layers(hybrid, tok, args)
     apply_layers(hybrid, layers, args.layers_dir)
     eos = set(eos_token_ids(tok, hybrid.model))
-    all_ids = [tok(prompt, add_special_tokens=False)["input_ids"] for prompt in args.prompt]
+    all_ids = [tok(prompt)["input_ids"] for prompt in args.prompt]  # with BOS where the tokenizer adds one
     limit = getattr(hybrid.config, "max_position_embeddings", None)
     if args.no_cache and limit and max(map(len, all_ids)) + args.max_tokens > limit:
         raise CLIError(f"a prompt plus --max-tokens {args.max_tokens} exceeds the model's {limit} positions")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from deploy.request_plan import Plan
+from deploy.token_bytes import TokenBytes
 
 
 @dataclass
@@ -37,6 +38,7 @@ class ResponseBuilder:
         self.created = int(time.time())
         self.choices = {job.index: ChoiceState() for job in plan.jobs}
         self.want_logprobs = {job.index: job.params.get("logprobs", False) for job in plan.jobs}
+        self.token_bytes = TokenBytes(tok) if self.chat else None
 
     # -- accumulation ------------------------------------------------------
     def add(self, index: int, ev: dict) -> list[dict]:
@@ -84,8 +86,8 @@ class ResponseBuilder:
             return None
         toks = [self.tok.decode([t]) for t in ids]
         if self.chat:
-            return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
-                                for t, lp in zip(toks, lps)]}
+            return {"content": [{"token": t, "logprob": lp, "bytes": b, "top_logprobs": []}
+                                for t, lp, b in zip(toks, lps, self.token_bytes(ids))]}
         return {"tokens": toks, "token_logprobs": list(lps), "top_logprobs": None, "text_offset": None}
 
     def _chunk(self, index: int, delta, finish_reason, logprobs) -> dict:

@@ -76,7 +76,9 @@ Prompt = Union[str, list[str], list[int], list[list[int]]]
 
 class CompletionRequest(_Sampling):
     prompt: Prompt
-    max_tokens: Optional[int] = 16  # OpenAI's default for completions
+    # omitted: OpenAI's 16, clamped to the context's room and the server's limit (request_plan)
+    max_tokens: Optional[int] = None
+    add_special_tokens: bool = True  # vLLM's extension: the tokenizer's BOS etc. around a text prompt
     logprobs: Optional[int] = Field(None, ge=0, le=5)
     echo: Optional[bool] = False
     best_of: Optional[int] = Field(None, ge=1)

@@ -61,7 +61,8 @@ def _prompts(req: CompletionRequest, tok, limits: Limits) -> list[list[int]]:
     else:
         raise bad_request("prompt must be a string, a list of strings, or token ids", "prompt")
     if texts is not None:
-        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        # as vLLM and HF tokenize a text prompt: with the tokenizer's BOS (Llama-style models need it)
+        ids = [tok(t, add_special_tokens=req.add_special_tokens)["input_ids"] for t in texts]
     for one in ids:
         if not one:
             raise bad_request("prompt must not be empty", "prompt")

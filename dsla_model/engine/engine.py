@@ -228,7 +228,11 @@ class Engine:
         req.last_token_at = now
         finish = None
         if tok in req.stop_ids:
-            text, finish = req.detok.flush()[0], "stop"
+            # a stop token's own text stays in the output, as in vLLM (special ones such as EOS
+            # decode to nothing); if it completes a stop string, the text ends before that
+            text, _ = req.detok.add(tok)
+            rest, _ = req.detok.flush()
+            text, finish = text + rest, "stop"
         else:
             text, hit = req.detok.add(tok)
             if hit:

@@ -25,7 +25,7 @@ def test_completion_usage_and_length(client, server):
     assert r.object == "text_completion" and len(r.choices) == 1
     c = r.choices[0]
     assert c.finish_reason == "length"
-    assert r.usage.prompt_tokens == len(tok(prompt, add_special_tokens=False)["input_ids"])
+    assert r.usage.prompt_tokens == len(tok(prompt)["input_ids"])
     assert r.usage.completion_tokens == 12
     assert r.usage.total_tokens == r.usage.prompt_tokens + 12
     assert isinstance(c.text, str) and c.text

@@ -76,6 +76,20 @@ def test_stop_strings_never_reach_the_stream(text_hybrid, tok, make_engine):
     assert [e.token_id for e in evs] == [e.token_id for e in base[:len(evs)]]
 
 
+def test_a_stop_tokens_text_stays_in_the_output(text_hybrid, tok, make_engine):
+    """As in vLLM: stop_token_ids end the answer after the stop token's own text (unless it is special)."""
+    eng = make_engine(text_hybrid, tok, EngineConfig(cache_memory_bytes=16 << 20))
+    prompt = tok("Hello there, this is", add_special_tokens=False)["input_ids"]
+    base = events_of(eng, prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    ids = [e.token_id for e in base]
+    stop_id = next(t for t in ids[3:] if tok.decode([t], skip_special_tokens=True).strip())
+    upto = ids[:ids.index(stop_id) + 1]
+    evs = events_of(eng, prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                                stop_token_ids=[stop_id]))
+    assert [e.token_id for e in evs] == upto and evs[-1].finish_reason == "stop"
+    assert "".join(e.text for e in evs) == tok.decode(upto, skip_special_tokens=True)
+
+
 def test_stop_token_ids_and_max_tokens_and_logprobs(hybrid, make_engine):
     p = random_prompts(1, 256, seed=9)[0]
     eng = make_engine(hybrid, None, EngineConfig(cache_memory_bytes=4 << 20))
