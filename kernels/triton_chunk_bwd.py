@@ -23,8 +23,8 @@ dP[t,s] = dO'_t . v_s for s < t (the diagonal s = t is handled apart, see below)
          dk_i = w_i sum_{t>s} dP[t,s] q_t exp(b_t - b_s) + (v dS_i^T) exp(b_last - b_i)
          dk   = sum_i dk_i + (w_0 + w_1) sum_group dpd q
      and the gate gradient's block-local part: dB_i = sum_group dBq_i - k dk_i, reverse-cumsummed
-     inside the block, plus each block's total; the host sums the later blocks' totals of the
-     sequence and `_dg_finish` adds them.
+     inside the block, plus each block's total; `_dg_suffix` sums the later blocks' totals of the
+     sequence (and the final state's term) and `_dg_finish` adds them.
 The diagonal pairs s = t cancel in the gate gradient, so they stay out of dq~ and dk_i.
 Every output column depends only on the same column of k, q and g (dP does not depend on Dk),
 so dq and dk also split Dk across programs, which keeps their tiles small.
@@ -369,6 +369,35 @@ def _dk_bwd(q, k, v, g1, g2, w, do, dBq1, dBq2, dk_out, dgl1, dgl2, tot1, tot2, 
     tl.store(dgl2 + out, tl.cumsum(dB2, axis=0, reverse=True), mask=mJK)
     tl.store(tot2 + toff, tl.sum(dB2, axis=0), mask=mk)
     tl.store(dk_out + out, dk_tot.to(dk_out.dtype.element_ty), mask=mJK)
+
+
+@triton.jit
+def _dg_suffix(tot, fin, suf, coff, Hkv, Dk: tl.constexpr, NB: tl.constexpr, BK: tl.constexpr, TB: tl.constexpr,
+               HAS_FIN: tl.constexpr):
+    """Per (sequence, kv head): for every 16-row block, the sum of the totals of the sequence's later
+    blocks (tot, suf: [blocks, Hkv, Dk]) plus the final state's term fin [sequences, Hkv, Dk], walked
+    from the sequence's end TB blocks at a time with a running sum: direct sums, so fp32 holds them
+    (a difference of two whole-sequence suffix sums needed fp64)."""
+    n = tl.program_id(0)
+    hk = tl.program_id(1)
+    b0 = tl.load(coff + n).to(tl.int64) * NB
+    b1 = tl.load(coff + n + 1).to(tl.int64) * NB
+    dk = tl.arange(0, BK)
+    mk = dk < Dk
+    if HAS_FIN:
+        carry = tl.load(fin + (n * Hkv + hk).to(tl.int64) * Dk + dk, mask=mk, other=0.)
+    else:
+        carry = tl.zeros([BK], dtype=tl.float32)
+    rows = tl.arange(0, TB)
+    for it in range(tl.cdiv(b1 - b0, TB)):
+        end = b1 - it * TB
+        i = end - TB + rows
+        m = (i >= b0)[:, None] & mk[None, :]
+        off = (i[:, None] * Hkv + hk) * Dk + dk[None, :]
+        # each row's exclusive sum from its successor's total: no "inclusive minus own" difference
+        nxt = tl.load(tot + off + Hkv * Dk, mask=m & (i + 1 < end)[:, None], other=0.)
+        tl.store(suf + off, tl.cumsum(nxt, axis=0, reverse=True) + carry[None, :], mask=m)
+        carry += tl.sum(tl.load(tot + off, mask=m, other=0.), axis=0)
 
 
 @triton.jit

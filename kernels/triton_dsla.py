@@ -13,7 +13,7 @@ import torch
 import triton
 
 from kernels import triton_alloc
-from kernels.triton_chunk_bwd import _dg_finish, _dk_bwd, _dq_bwd, _dv_bwd, _inter_bwd, _states_bwd
+from kernels.triton_chunk_bwd import _dg_finish, _dg_suffix, _dk_bwd, _dq_bwd, _dv_bwd, _inter_bwd, _states_bwd
 from kernels.triton_chunk_fwd import CHUNK, RANGE_MAX, SUB, _output_fwd, _scores_fwd, _states_fwd
 from kernels.triton_decode import dsla_decode_fused  # noqa: F401  (re-exported)
 
@@ -44,15 +44,15 @@ class _Plan:
 
 # num_warps per kernel, the state walks' tiles and the output kernel's Dv block.
 # bench/kernels.py sweeps them at T=16K and reports what it kept; the values here are the
-# ones that measured best there (H200, runs 6-7 in bench/results/kernels.md). walk_pre: the
+# ones that measured best there (H200, runs 6-9 in bench/results/kernels.md). walk_pre: the
 # forward's walk reads the scores pass's block cumsums instead of scanning the gates (whole
 # forward 3.03 vs 3.45 ms). dq/dk (per 16-row block): num_warps and Dk block; the warps
 # must follow the Dk block (64 with 4 warps spills): 8 warps / 64 gave fwd+bwd 25.5 ms,
 # 4 warps / 32 gave 18.7 ms. inter: the backward's inter-chunk products (warps, Dk block,
-# Dv slice).
+# Dv slice). suffix_blocks: 16-row blocks per step of the gate gradient's suffix-sum walk (a power of 2).
 LAUNCH = dict(scores=2, states_fwd=4, states_bk=16, states_bv=128, prefetch=False, walk_pre=True, output=4,
               output_bv=128, states_bwd=8, dq=4, dq_bk=32, dk=4, dk_bk=32, dv=8, dv_bv=128,
-              inter=4, inter_bk=64, inter_bv=64)
+              inter=4, inter_bk=64, inter_bv=64, suffix_blocks=64)
 _PLANS: dict = {}
 
 
@@ -125,15 +125,6 @@ def _forward(q, k, v, g1, g2, w, s1, s2, scale, plan, h_dtype=None):
     return o, sT1, sT2, A, b1, b2, h1, h2
 
 
-def _suffix(tot, plan):
-    """For each chunk, the sum of the later chunks' totals in the same sequence ([n_chunks, H, D]);
-    fp64 because it is a difference of two suffix sums (tiny tensors)."""
-    t = tot.double()
-    R = torch.cat([t.flip(0).cumsum(0).flip(0), t.new_zeros(1, *t.shape[1:])])
-    nxt = plan.coff.long()[plan.cseq.long() + 1]  # first chunk of the next sequence
-    return R[:-1] - t - R[nxt]
-
-
 def _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, b1, b2, h1, h2, scale, plan):
     Ttot, Hq, Dk = q.shape
     Hkv, Dv = k.shape[1], v.shape[2]
@@ -193,13 +184,14 @@ def _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, b1, b2, h
     dw = dwp.sum((0, 1, 2)).to(w.dtype)
     dgs = []
     for dgl, tot, dsT, sT, g in ((dgl1, tot1, dsT1, sT1, g1), (dgl2, tot2, dsT2, sT2, g2)):
-        t = tot.double()
-        # per block: the later chunks' totals plus the same chunk's later blocks'
-        suf = _suffix(t.sum(1), plan)[:, None] + (t.flip(1).cumsum(1).flip(1) - t)
-        if has_dst:  # the final states carry exp(B_T) in every term
-            suf = suf + (dsT * sT).sum(-1).double()[plan.cseq.long()][:, None]
+        # per block: the later blocks' totals of its sequence, plus (the final states carry exp(B_T)
+        # in every term) the final state's term
+        fin = (dsT * sT).sum(-1).contiguous() if has_dst else tot
+        suf = triton_alloc.empty(*tot.shape, **f32)
+        _dg_suffix[(N, Hkv)](tot, fin, suf, plan.coff, Hkv, Dk=Dk, NB=NB, BK=BK, TB=LAUNCH["suffix_blocks"], HAS_FIN=has_dst,
+                             num_warps=4)
         dg = triton_alloc.empty(Ttot, Hkv, Dk, dtype=g.dtype, device=dev)
-        _dg_finish[(plan.n_chunks, Hkv)](dgl, suf.float().contiguous(), dg, plan.cu, plan.cseq, plan.coff,
+        _dg_finish[(plan.n_chunks, Hkv)](dgl, suf, dg, plan.cu, plan.cseq, plan.coff,
                                          Hkv, Dk=Dk, C=CHUNK, SUB=SUB, BK=BK, num_warps=4)
         dgs.append(dg)
     ds1 = ds01.to(s1.dtype) if s1 is not None else None

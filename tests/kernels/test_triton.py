@@ -99,7 +99,7 @@ def test_prefill_forward(shape, dtype):
 
 @pytest.mark.parametrize("knobs", [dict(prefetch=False), dict(states_bk=16, states_bv=32, output_bv=16),
                                    dict(walk_pre=False), dict(walk_pre=False, prefetch=False),
-                                   dict(dq_bk=16, dk_bk=16, inter_bk=16, inter_bv=16)])
+                                   dict(dq_bk=16, dk_bk=16, inter_bk=16, inter_bv=16, suffix_blocks=2)])
 def test_prefill_launch_variants(monkeypatch, knobs):
     """The launch variants bench/kernels.py sweeps compute the same function."""
     from kernels import triton_dsla as td
