@@ -64,7 +64,9 @@ def dsla_decode(q, k, v, g1, g2, w, s1, s2, scale=None):
         from kernels.triton_dsla import dsla_decode_fused
 
         B = q.shape[0]
-        n1, n2 = s1.float().clone().contiguous(), s2.float().clone().contiguous()
+        fresh = lambda s: (torch.zeros(B, k.shape[2], k.shape[3], v.shape[3], dtype=torch.float32,  # noqa: E731
+                                       device=q.device) if s is None else s.float().clone().contiguous())
+        n1, n2 = fresh(s1), fresh(s2)
         slots = torch.arange(B, device=q.device)
         o = dsla_decode_fused(q[:, 0], k[:, 0], v[:, 0], g1[:, 0], g2[:, 0], w, n1, n2, slots, scale)
         return o[:, None], n1, n2

@@ -239,7 +239,12 @@ def dsla_chunk_fused(q, k, v, g1, g2, w, s1=None, s2=None, scale=None, cu_seqlen
         lens = cu_seqlens.diff().tolist()
         N = len(lens)
         plan = _Plan(cu_seqlens, N, lens)
-    dt = q.dtype
+    # fp16 runs in fp32: the kernels factor a block's decay as exp(+-b) up to exp(RANGE_MAX) = 1e26,
+    # which bf16 and fp32 hold and fp16 (max 65504) does not
+    dt = torch.float32 if q.dtype == torch.float16 else q.dtype
+    if (s1 is None) != (s2 is None):  # one initial state given: the other starts at zero
+        z = torch.zeros(N, Hkv, Dk, Dv, dtype=torch.float32, device=dev)
+        s1, s2 = (z if s1 is None else s1), (z if s2 is None else s2)
     if T == 0 or N == 0:
         z = torch.zeros(N, Hkv, Dk, Dv, dtype=torch.float32, device=dev)
         o = q.new_zeros(B, T, Hq, Dv)
@@ -248,4 +253,4 @@ def dsla_chunk_fused(q, k, v, g1, g2, w, s1=None, s2=None, scale=None, cu_seqlen
     state = lambda s: None if s is None else s.float().contiguous()  # noqa: E731
     o, sT1, sT2 = _ChunkFn.apply(flat(q), flat(k), flat(v), flat(g1, torch.float32), flat(g2, torch.float32),
                                  w.float().contiguous(), state(s1), state(s2), scale, plan)
-    return o.view(B, T, Hq, Dv), sT1, sT2
+    return o.view(B, T, Hq, Dv).to(q.dtype), sT1, sT2

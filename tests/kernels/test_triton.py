@@ -269,6 +269,35 @@ def test_decode_continues_prefill():
     assert _rel(p1[1:].cpu(), r1) < 2e-5
 
 
+def test_prefill_fp16_runs_without_overflow():
+    """fp16 cannot hold the factored exp(+-b) of a strongly decaying block (exp(60) > 65504)."""
+    args = _inputs(1, 70, 2, 1, 16, 16, torch.float16, seed=12)
+    args[4] = torch.full_like(args[4], -1.0)  # recency decay e^-1 a step: ~40 over a block
+    o, s1, s2 = dsla_chunk_fused(*args)
+    ro, r1, r2 = _ref_fp64(args)
+    assert o.dtype == torch.float16 and torch.isfinite(o).all()
+    assert _rel(o.cpu(), ro) < 2e-3 and _rel(s1.cpu(), r1) < 2e-3 and _rel(s2.cpu(), r2) < 2e-3
+
+
+@pytest.mark.parametrize("given", [0, 1])
+def test_prefill_one_initial_state_the_other_starts_at_zero(given):
+    args = _inputs(1, 20, 2, 1, 16, 16, torch.float32, seed=13)
+    args[7 - given] = None
+    o, s1, s2 = dsla_chunk_fused(*args)
+    ro, r1, r2 = _ref_fp64(args)
+    assert _rel(o.cpu(), ro) < 2e-5 and _rel(s1.cpu(), r1) < 2e-5 and _rel(s2.cpu(), r2) < 2e-5
+
+
+def test_ops_decode_without_states_on_the_fused_path(monkeypatch):
+    from kernels import ops
+
+    q, k, v, g1, g2, w, _, _ = _inputs(3, 1, 2, 1, 16, 16, torch.float32, seed=14, states=False)
+    monkeypatch.setattr(ops, "_use_triton", lambda t: True)  # the branch CUDA tensors take
+    o, n1, n2 = ops.dsla_decode(q, k, v, g1, g2, w, None, None)
+    ro, r1, r2 = _ref_fp64([q, k, v, g1, g2, w, None, None])
+    assert _rel(o.cpu(), ro) < 2e-5 and _rel(n1.cpu(), r1) < 2e-5 and _rel(n2.cpu(), r2) < 2e-5
+
+
 def test_ops_dispatch_varlen_reference_matches_fused():
     from kernels import ops
 
