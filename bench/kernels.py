@@ -82,13 +82,16 @@ SWEEP = (
     ("states walk", [dict(states_bk=16, states_bv=128, states_fwd=4, prefetch=True, walk_pre=True),
                      dict(states_bk=16, states_bv=128, states_fwd=4, prefetch=False, walk_pre=True),
                      dict(states_bk=16, states_bv=128, states_fwd=4, prefetch=True, walk_pre=False)]),
-    ("scores", [dict(scores=2), dict(scores=4)]),
+    ("scores", [dict(scores=2, scores_stages=1), dict(scores=2, scores_stages=2), dict(scores=2, scores_stages=None),
+                dict(scores=4, scores_stages=1)]),
     ("output", [dict(output=4, output_bv=128), dict(output=8, output_bv=128)]),
 )
 # warps must follow the Dk block (64 rows with 4 warps spills; kernels/triton_chunk_bwd.py)
 BWD_SWEEP = (
-    ("backward", [dict(dq=4, dk=4, dq_bk=32, dk_bk=32, dv=8, states_bwd=8),
-                  dict(dq=8, dk=8, dq_bk=64, dk_bk=64, dv=8, states_bwd=8)]),
+    ("backward", [dict(dq=4, dk=4, dq_bk=32, dk_bk=32, dq_stages=4, dk_stages=2, dv=8, states_bwd=8),
+                  dict(dq=4, dk=4, dq_bk=32, dk_bk=32, dq_stages=None, dk_stages=None, dv=8, states_bwd=8),
+                  dict(dq=4, dk=4, dq_bk=32, dk_bk=32, dq_stages=4, dk_stages=1, dv=8, states_bwd=8),
+                  dict(dq=8, dk=8, dq_bk=64, dk_bk=64, dq_stages=4, dk_stages=2, dv=8, states_bwd=8)]),
     ("backward inter-chunk", [dict(inter=4, inter_bk=64, inter_bv=64), dict(inter=4, inter_bk=64, inter_bv=128),
                               dict(inter=4, inter_bk=64, inter_bv=32), dict(inter=8, inter_bk=128, inter_bv=64)]),
 )

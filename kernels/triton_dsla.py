@@ -50,10 +50,18 @@ class _Plan:
 # must follow the Dk block (64 with 4 warps spills): 8 warps / 64 gave fwd+bwd 25.5 ms,
 # 4 warps / 32 gave 18.7 ms. inter: the backward's inter-chunk products (warps, Dk block,
 # Dv slice). suffix_blocks: 16-row blocks per step of the gate gradient's suffix-sum walk (a power of 2).
-LAUNCH = dict(scores=2, states_fwd=4, states_bk=16, states_bv=128, prefetch=False, walk_pre=True, output=4,
-              output_bv=128, states_bwd=8, dq=4, dq_bk=32, dk=4, dk_bk=32, dv=8, dv_bv=128,
-              inter=4, inter_bk=64, inter_bv=64, suffix_blocks=64)
+# <kernel>_stages: software-pipelining depth where Triton's default (3) lost (H200, T=16K, bench/results/kernels.md run 11; outputs
+# bitwise the same): scores 1.38 -> 1.26 ms at 1, dq 4.09 -> 3.35 at 4, dk 4.60 -> 3.80 at 2.
+LAUNCH = dict(scores=2, scores_stages=1, states_fwd=4, states_bk=16, states_bv=128, prefetch=False, walk_pre=True,
+              output=4, output_bv=128, states_bwd=8, dq=4, dq_bk=32, dq_stages=4, dk=4, dk_bk=32, dk_stages=2,
+              dv=8, dv_bv=128, inter=4, inter_bk=64, inter_bv=64, suffix_blocks=64)
 _PLANS: dict = {}
+
+
+def _launch(kernel: str) -> dict:
+    """num_warps (and num_stages where LAUNCH sets `<kernel>_stages`; else Triton's default) of a kernel."""
+    stages = LAUNCH.get(kernel + "_stages")
+    return dict(num_warps=LAUNCH[kernel], **({} if stages is None else dict(num_stages=stages)))
 
 
 def _fixed_plan(B, T, dev):
@@ -96,7 +104,7 @@ def _states(k, v, g1, g2, s1, s2, plan, Hkv, Dk, Dv, store_h, ieee, h_dtype=None
     _states_fwd[grid](k, v, g1, g2, s1 if has else sT1, s2 if has else sT2, h1, h2, sT1, sT2,
                       plan.cu, plan.coff, Hkv, Dk=Dk, Dv=Dv, C=CHUNK, BK=BKs, BV=BVs,
                       HAS_S0=has, STORE_H=store_h, PREFETCH=LAUNCH["prefetch"], IEEE=ieee, PRE=pre, SUB=SUB,
-                      num_warps=LAUNCH["states_fwd"])
+                      **_launch("states_fwd"))
     return h1, h2, sT1, sT2
 
 
@@ -112,7 +120,7 @@ def _forward(q, k, v, g1, g2, w, s1, s2, scale, plan, h_dtype=None):
     b2 = triton_alloc.empty(*b1.shape, dtype=b1.dtype, device=dev)
     _scores_fwd[(plan.n_chunks, Hq, CHUNK // SUB)](q, k, g1, g2, w, A, b1, b2, plan.cu, plan.cseq, plan.coff, Hq, Hkv,
                                                    G=Hq // Hkv, Dk=Dk, C=CHUNK, SUB=SUB, BK=BK, RANGE_MAX=RANGE_MAX,
-                                                   IEEE=ieee, num_warps=LAUNCH["scores"])
+                                                   IEEE=ieee, **_launch("scores"))
     if LAUNCH["walk_pre"]:
         h1, h2, sT1, sT2 = _states(k, v, b1, b2, s1, s2, plan, Hkv, Dk, Dv, True, ieee, h_dtype, pre=True)
     else:
@@ -121,7 +129,7 @@ def _forward(q, k, v, g1, g2, w, s1, s2, scale, plan, h_dtype=None):
     BVo = min(BV, LAUNCH["output_bv"])
     _output_fwd[(plan.n_chunks, Hq, triton.cdiv(Dv, BVo))](
         q, v, b1, b2, w, h1, h2, A, o, plan.cu, plan.cseq, plan.coff, scale, Hq, Hkv, G=Hq // Hkv, Dk=Dk, Dv=Dv,
-        C=CHUNK, BK=BK, BV=BVo, IEEE=ieee, SUB=SUB, num_warps=LAUNCH["output"])
+        C=CHUNK, BK=BK, BV=BVo, IEEE=ieee, SUB=SUB, **_launch("output"))
     return o, sT1, sT2, A, b1, b2, h1, h2
 
 
@@ -147,7 +155,7 @@ def _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, b1, b2, h
     _states_bwd[grid](q, g1, g2, w, do, dsT1 if has_dst else ds01, dsT2 if has_dst else ds02,
                       dS1, dS2, ds01, ds02, plan.cu, plan.coff, scale, Hq, Hkv, G,
                       Dk=Dk, Dv=Dv, C=CHUNK, BK=BKs, BV=BVs, HAS_DST=has_dst, IEEE=ieee,
-                      num_warps=LAUNCH["states_bwd"])
+                      **_launch("states_bwd"))
     common = dict(G=G, Dk=Dk, Dv=Dv, C=CHUNK, SUB=SUB, BV=BV, IEEE=ieee)
     NB = CHUNK // SUB  # dq and dk: one program per 16-row block and Dk block
     BKq, BKk = min(BK, LAUNCH["dq_bk"]), min(BK, LAUNCH["dk_bk"])
@@ -158,7 +166,7 @@ def _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, b1, b2, h
     dgl2 = triton_alloc.empty(Ttot, Hkv, Dk, **f32)
     # the inter-chunk terms at M = C rows, into the buffers dq / dk read them from and then overwrite
     BKi = min(BK, LAUNCH["inter_bk"])
-    inter = dict(common, SUB=SUB, BK=BKi, BVH=min(BV, LAUNCH["inter_bv"]), num_warps=LAUNCH["inter"])
+    inter = dict(common, SUB=SUB, BK=BKi, BVH=min(BV, LAUNCH["inter_bv"]), **_launch("inter"))
     _inter_bwd[(plan.n_chunks, Hq, triton.cdiv(Dk, BKi))](
         do, h1, h2, b1, b2, dBq1, dBq2, plan.cu, plan.cseq, plan.coff, scale, Hq, Hkv, FROM_START=True,
         PRECISE=False, **inter)
@@ -169,18 +177,18 @@ def _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, b1, b2, h
     dwp = triton_alloc.empty(plan.n_chunks * NB, Hq, triton.cdiv(Dk, BKq), 2, **f32)
     _dq_bwd[(plan.n_chunks * NB, Hq, triton.cdiv(Dk, BKq))](
         q, k, v, g1, g2, w, do, dq, dBq1, dBq2, dwp, plan.cu, plan.cseq, plan.coff, scale, Hq, Hkv,
-        BK=BKq, num_warps=LAUNCH["dq"], **common)
+        BK=BKq, **_launch("dq"), **common)
     dv = triton_alloc.empty(Ttot, Hkv, Dv, dtype=v.dtype, device=dev)
     BVd = min(BV, LAUNCH["dv_bv"])
     _dv_bwd[(plan.n_chunks, Hkv, triton.cdiv(Dv, BVd))](k, g1, g2, A, dS1, dS2, do, dv, plan.cu, plan.cseq,
                                                         plan.coff, scale, Hq, Hkv, G=G, Dk=Dk, Dv=Dv, C=CHUNK,
-                                                        BK=BK, BV=BVd, IEEE=ieee, num_warps=LAUNCH["dv"])
+                                                        BK=BK, BV=BVd, IEEE=ieee, **_launch("dv"))
     dk = triton_alloc.empty(Ttot, Hkv, Dk, dtype=k.dtype, device=dev)
     tot1 = triton_alloc.empty(plan.n_chunks, NB, Hkv, Dk, **f32)
     tot2 = triton_alloc.empty(*tot1.shape, **f32)
     _dk_bwd[(plan.n_chunks * NB, Hkv, triton.cdiv(Dk, BKk))](
         q, k, v, g1, g2, w, do, dBq1, dBq2, dk, dgl1, dgl2, tot1, tot2, plan.cu, plan.cseq, plan.coff,
-        scale, Hq, Hkv, BK=BKk, num_warps=LAUNCH["dk"], **common)
+        scale, Hq, Hkv, BK=BKk, **_launch("dk"), **common)
     dw = dwp.sum((0, 1, 2)).to(w.dtype)
     dgs = []
     for dgl, tot, dsT, sT, g in ((dgl1, tot1, dsT1, sT1, g1), (dgl2, tot2, dsT2, sT2, g2)):
