@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 .PHONY: serve test setup model corpus clean
 
-setup: $(STAMP) corpus
+setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -35,10 +35,10 @@ $(MODEL): $(STAMP)
 
 model: $(MODEL)
 
-serve: setup $(MODEL)
+serve: setup $(MODEL)  # serving needs no corpus (distillation and the tests do)
 	$(VENV)/bin/dsla-serve run --host 127.0.0.1 --port 8000
 
-test: setup $(MODEL)
+test: setup corpus $(MODEL)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:

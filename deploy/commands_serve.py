@@ -84,11 +84,15 @@ def cmd_run(args) -> int:
         serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
         base = f"http://{args.host}:{args.port}"
         dashboard = getattr(info, "dashboard_url", None)
-        metrics_port = args.metrics_port or ray.nodes()[0].get("MetricsExportPort")
+        node = ray.nodes()[0]
+        if args.address:  # a cluster's nodes export on the port they were started with
+            metrics = f"http://{node.get('NodeManagerAddress')}:{node.get('MetricsExportPort')}/metrics (each node)"
+        else:
+            metrics = f"http://127.0.0.1:{args.metrics_port or node.get('MetricsExportPort')}/metrics"
         print(f"serving the OpenAI API at {base}/v1  (status: {base}/status, health: {base}/health)")
         if dashboard:
             print(f"Ray dashboard: http://{dashboard}")
-        print(f"Prometheus metrics: http://127.0.0.1:{metrics_port}/metrics  (Ctrl-C stops)", flush=True)
+        print(f"Prometheus metrics: {metrics}  (Ctrl-C stops)", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -159,6 +159,7 @@ class DistillSettings(_Strict):
         known = set(inspect.signature(build_distiller).parameters) | set(
             inspect.signature(DistillWorkerImpl.__init__).parameters)
         known -= {"self", "kwargs", "model", "store", "loaded"}  # set by the application itself
+        known -= {k for k in known if k.startswith("_")}  # Ray's own (e.g. _ray_trace_ctx)
         bad = sorted(set(v) - known)
         if bad:
             raise ValueError(f"distill.worker_kwargs: unknown {bad}; known: {sorted(known)}")

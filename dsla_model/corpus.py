@@ -73,7 +73,7 @@ def _split_of(rel_path: str) -> str:
 def document_paths(root: Path = DOC_ROOT) -> list[Path]:
     if not root.is_dir():
         raise CorpusMissingError(
-            f"{root} not found: install Debian's python3.11-doc (apt-get install python3.11-doc; `make setup` does it)"
+            f"{root} not found: install Debian's python3.11-doc (apt-get install python3.11-doc; `make corpus` does it)"
         )
     skip = {"genindex", "py-modindex", "search", "_static", "_sources", "_images", "_downloads"}
     paths = [p for p in sorted(root.rglob("*.html")) if not (set(p.relative_to(root).parts) & skip)
