@@ -50,8 +50,9 @@ class _Plan:
 # must follow the Dk block (64 with 4 warps spills): 8 warps / 64 gave fwd+bwd 25.5 ms,
 # 4 warps / 32 gave 18.7 ms. inter: the backward's inter-chunk products (warps, Dk block,
 # Dv slice). suffix_blocks: 16-row blocks per step of the gate gradient's suffix-sum walk (a power of 2).
-# <kernel>_stages: software-pipelining depth where Triton's default (3) lost (H200, T=16K, bench/results/kernels.md run 11; outputs
-# bitwise the same): scores 1.38 -> 1.26 ms at 1, dq 4.09 -> 3.35 at 4, dk 4.60 -> 3.80 at 2.
+# <kernel>_stages: software-pipelining depth where Triton's default (3) lost (H200, T=16K,
+# bench/results/kernels.md run 11; outputs bitwise the same): scores 1.38 -> 1.26 ms at 1,
+# dq 4.09 -> 3.35 at 4, dk 4.60 -> 3.80 at 2.
 LAUNCH = dict(scores=2, scores_stages=1, states_fwd=4, states_bk=16, states_bv=128, prefetch=False, walk_pre=True,
               output=4, output_bv=128, states_bwd=8, dq=4, dq_bk=32, dq_stages=4, dk=4, dk_bk=32, dk_stages=2,
               dv=8, dv_bv=128, inter=4, inter_bk=64, inter_bv=64, suffix_blocks=64)
@@ -196,8 +197,8 @@ def _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, b1, b2, h
         # in every term) the final state's term
         fin = (dsT * sT).sum(-1).contiguous() if has_dst else tot
         suf = triton_alloc.empty(*tot.shape, **f32)
-        _dg_suffix[(N, Hkv)](tot, fin, suf, plan.coff, Hkv, Dk=Dk, NB=NB, BK=BK, TB=LAUNCH["suffix_blocks"], HAS_FIN=has_dst,
-                             num_warps=4)
+        _dg_suffix[(N, Hkv)](tot, fin, suf, plan.coff, Hkv, Dk=Dk, NB=NB, BK=BK, TB=LAUNCH["suffix_blocks"],
+                             HAS_FIN=has_dst, num_warps=4)
         dg = triton_alloc.empty(Ttot, Hkv, Dk, dtype=g.dtype, device=dev)
         _dg_finish[(plan.n_chunks, Hkv)](dgl, suf, dg, plan.cu, plan.cseq, plan.coff,
                                          Hkv, Dk=Dk, C=CHUNK, SUB=SUB, BK=BK, num_warps=4)
