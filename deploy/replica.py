@@ -163,10 +163,9 @@ class LLMReplica:
             await asyncio.to_thread(refresh_layers, self.layers, self.hybrid)
         stats = self.engine.stats()
         self.metrics.update(stats, self.layers.store_version)
-        if not self.cfg.controller.enabled:
-            return
+        # reported even with the controller disabled: the report is what /status shows of a replica
         target = await self.controller.report.remote(self.replica_id, self.report(stats))
-        if target is not None:
+        if target is not None and self.cfg.controller.enabled:
             await self._apply(target["dsla_layers"])
 
     def recent_tpot_s(self):

@@ -17,6 +17,9 @@ class Request:
         self.conf = conf  # LayerConfig: the engine's at add_request (or at a swap while waiting), kept once admitted
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        # a resumed request's earlier attempt drew from the same seed once per token it sampled: its
+        # first own draw must be the next one (sampler.sample skips them, once it knows the vocabulary)
+        self.draws_to_skip = 0 if params.greedy else params.resume_tokens
         n = len(self.prompt_ids) - params.resume_tokens  # the prompt proper; the rest an earlier attempt's output
         self.detok = IncrementalDetokenizer(tokenizer, self.prompt_ids[:n], params.stop, self.prompt_ids[n:],
                                             params.resume_emitted_chars)

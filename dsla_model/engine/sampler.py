@@ -34,6 +34,14 @@ def sample_row(logits: torch.Tensor, params, generator: torch.Generator) -> int:
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def skip_draws(generator: torch.Generator, vocab: int, n: int) -> None:
+    """Advance `generator` past n draws of `sample_row` over a vocabulary of `vocab` tokens: what a
+    draw consumes depends on the size of the distribution only, not on its values."""
+    uniform = torch.ones(vocab)
+    for _ in range(n):
+        torch.multinomial(uniform, 1, generator=generator)
+
+
 def sample(logits: torch.Tensor, requests) -> tuple[list[int], list[float | None]]:
     """logits [B,V] (any device) for `requests` (each with .params and .generator)."""
     greedy = torch.argmax(logits, dim=-1).tolist()  # one device sync for the common case
@@ -42,6 +50,9 @@ def sample(logits: torch.Tensor, requests) -> tuple[list[int], list[float | None
     rows = logits.float().cpu() if needs_rows else None
     tokens, logprobs = [], []
     for i, r in enumerate(requests):
+        if getattr(r, "draws_to_skip", 0):
+            skip_draws(r.generator, rows.shape[-1], r.draws_to_skip)
+            r.draws_to_skip = 0
         tok = greedy[i] if r.params.greedy else sample_row(rows[i], r.params, r.generator)
         tokens.append(tok)
         logprobs.append(float(torch.log_softmax(rows[i], -1)[tok]) if r.params.logprobs else None)

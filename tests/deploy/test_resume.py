@@ -96,6 +96,19 @@ def test_resumed_stream_keeps_held_back_text_and_stops_across_replicas():
     assert evs[-1]["num_generated_tokens"] == 14
 
 
+def test_a_seeded_sampled_stream_resumes_with_the_draws_it_would_have_made():
+    torch.manual_seed(0)
+    h = tiny_hybrid()
+    prompt = [5, 9, 200, 17]
+    params = dict(max_tokens=14, temperature=1.0, top_p=0.9, top_k=0, seed=1234, stop=[], stop_token_ids=[],
+                  ignore_eos=True, logprobs=False)
+    full = [e["token_id"] for e in _run(h, prompt, params, None)[0]]
+    assert len(full) == 14 and len(set(full)) > 3
+    for lost in (1, 5, 13):
+        evs, calls = _run(h, prompt, params, lose_after=lost)
+        assert len(calls) == 2 and [e["token_id"] for e in evs if e["token_id"] is not None] == full, lost
+
+
 class _DiesAfterFinish(_Handle):
     """`llm` whose replica sends a whole answer (finish included) and is lost before its stream ends."""
 

@@ -1,0 +1,37 @@
+"""One poll of a replica's control loop (deploy/replica.py `_control_once`), without Ray."""
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from deploy.replica import LLMReplica
+
+
+class _Controller:
+    def __init__(self):
+        self.reports = []
+
+        async def remote(replica_id, stats):
+            self.reports.append((replica_id, stats))
+            return {"dsla_layers": [3, 1]}
+        self.report = SimpleNamespace(remote=remote)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_replica_reports_even_with_the_controller_disabled_and_applies_targets_only_when_enabled(enabled):
+    applied = []
+
+    async def apply(layers):
+        applied.append(layers)
+
+    replica = SimpleNamespace(
+        cfg=SimpleNamespace(store_poll_interval_s=1e9, controller=SimpleNamespace(enabled=enabled)),
+        _last_store_poll=time.monotonic(), engine=SimpleNamespace(stats=lambda: {"dsla_layers": [], "waiting": 2}),
+        metrics=SimpleNamespace(update=lambda stats, version: None), layers=SimpleNamespace(store_version=1),
+        controller=_Controller(), replica_id="r0", report=lambda stats: dict(stats, replica_id="r0"), _apply=apply)
+    asyncio.run(LLMReplica.func_or_class._control_once(replica))
+    assert [(rid, s["waiting"]) for rid, s in replica.controller.reports] == [("r0", 2)]
+    assert applied == ([[3, 1]] if enabled else [])
