@@ -36,6 +36,7 @@ class PreloadedLayers:
         self.order: list[int] = []  # loaded layers, in the store's order
         self.store_version = 0
         self._seen = None  # the manifest's (version, layer identities) at the last refresh
+        self._store_id = None  # the manifest's store_id (None for stores written before it existed)
         self._settings = None  # its dsla_config, read with it (refresh runs every poll)
         self.errors: dict[int, str] = {}
         self._retry_at = 0.0  # monotonic time of the next retry of the layers in errors
@@ -70,6 +71,11 @@ class PreloadedLayers:
             if seen == self._seen and not retry:
                 return []
             entries = sorted(manifest["layers"].items(), key=lambda kv: kv[1]["position"])
+            if manifest.get("store_id") != self._store_id:  # another store at this path: nothing held is its
+                self.weights.clear()
+                self.versions.clear()
+                self.errors.clear()
+                self._store_id = manifest.get("store_id")
             present = {int(k) for k in manifest["layers"]}
             for gone in set(self.weights) - present:  # a store wiped and started again
                 del self.weights[gone], self.versions[gone]

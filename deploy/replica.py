@@ -165,7 +165,9 @@ class LLMReplica:
         self.metrics.update(stats, self.layers.store_version)
         # reported even with the controller disabled: the report is what /status shows of a replica
         target = await self.controller.report.remote(self.replica_id, self.report(stats))
-        if target is not None and self.cfg.controller.enabled:
+        if not self.cfg.controller.enabled:  # initial_layers, with the store's current weights
+            await self._apply(self.layers.order[:self.cfg.controller.initial_layers])
+        elif target is not None:
             await self._apply(target["dsla_layers"])
 
     def recent_tpot_s(self):

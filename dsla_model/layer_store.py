@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -82,11 +83,14 @@ class LayerStore:
         if not isinstance(m, dict) or m.get("format") != FORMAT or not isinstance(m.get("layers"), dict):
             raise LayerStoreError(f"{p} is not a DSLA layer store manifest (format {FORMAT})")
         # readers index these without checks: a hand-edited or truncated manifest is one error here
-        ok = isinstance(m.get("version"), int) and isinstance(m.get("order"), list) and all(
-            isinstance(e, dict) and {"position", "version", "file", "sha256"} <= e.keys() for e in m["layers"].values())
+        ok = (isinstance(m.get("version"), int) and isinstance(m.get("order"), list)
+              and isinstance(m.get("model_fingerprint"), str) and isinstance(m.get("dsla_config"), dict)
+              and all(isinstance(e, dict) and {"position", "version", "file", "sha256"} <= e.keys()
+                      and isinstance(e["position"], int) and isinstance(e["version"], int)
+                      for e in m["layers"].values()))
         if not ok:
-            raise LayerStoreError(f"{p}: manifest incomplete (version, order, and each layer's position, "
-                                  "version, file, sha256 are required)")
+            raise LayerStoreError(f"{p}: manifest incomplete (version, order, model_fingerprint, dsla_config, and "
+                                  "each layer's position, version, file, sha256 are required)")
         return m
 
     @property
@@ -187,8 +191,13 @@ class LayerStore:
                 if m["dsla_config"] != cfg:
                     raise LayerStoreError(f"store {self.path} was distilled with DSLA config "
                                           f"{m['dsla_config']}, not {cfg}")
+                if [int(x) for x in m["order"]] != [int(x) for x in order]:
+                    raise LayerStoreError(f"store {self.path} converts layers in the order {m['order']}, "
+                                          f"not {list(order)}")
                 return m
-            m = {"format": FORMAT, "model_id": model_id, "model_fingerprint": fingerprint,
+            # store_id: readers holding layers of an earlier store at this path (wiped and distilled
+            # again, its versions counting from 1 anew) tell it from this one
+            m = {"format": FORMAT, "model_id": model_id, "model_fingerprint": fingerprint, "store_id": uuid.uuid4().hex,
                  "order": list(order), "dsla_config": cfg, "version": 0, "layers": {}}
             _atomic_write(self.path / MANIFEST, json.dumps(m, indent=1).encode())
             return m

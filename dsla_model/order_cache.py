@@ -8,15 +8,30 @@ from dsla_model.loading import cache_root
 from dsla_model.sensitivity import sensitivity_order
 
 
+def _read(path, num_layers: int):
+    """The cached (order, entropy), or None when the file is missing, torn or not an order of the layers."""
+    try:
+        d = json.loads(path.read_text())
+        order, entropy = d["order"], d["entropy"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if sorted(order) != list(range(num_layers)) or len(entropy) != num_layers:
+        return None
+    return order, entropy
+
+
 def cached_order(hybrid, tokenizer, num_prompts: int = 32) -> tuple[list[int], list[float]]:
     path = cache_root() / "order" / f"{hybrid.fingerprint}-{num_prompts}.json"
-    if path.exists():
-        d = json.loads(path.read_text())
-        return d["order"], d["entropy"]
+    cached = _read(path, hybrid.num_layers)
+    if cached is not None:
+        return cached
     order, entropy = sensitivity_order(hybrid, tokenizer, num_prompts)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"order": order, "entropy": entropy}))
+    with open(tmp, "w") as f:
+        f.write(json.dumps({"order": order, "entropy": entropy}))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
     return order, entropy
 

@@ -67,6 +67,30 @@ def test_a_store_wiped_and_distilled_again_replaces_what_a_replica_holds(setup):
     assert pre.usable([3, 1]) == [3] and pre.order == [3]  # layer 1 is gone from the store
 
 
+def test_a_damaged_layer_of_a_store_distilled_again_does_not_keep_the_old_stores_weights(setup):
+    """The held weights of layer 1 came from the wiped store: offering them would serve a layer
+    the new store never published (or, with another DSLA config, fail every swap)."""
+    import shutil
+
+    from dsla_model.layer_store import LayerStore
+
+    hybrid, store = setup
+    publish(hybrid, store, 3)
+    publish(hybrid, store, 1)
+    pre = PreloadedLayers(str(store.path), hybrid.fingerprint)
+    assert pre.refresh() == [3, 1]
+    shutil.rmtree(store.path)
+    fresh = LayerStore(store.path)
+    fresh.init("tiny", hybrid.fingerprint, [3, 1, 0, 2], hybrid.dsla_config)
+    publish(hybrid, fresh, 3)
+    path = fresh.path / publish(hybrid, fresh, 1)["file"]
+    data = bytearray(path.read_bytes())
+    data[-8:] = bytes(b ^ 0xFF for b in data[-8:])
+    path.write_bytes(bytes(data))
+    assert pre.refresh() == [3]
+    assert 1 in pre.errors and pre.usable([3, 1]) == [3] and 1 not in pre.weights
+
+
 def test_a_corrupt_layer_is_refused_and_never_offered(setup):
     hybrid, store = setup
     publish(hybrid, store, 3)

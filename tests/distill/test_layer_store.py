@@ -111,7 +111,7 @@ def test_a_layer_outside_the_order_is_refused(tmp_path):
     assert st.published_layers() == [] and not list(st.path.glob("layer_*"))
 
 
-@pytest.mark.parametrize("damage", ["version", "order", "sha256"])
+@pytest.mark.parametrize("damage", ["version", "order", "sha256", "model_fingerprint", "dsla_config"])
 def test_an_incomplete_manifest_is_a_clear_error(tmp_path, damage):
     """Readers index these keys directly: a manifest without one raised KeyError in the
     controller's tick, which then stopped deciding."""
@@ -127,6 +127,14 @@ def test_an_incomplete_manifest_is_a_clear_error(tmp_path, damage):
     for read in (st.read_manifest, lambda: st.version, st.published_layers):
         with pytest.raises(LayerStoreError, match="manifest incomplete"):
             read()
+
+
+def test_init_refuses_an_existing_store_of_another_order(tmp_path):
+    h = tiny_hybrid()
+    st = _store(tmp_path, h, order=(2, 0, 1))
+    assert st.init("tiny", h.fingerprint, [2, 0, 1], h.dsla_config)["order"] == [2, 0, 1]
+    with pytest.raises(LayerStoreError, match="order"):
+        st.init("tiny", h.fingerprint, [0, 1, 2], h.dsla_config)
 
 
 def _publisher(path, fingerprint, layer, n):
