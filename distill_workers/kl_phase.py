@@ -47,7 +47,10 @@ def kl_to_teacher(logits: torch.Tensor, teacher_lp: torch.Tensor) -> torch.Tenso
 def kl_phase(hybrid, layer: int, module, data, teacher_lp: torch.Tensor, steps: int, lr: float,
              batch: int = 1) -> dict:
     """Train `module` (installed as layer `layer`'s DSLA form meanwhile) on the logits KL,
-    `batch` replayed blocks per step."""
+    `batch` replayed blocks per step. The last quarter of the replayed blocks (at least the
+    last one, which the chain makes the MSE phase's held-out block) is held out: the phase
+    never trains on it and keeps its weights only if the KL there did not grow (with one block
+    it has to judge on the block it trained on: `kl_held_out` False)."""
     sw = hybrid.attention(layer)
     prev_mod, prev_flag = sw.dsla, sw.use_dsla
     hybrid.install(layer, module)
@@ -55,9 +58,9 @@ def kl_phase(hybrid, layer: int, module, data, teacher_lp: torch.Tensor, steps: 
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     K = data.resid.shape[0]
-    # with enough blocks, judge the phase on blocks it never trained on
-    n_train = K - K // 4 if K >= 4 else K
-    held = list(range(n_train, K)) if K >= 4 else list(range(K))
+    n_hold = max(1, K // 4)
+    n_train = K - n_hold if K >= 2 else K
+    held = list(range(K - n_hold, K))
 
     def held_out_kl():
         return sum(kl_to_teacher(tail_logits(hybrid, layer, data.resid[i:i + 1], data.cos, data.sin),
@@ -85,4 +88,7 @@ def kl_phase(hybrid, layer: int, module, data, teacher_lp: torch.Tensor, steps: 
                     p.copy_(v)
     finally:
         sw.dsla, sw.use_dsla = prev_mod, prev_flag
-    return {"kl_kept": kept, "kl_before": round(before, 5), "kl_after": round(after, 5), "kl_steps": steps, "kl_last": round(last, 5)}
+    for p in params:  # installed for the rest of the chain: no gradient buffers kept with it
+        p.grad = None
+    return {"kl_kept": kept, "kl_before": round(before, 5), "kl_after": round(after, 5), "kl_steps": steps,
+            "kl_last": round(last, 5), "kl_held_out": K >= 2}

@@ -24,7 +24,7 @@ class LayerData:
     cos: torch.Tensor  # [1, T, D] rotary tables for positions 0..T-1
     sin: torch.Tensor
     resid: torch.Tensor | None = None  # [K, T, hidden] residual stream entering decoder layer l
-                                       # (first K blocks only: the logits-KL phase replays from it)
+                                       # (of the blocks the logits-KL phase replays)
 
     @property
     def num_blocks(self) -> int:
@@ -32,10 +32,12 @@ class LayerData:
 
 
 @torch.no_grad()
-def capture_layer(hybrid, layer: int, blocks: torch.Tensor, batch: int = 2, resid_blocks: int = 0) -> LayerData:
+def capture_layer(hybrid, layer: int, blocks: torch.Tensor, batch: int = 2,
+                  resid_blocks: int | list[int] = 0) -> LayerData:
     """Run `blocks` [N, T] through `hybrid` as it is (its DSLA layers included) with `layer`
     itself in teacher form, and keep what enters and leaves that layer's attention (and,
-    for the first `resid_blocks` blocks, the residual stream entering the decoder layer)."""
+    for `resid_blocks` (the first k, or these block indices), the residual stream entering
+    the decoder layer)."""
     sw = hybrid.attention(layer)
     was_dsla = sw.use_dsla
     sw.use_dsla = False
@@ -73,5 +75,6 @@ def capture_layer(hybrid, layer: int, blocks: torch.Tensor, batch: int = 2, resi
         h3.remove()
         sw.use_dsla = was_dsla
     cos, sin = pe
-    resid = torch.cat(rs)[:resid_blocks] if resid_blocks else None
+    idx = list(range(resid_blocks)) if isinstance(resid_blocks, int) else list(resid_blocks)
+    resid = torch.cat(rs)[idx] if idx else None
     return LayerData(torch.cat(xs), torch.cat(ys), cos[:1].clone(), sin[:1].clone(), resid)

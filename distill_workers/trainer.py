@@ -33,7 +33,7 @@ class DistillConfig:
     train_chunk_size: int = 16     # same math as the serving chunk size, faster on CPU
     one_state: bool = False        # ablation: GLA-like, a single (recency) state
     kl_steps: int = 10             # logits-KL steps after the MSE phase (0 = MSE only)
-    kl_blocks: int = 2             # training blocks the KL phase replays
+    kl_blocks: int = 2             # training blocks the KL phase replays (plus the held-out block, to judge it)
     kl_lr: float = 3e-3
     batch_blocks: int = 1          # blocks per optimiser step (MSE and KL phases); >1 pays off on GPUs
     seed: int = 0
@@ -117,8 +117,10 @@ def distill_layer(hybrid, layer: int, data: LayerData, cfg: DistillConfig, dsla_
         loss_ema = loss.item() if loss_ema is None else 0.9 * loss_ema + 0.1 * loss.item()
         if progress is not None:
             tps = (step + 1) * step_tokens / max(1e-9, time.time() - t0)
-            if progress(step + 1, steps, loss_ema, tps):
-                break
+            if progress(step + 1, steps, loss_ema, tps):  # shutting down: the layer will be dropped
+                module.cfg = serve_cfg
+                module.requires_grad_(False)
+                return module, {"stopped": True, "steps": step + 1}
     kl = {}
     if cfg.kl_steps and teacher_lp is not None and data.resid is not None:
         from distill_workers.kl_phase import kl_phase
@@ -126,6 +128,8 @@ def distill_layer(hybrid, layer: int, data: LayerData, cfg: DistillConfig, dsla_
         kl = kl_phase(hybrid, layer, module, data, teacher_lp, cfg.kl_steps, cfg.kl_lr, cfg.batch_blocks)
     module.cfg = serve_cfg
     module.requires_grad_(False)
+    for p in module.parameters():  # installed for the rest of the chain: no gradient buffers kept with it
+        p.grad = None
     metrics = {**kl, "rel_mse_init": round(rel_init, 5), "rel_mse": round(evaluate_module(module, data, held_out), 5),
                "train_loss": round(loss_ema, 5), "steps": step + 1, "tokens": (step + 1) * step_tokens,
                "seconds": round(time.time() - t0, 1), "history_weight": round(module.mix_weights()[0].item(), 5),
@@ -217,6 +221,10 @@ class ChainedDistiller:
     def stop(self):
         self._stop = True
 
+    def resume(self):
+        """Undo stop() before running again (the worker's start after a stop)."""
+        self._stop = False
+
     def _progress(self, step, steps, loss, tps):
         s = self.status
         s.update(step=step, steps=steps, loss=loss, tokens_per_s=round(tps, 1))
@@ -239,11 +247,15 @@ class ChainedDistiller:
             p.requires_grad_(False)  # earlier layers are frozen: no gradient work for them
         blocks = self.blocks if self.blocks is not None else training_blocks(self.tok, self.cfg)
         blocks = blocks.to(next(self.hybrid.model.parameters()).device)
-        teacher_lp = None
+        teacher_lp, kl_idx = None, []
         if self.cfg.kl_steps:
             from distill_workers.kl_phase import teacher_logprobs
 
-            teacher_lp = teacher_logprobs(self.hybrid, blocks[:self.cfg.kl_blocks])
+            # the KL phase trains on MSE training blocks and is judged on the MSE held-out block
+            # (the last): neither phase ever trains on that one (distill_layer holds it out too)
+            n = blocks.shape[0]
+            kl_idx = list(range(min(self.cfg.kl_blocks, n - 1))) + [n - 1] if n > 1 else [0]
+            teacher_lp = teacher_logprobs(self.hybrid, blocks[kl_idx])
         published = []
         for layer in self.todo():
             if self._stop:
@@ -251,7 +263,7 @@ class ChainedDistiller:
             self.status.update(state="capturing", layer=layer, step=0, loss=None)
             self._chain_before(layer)
             data = capture_layer(self.hybrid, layer, blocks, batch=max(2, self.cfg.batch_blocks),
-                                 resid_blocks=self.cfg.kl_blocks if self.cfg.kl_steps else 0)
+                                 resid_blocks=kl_idx)
             self.status["state"] = "training"
             self._bar = None
             if show_progress:

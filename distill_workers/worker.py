@@ -49,6 +49,7 @@ class DistillWorkerImpl:
         """Start (or keep) the background distillation; idempotent."""
         if self._thread is None or not self._thread.is_alive():
             self.error = None  # a retry after a failure: the old traceback is not this run's
+            self.distiller.resume()  # before the thread starts, so an early stop() is not lost
             self.distiller.status["state"] = "starting"
             self._thread = threading.Thread(target=self._run, name="distill", daemon=True)
             self._thread.start()

@@ -45,6 +45,9 @@ class _FlakyDistiller:
     def stop(self):
         pass
 
+    def resume(self):
+        pass
+
 
 class _Handle:
     """What DistillPool.poll calls on a worker actor, over a DistillWorkerImpl in this process."""
@@ -184,3 +187,24 @@ def test_a_diverged_layer_is_not_published(tmp_path):
     with pytest.raises(ValueError, match="diverged"):
         ChainedDistiller(h, None, "tiny", store, [2, 0, 1], cfg, h.dsla_config, num_layers=1, blocks=blocks).run()
     assert store.published_layers() == []
+
+
+def test_a_stopped_chain_runs_again_after_resume_and_the_worker_resumes_on_start(tmp_path, monkeypatch):
+    import distill_workers.worker as worker
+
+    torch.set_num_threads(1)
+    store, blocks = LayerStore(tmp_path / "s"), tiny_blocks(4)
+    h = tiny_hybrid()
+    d = ChainedDistiller(h, None, "tiny", store, [2, 0, 1], CFG, h.dsla_config, num_layers=2, blocks=blocks)
+    d.stop()
+    assert d.run() == [] and d.status["state"] == "stopped"
+    d.resume()
+    assert d.run() == [2, 0] and d.status["state"] == "done"
+    # the worker's start() after a stop(): the distiller resumes before its thread runs
+    monkeypatch.setattr(worker, "build_distiller", lambda *a, **k: d)
+    w = worker.DistillWorkerImpl(store="/x", autostart=False)
+    w.stop()
+    assert d._stop
+    w.start()
+    w.wait(60)
+    assert not d._stop and w.status()["state"] == "done"

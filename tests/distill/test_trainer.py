@@ -48,7 +48,32 @@ def test_short_run_reduces_the_held_out_loss():
     assert m["steps"] == 30 and len(seen) == 30
     assert m["rel_mse"] < 0.9 * m["rel_mse_init"], m
     assert not any(p.requires_grad for p in mod.parameters())
+    assert all(p.grad is None for p in mod.parameters())  # installed for the chain: no gradient buffers
     assert all(p.grad is None for p in h.model.parameters())  # the teacher never trains
+
+
+def test_a_stop_during_the_mse_phase_skips_the_kl_phase(monkeypatch):
+    import distill_workers.kl_phase as kl
+
+    h = tiny_hybrid()
+    freeze_teacher(h)
+    d = capture_layer(h, 1, tiny_blocks(4, T=64), resid_blocks=[0, 3])
+    monkeypatch.setattr(kl, "kl_phase", lambda *a, **k: (_ for _ in ()).throw(AssertionError("KL phase ran")))
+    _, m = distill_layer(h, 1, d, CFG, progress=lambda s, n, loss, tps: s >= 2, teacher_lp=torch.zeros(2))
+    assert m == {"stopped": True, "steps": 2}
+
+
+def test_the_chain_judges_the_kl_phase_on_the_mse_held_out_block(tmp_path, monkeypatch):
+    import distill_workers.trainer as tr
+
+    seen = []
+    real = tr.capture_layer
+    monkeypatch.setattr(tr, "capture_layer", lambda *a, **k: seen.append(k["resid_blocks"]) or real(*a, **k))
+    h = tiny_hybrid()
+    cfg = DistillConfig(**{**CFG.to_dict(), "tokens_per_layer": 96, "kl_blocks": 2})
+    ChainedDistiller(h, None, "tiny", LayerStore(tmp_path / "s"), [2, 0, 1], cfg, h.dsla_config, num_layers=1,
+                     blocks=tiny_blocks(4)).run()
+    assert seen == [[0, 1, 3]]  # two training blocks to train on, block 3 (distill_layer's held-out) to judge
 
 
 def test_one_state_ablation_keeps_only_the_recency_state():
