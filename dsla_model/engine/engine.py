@@ -337,8 +337,12 @@ class Engine:
             self._events = [e for e in self._events if e.request_id not in ids]
             raise
         out = {i: [] for i in ids}
+        others = []  # events of requests added by add_request: the next step() hands them out
         while any(i in self.requests for i in ids):
             for ev in self.step():
-                if ev.request_id in out and ev.token_id >= 0:
+                if ev.request_id not in out:
+                    others.append(ev)
+                elif ev.token_id >= 0:
                     out[ev.request_id].append(ev.token_id)
+        self._events = others + self._events
         return [out[i] for i in ids]

@@ -164,10 +164,29 @@ def test_abort_frees_and_reports(hybrid, make_engine):
     (dict(temperature=10**400), "temperature"), (dict(temperature=Decimal("0.7")), "temperature"),
     (dict(temperature="0.5"), "temperature"), (dict(temperature=float("inf")), "temperature"),
     (dict(top_p=Decimal("0.9")), "top_p"), (dict(stop=None), "stop"), (dict(stop_token_ids=None), "stop_token_ids"),
-    (dict(stop_token_ids=[True]), "stop_token_ids")])
+    (dict(stop_token_ids=[True]), "stop_token_ids"), (dict(top_k=True), "top_k"), (dict(seed=True), "seed")])
 def test_bad_sampling_params(kw, msg):
     with pytest.raises(ValueError, match=msg):
         SamplingParams(**kw).validate()
+
+
+def test_generate_hands_other_requests_events_to_the_next_step(hybrid):
+    eng = Engine(hybrid, None, EngineConfig(cache_memory_bytes=4 << 20))
+    prompts = random_prompts(3, 256, seed=3)
+    sp = SamplingParams(max_tokens=5, temperature=0)
+    alone = eng.generate([prompts[0]], sp)[0]
+    a = eng.add_request(prompts[0], sp)
+    b = eng.add_request(prompts[1], sp)
+    first = eng.step()
+    eng.abort(b)
+    eng.generate([prompts[2]], sp)
+    later = []
+    while eng.has_unfinished():
+        later += eng.step()
+    evs = first + later
+    assert [e.token_id for e in evs if e.request_id == a and e.token_id >= 0] == alone
+    assert [e.finish_reason for e in evs if e.request_id == a][-1] == "length"
+    assert [e.finish_reason for e in evs if e.request_id == b][-1] == "abort"
 
 
 def test_generate_with_one_bad_params_leaves_nothing_behind(hybrid):
