@@ -44,7 +44,14 @@ def resolve_dsla_layers(hybrid, tok, args) -> list[int]:
     if args.conversion is not None:
         if not 0.0 <= args.conversion <= 1.0:
             raise CLIError(f"--conversion must be in [0, 1], got {args.conversion}")
-        order = _store_order(args, hybrid) or cached_order(hybrid, tok)[0]
+        order = _store_order(args, hybrid)
+        if not order:
+            from dsla_model.corpus import CorpusMissingError
+
+            try:  # measured on the corpus (once per model, then cached)
+                order = cached_order(hybrid, tok)[0]
+            except (CorpusMissingError, OSError) as e:
+                raise CLIError(f"--conversion needs the layers' sensitivity order: {e}") from None
         return layers_for_conversion(order, args.conversion)
     return []
 

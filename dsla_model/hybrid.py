@@ -61,6 +61,16 @@ class HybridModel(nn.Module):
         if layers is None or not all(hasattr(attn(layer), "q_proj") for layer in layers):
             raise ValueError(f"{type(model).__name__} is not supported: DSLA needs a Llama-shaped decoder "
                              "(model.model.layers[i].self_attn with q/k/v/o projections: Llama, Qwen2, Mistral)")
+        # what DSLA's projection does not reproduce: q/k norms (Qwen3, OLMo2), a query scale other than
+        # 1/sqrt(head_dim) or logit softcapping (Gemma2); converting such a layer would silently drop them
+        cfg = model.config
+        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        t = attn(layers[0])
+        if (hasattr(t, "q_norm") or hasattr(t, "k_norm") or abs(getattr(t, "scaling", hd ** -0.5) - hd ** -0.5) > 1e-6
+                or getattr(cfg, "attn_logit_softcapping", None) is not None):
+            raise ValueError(f"{type(model).__name__} is not supported: its attention has q/k norms, a query scale "
+                             "other than 1/sqrt(head_dim) or logit softcapping, which DSLA layers do not reproduce "
+                             "(supported: Llama, Qwen2, Mistral)")
         self.fingerprint = model_fingerprint(model)  # of the untouched teacher
         self.model = model
         self.dsla_config = dsla_config

@@ -78,6 +78,7 @@ def resolve_model(spec: str | None) -> str:
     """Map a --model value to something `from_pretrained` accepts."""
     if spec in (None, "", DEFAULT_MODEL):
         return str(default_model_dir())
+    spec = os.path.expanduser(spec)  # `--model=~/x` reaches us unexpanded by the shell
     if os.path.isdir(spec):
         if not os.path.exists(os.path.join(spec, "config.json")):
             raise ModelNotFoundError(f"{spec} is a directory without config.json: not an HF model directory")
@@ -120,9 +121,14 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     taken at bfloat16 precision. A float32 checkpoint loaded in bfloat16 (a GPU replica's
     `dtype: auto`) holds those same values, so the model has one fingerprint in both dtypes and a
     layer store distilled in one is accepted in the other. (float16 rounds differently: it gets
-    another fingerprint.)"""
+    another fingerprint.) A model already wrapped by a HybridModel has the teacher's fingerprint:
+    its attention weights are read under their own names, its DSLA modules left out."""
     h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
+    teacher = {}
+    for name, p in model.state_dict().items():
+        if ".self_attn.dsla." not in name:
+            teacher[name.replace(".self_attn.teacher.", ".self_attn.")] = p
+    for name, p in sorted(teacher.items()):
         h.update(name.encode())
         h.update(json.dumps(list(p.shape)).encode())
         flat = p.detach().reshape(-1)

@@ -50,3 +50,11 @@ def test_block_len_sets_the_training_blocks_length(tiny_model_dir, tmp_path):
     assert r.returncode == 2 and "--block-len must be >= 16" in r.stderr and "Traceback" not in r.stderr
     r = _distill(tmp_path, tiny_model_dir, "--block-len", "100000", "--text-file", TEXT)
     assert r.returncode == 2 and "exceed the model's" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_generate_conversion_without_the_corpus_is_a_clear_error(tiny_model_dir, tmp_path):
+    env = dict(os.environ, DSLA_CORPUS_ROOT=str(tmp_path / "no-corpus"), DSLA_SERVE_CACHE=str(tmp_path / "cache"))
+    cmd = [sys.executable, "-m", "deploy.cli", "generate", "--model", tiny_model_dir, "--prompt", "hi",
+           "--conversion", "0.5", "--max-tokens", "2"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "sensitivity order" in r.stderr and "Traceback" not in r.stderr, r.stderr

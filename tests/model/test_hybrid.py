@@ -131,5 +131,17 @@ def test_only_llama_shaped_decoders_are_taken_and_wrapping_twice_is_fine():
     with pytest.raises(ValueError, match="not supported"):
         HybridModel(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)))
     m = tiny_model(layers=2)
-    HybridModel(m)
+    first = HybridModel(m)
     assert HybridModel(m).num_layers == 2  # its layers are already switchable: taken as they are
+    first.convert(0)  # wrapped again, converted or not: the teacher's fingerprint (its store and order cache)
+    assert HybridModel(m).fingerprint == first.fingerprint
+
+
+def test_attention_that_dsla_does_not_reproduce_is_refused():
+    """q/k norms (Qwen3) were silently dropped by converted layers."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=16, vocab_size=64)
+    with pytest.raises(ValueError, match="q/k norms"):
+        HybridModel(Qwen3ForCausalLM(cfg))

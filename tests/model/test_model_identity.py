@@ -41,3 +41,12 @@ def test_a_missing_model_directory_is_named_as_such(tmp_path):
         with pytest.raises(ModelNotFoundError, match="no such directory"):
             resolve_model(spec)
     assert resolve_model("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"  # a hub id passes
+
+
+def test_a_model_directory_under_home_given_with_a_tilde(tmp_path, monkeypatch):
+    from dsla_model.loading import resolve_model
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_model("~/m") == str(tmp_path / "m")  # `--model=~/m`: the shell leaves the tilde
