@@ -11,13 +11,12 @@ CPU for the default model, and the result is cached per model.
 from __future__ import annotations
 
 import json
-import logging
-import os
 
 import torch
 
 from distill_workers.layer_data import LayerData
 from distill_workers.trainer import DistillConfig, distill_layer, freeze_teacher, spread, training_blocks
+from dsla_model.order_cache import read_cached, write_cached
 
 # a short, cheap budget: enough to rank layers, not to serve them
 DAMAGE_CONFIG = DistillConfig(tokens_per_layer=7680, train_blocks=5)
@@ -149,31 +148,16 @@ def damage_order(hybrid, tokenizer, cfg: DistillConfig = DAMAGE_CONFIG, log=None
     mods = distil_independently(hybrid, data, cfg, log=log)
     damage = measure_damage(hybrid, mods, held_out.to(dev))
     order = order_by_damage(damage)
-    try:  # a cache is a convenience: a read-only or full cache directory must not lose the result
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"order": order, "damage": {str(k): v for k, v in damage.items()}}))
-        os.replace(tmp, path)
-    except OSError as e:
-        logging.getLogger(__name__).warning("damage order not cached (%s): %s", path, e)
+    write_cached(path, {"order": order, "damage": {str(k): v for k, v in damage.items()}}, "damage order")
     return order, damage
 
 
 def _read_cached(path, num_layers: int):
     """(order, damage) from a cache file, or None when there is none or it is not a valid one
     (truncated, edited): then the order is measured again."""
-    try:
-        d = json.loads(path.read_text())
-        order = d["order"]
-        damage = {int(k): float(v) for k, v in d["damage"].items()}
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        logging.getLogger(__name__).warning("ignoring the damage-order cache %s: %s", path, e)
-        return None
-    if (not isinstance(order, list) or sorted(order) != list(range(num_layers))
-            or sorted(damage) != list(range(num_layers))):
-        logging.getLogger(__name__).warning("ignoring the damage-order cache %s: not an order of %d layers",
-                                            path, num_layers)
-        return None
-    return order, damage
+    def per_layer(v):
+        damage = {int(k): float(x) for k, x in v.items()}
+        if sorted(damage) != list(range(num_layers)):
+            raise ValueError(f"damage of layers {sorted(damage)}")
+        return damage
+    return read_cached(path, num_layers, "damage", per_layer, "damage order")

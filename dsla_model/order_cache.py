@@ -2,37 +2,59 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 from dsla_model.loading import cache_root
 from dsla_model.sensitivity import sensitivity_order
 
+log = logging.getLogger(__name__)
 
-def _read(path, num_layers: int):
-    """The cached (order, entropy), or None when the file is missing, torn or not an order of the layers."""
+
+def read_cached(path, num_layers: int, key: str, parse, what: str):
+    """(order, parse(d[key])) from an order cache file, or None when there is none or it is not a
+    valid one (torn by a crash, edited): the caller measures again. `parse` raises ValueError,
+    KeyError or TypeError on values it cannot take; they must cover every layer."""
     try:
         d = json.loads(path.read_text())
-        order, entropy = d["order"], d["entropy"]
-    except (OSError, ValueError, KeyError, TypeError):
+        order, values = d["order"], parse(d[key])
+    except FileNotFoundError:
         return None
-    if sorted(order) != list(range(num_layers)) or len(entropy) != num_layers:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        log.warning("ignoring the %s cache %s: %s", what, path, e)
         return None
-    return order, entropy
+    if not isinstance(order, list) or sorted(order) != list(range(num_layers)) or len(values) != num_layers:
+        log.warning("ignoring the %s cache %s: not an order of %d layers", what, path, num_layers)
+        return None
+    return order, values
+
+
+def write_cached(path, data: dict, what: str) -> None:
+    """Write an order cache file atomically (a temporary file, synced, then renamed). A cache is a
+    convenience: a read-only or full cache directory is a warning, never a lost result."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(data))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("%s not cached (%s): %s", what, path, e)
+
+
+def _entropies(v) -> list[float]:
+    return [float(x) for x in v]
 
 
 def cached_order(hybrid, tokenizer, num_prompts: int = 32) -> tuple[list[int], list[float]]:
     path = cache_root() / "order" / f"{hybrid.fingerprint}-{num_prompts}.json"
-    cached = _read(path, hybrid.num_layers)
+    cached = read_cached(path, hybrid.num_layers, "entropy", _entropies, "sensitivity order")
     if cached is not None:
         return cached
     order, entropy = sensitivity_order(hybrid, tokenizer, num_prompts)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(json.dumps({"order": order, "entropy": entropy}))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_cached(path, {"order": order, "entropy": entropy}, "sensitivity order")
     return order, entropy
 
 
