@@ -31,7 +31,9 @@ def cmd_distill(args) -> int:
 
     _positive("--layers", args.layers)
     _positive("--tokens-per-layer", args.tokens_per_layer)
-    _positive("--train-blocks", args.train_blocks)
+    if args.train_blocks is not None and args.train_blocks < 2:
+        raise CLIError(f"--train-blocks must be >= 2 (the last block is held out to judge each layer), "
+                       f"got {args.train_blocks}")
     _positive("--batch-blocks", args.batch_blocks)
     if args.block_len is not None and args.block_len < 16:
         raise CLIError(f"--block-len must be >= 16 tokens, got {args.block_len}")
@@ -123,6 +125,7 @@ def cmd_eval(args) -> int:
     from deploy.commands_model import load_hybrid
     from dsla_model.evaluation import PASSKEY_CONTEXTS, evaluate_conversions, text_blocks
     from dsla_model.layer_store import LayerStore, LayerStoreError, shipped_store
+    from dsla_model.loading import max_positions
 
     conversions = _parse_conversions(args.conversion)
     _positive("--blocks", args.blocks)
@@ -153,7 +156,7 @@ def cmd_eval(args) -> int:
             raise CLIError(f"store {store_path} lacks layers for conversion(s) "
                            + "; ".join(f"{c}: {m}" for c, m in missing.items()))
         # nothing past the model's positions: its scores there would be of a model out of range
-        positions = getattr(hybrid.config, "max_position_embeddings", None) or 1 << 30
+        positions = max_positions(hybrid.config) or 1 << 30
         if positions < 512:
             raise CLIError(f"the model has {positions} positions; eval scores 512-token blocks")
         contexts = tuple(c for c in PASSKEY_CONTEXTS if c <= positions)
@@ -214,7 +217,9 @@ def add_parsers(sub):
     p.add_argument("--model", default="default", help="'default', an HF model directory or a hub id")
     p.add_argument("--store", default=None, help="layer store (default: the one shipped for the default model)")
     p.add_argument("--conversion", default="0,0.25,0.5,0.75", help="comma-separated conversion ratios")
-    p.add_argument("--text-file", default=None, help="evaluate on 512-token blocks of this file")
+    p.add_argument("--text-file", default=None,
+                   help="evaluate on 512-token blocks of this file (not the file the layers were distilled on: "
+                        "those blocks would score as held-out text)")
     p.add_argument("--blocks", type=int, default=8, help="number of 512-token blocks")
     p.add_argument("--passkey", action="store_true", help="also passkey retrieval at 512/1024/2048 tokens")
     p.add_argument("--passkey-trials", type=int, default=4)

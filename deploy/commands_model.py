@@ -102,7 +102,7 @@ def cmd_generate(args) -> int:
     from dsla_model.generate import generate_ids, generate_batch
 
     from dsla_model.engine import SamplingParams
-    from dsla_model.loading import eos_token_ids
+    from dsla_model.loading import eos_token_ids, max_positions
 
     if any(not p for p in args.prompt):
         raise CLIError("--prompt must not be empty")
@@ -116,7 +116,7 @@ def cmd_generate(args) -> int:
     apply_layers(hybrid, layers, args.layers_dir)
     eos = set(eos_token_ids(tok, hybrid.model))
     all_ids = [tok(prompt)["input_ids"] for prompt in args.prompt]  # with BOS where the tokenizer adds one
-    limit = getattr(hybrid.config, "max_position_embeddings", None)
+    limit = max_positions(hybrid.config)
     if args.no_cache and limit and max(map(len, all_ids)) + args.max_tokens > limit:
         raise CLIError(f"a prompt plus --max-tokens {args.max_tokens} exceeds the model's {limit} positions")
     if args.no_cache:

@@ -40,11 +40,9 @@ class EngineSettings(_Strict):
     @field_validator("state_dtype")
     @classmethod
     def _state_dtype(cls, v):
-        from dsla_model.engine.config import STATE_FORMATS
+        from dsla_model.engine.config import check_state_dtype
 
-        if v not in STATE_FORMATS:
-            raise ValueError(f"state_dtype must be one of {sorted(STATE_FORMATS)}, got {v!r}")
-        return v
+        return check_state_dtype(v)
 
 
 class AutoscalingSettings(_Strict):

@@ -111,7 +111,8 @@ class ChatMessage(_Request):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        # one line per part, as vLLM joins a message's text parts for a string chat template
+        return "\n".join(p.text for p in self.content)
 
 
 class ResponseFormat(_Request):

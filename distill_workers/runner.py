@@ -6,6 +6,7 @@ import os
 import random
 
 from dsla_model.dsla_attention import DSLAConfig
+from dsla_model.loading import max_positions
 from distill_workers.trainer import ChainedDistiller, DistillConfig
 
 ORDERS = ("sensitivity", "reverse", "random", "entropy")
@@ -82,7 +83,7 @@ def build_distiller(model: str = "default", store: str = "", layers: int | None 
     else:
         raise ValueError(f"unknown order {order!r}: one of {', '.join(ORDERS)} or a JSON file")
     cfg = DistillConfig(seed=seed, one_state=one_state)
-    positions = getattr(hybrid.config, "max_position_embeddings", None)
+    positions = max_positions(hybrid.config)
     if block_size is not None and positions and block_size > positions:
         raise ValueError(f"training blocks of {block_size} tokens exceed the model's {positions} positions")
     for key, value in (("tokens_per_layer", tokens_per_layer), ("train_blocks", train_blocks),
@@ -90,6 +91,9 @@ def build_distiller(model: str = "default", store: str = "", layers: int | None 
                        ("batch_blocks", batch_blocks)):
         if value is not None:
             setattr(cfg, key, value)
+    if cfg.train_blocks < 2:
+        raise ValueError(f"train_blocks must be >= 2 (the last block is held out to judge each layer), "
+                         f"got {cfg.train_blocks}")
     blocks = None
     if text_file is not None:
         from distill_workers.trainer import training_blocks

@@ -149,13 +149,17 @@ def training_blocks(tokenizer, cfg: DistillConfig, stride: int = 5, text_file: s
         from dsla_model.evaluation import text_blocks
 
         every = text_blocks(tokenizer, cfg.block_size, None, text_file)
+        if every.shape[0] < 2:
+            raise ValueError(f"{text_file} holds {every.shape[0]} block(s) of {cfg.block_size} tokens; distillation "
+                             "needs at least 2 (the last one is held out to judge each layer)")
         return every[spread(every.shape[0], cfg.train_blocks)]
     from dsla_model.corpus import token_blocks
 
     blocks = token_blocks(tokenizer, "train", cfg.block_size, cfg.train_blocks * stride)
     picked = blocks[::stride][:cfg.train_blocks]
-    if not picked:
-        raise ValueError("the training split holds no block of that size")
+    if len(picked) < 2:
+        raise ValueError(f"the training split holds {len(picked)} block(s) of {cfg.block_size} tokens; "
+                         "distillation needs at least 2 (the last one is held out to judge each layer)")
     return torch.tensor(picked)
 
 

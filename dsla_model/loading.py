@@ -106,6 +106,11 @@ def load_model(spec: str | None = None, dtype=torch.float32, device="cpu", attn_
     return model, tok, model_id
 
 
+def max_positions(config) -> int | None:
+    """The positions a model config declares (max_position_embeddings), or None where it does not say."""
+    return getattr(config, "max_position_embeddings", None) or None
+
+
 def eos_token_ids(tokenizer, model) -> list[int]:
     """The ids that end a generation: the tokenizer's EOS and the model's generation config's
     (an int or a list: Llama-3-Instruct ends a turn with <|eot_id|>, which is not the tokenizer's

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dsla_model.loading import max_positions
 from kernels.reference import STATE_DTYPES
 
 MAX_DEFAULT_MODEL_LEN = 8192
@@ -14,6 +15,13 @@ CPU_DEFAULT_CACHE_BYTES = 512 * 2**20
 STATE_FORMATS = {str(d).removeprefix("torch."): (d, d) for d in STATE_DTYPES}
 STATE_FORMATS["bfloat16-recency"] = (torch.float32, torch.bfloat16)
 GPU_CACHE_FRACTION = 0.85  # of the memory free after the model loaded; the rest is activations / graphs
+
+
+def check_state_dtype(name) -> str:
+    """`name` if it is a state format (STATE_FORMATS), else a ValueError naming them."""
+    if not isinstance(name, str) or name not in STATE_FORMATS:
+        raise ValueError(f"state_dtype must be one of {sorted(STATE_FORMATS)}, got {name!r}")
+    return name
 
 
 @dataclass
@@ -43,8 +51,7 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.cache_memory_bytes is not None and self.cache_memory_bytes <= 0:
             raise ValueError(f"cache_memory_bytes must be > 0, got {self.cache_memory_bytes}")
-        if not isinstance(self.state_dtype, str) or self.state_dtype not in STATE_FORMATS:
-            raise ValueError(f"state_dtype must be one of {sorted(STATE_FORMATS)}, got {self.state_dtype!r}")
+        check_state_dtype(self.state_dtype)
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
 
@@ -72,5 +79,5 @@ def served_max_len(config: EngineConfig, mc) -> int:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's sliding window "
                              f"({window} tokens), which the engine does not implement")
         return config.max_model_len
-    limit = getattr(mc, "max_position_embeddings", MAX_DEFAULT_MODEL_LEN) or MAX_DEFAULT_MODEL_LEN
+    limit = max_positions(mc) or MAX_DEFAULT_MODEL_LEN
     return min(limit, MAX_DEFAULT_MODEL_LEN, window or MAX_DEFAULT_MODEL_LEN)

@@ -50,3 +50,13 @@ def test_omitted_max_tokens_is_16_clamped_to_the_room_and_the_servers_limit(bos_
     with pytest.raises(APIError) as e:  # asked for explicitly, the limit is an error
         plan_completion(_req(prompt="hello", max_tokens=9), bos_tok, lim)
     assert e.value.status == 400 and e.value.param == "max_tokens"
+
+
+def test_a_messages_text_parts_are_joined_by_newlines_as_vllm_does():
+    from deploy.openai_protocol import ChatMessage
+
+    msg = ChatMessage.model_validate({"role": "user", "content": [{"type": "text", "text": "Name a colour."},
+                                                                  {"type": "text", "text": "One word."}]})
+    assert msg.text() == "Name a colour.\nOne word."
+    assert ChatMessage.model_validate({"role": "user", "content": "plain"}).text() == "plain"
+    assert ChatMessage.model_validate({"role": "assistant"}).text() == ""

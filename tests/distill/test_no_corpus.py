@@ -58,3 +58,16 @@ def test_generate_conversion_without_the_corpus_is_a_clear_error(tiny_model_dir,
            "--conversion", "0.5", "--max-tokens", "2"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "sensitivity order" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_distillation_needs_a_held_out_block(tiny_model_dir, tmp_path):
+    """Each layer is judged on a block it never trained on: one training block is refused up front,
+    and so is a text file that holds a single block."""
+    r = _distill(tmp_path, tiny_model_dir, "--train-blocks", "1")
+    assert r.returncode == 2 and "--train-blocks must be >= 2" in r.stderr and "Traceback" not in r.stderr
+    short = tmp_path / "short.txt"
+    short.write_text("A few words, fewer than two blocks of tokens. " * 80)  # 881 tokens: one block of 480
+    order = tmp_path / "order.json"
+    order.write_text('{"order": [2, 1, 0]}')  # an explicit order: no damage pass over the short text
+    r = _distill(tmp_path, tiny_model_dir, "--text-file", str(short), "--block-len", "480", "--order", str(order))
+    assert r.returncode == 2 and "at least 2" in r.stderr and "Traceback" not in r.stderr, r.stderr
