@@ -121,14 +121,37 @@ def eos_token_ids(tokenizer, model) -> list[int]:
     return sorted({int(i) for i in ids if i is not None})
 
 
+def _computation_config(config) -> dict:
+    """The config fields that change what the weights compute (RoPE, norm epsilon, activation,
+    head layout), in one form across transformers versions (4.x: rope_theta + rope_scaling;
+    5.x: rope_parameters). Fields that do not (max positions, dtype, cache flags) are left out,
+    so a config edited only there keeps its layer stores."""
+    if config is None:
+        return {}
+    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    heads = getattr(config, "num_attention_heads", None)
+    out = {"model_type": getattr(config, "model_type", None),
+           "rope_theta": rope.pop("rope_theta", getattr(config, "rope_theta", None)),
+           "rope_type": rope.pop("rope_type", rope.pop("type", "default")),
+           "rope": {k: rope[k] for k in sorted(rope)},
+           "partial_rotary_factor": getattr(config, "partial_rotary_factor", None),
+           "rms_norm_eps": getattr(config, "rms_norm_eps", None),
+           "hidden_act": getattr(config, "hidden_act", None),
+           "heads": heads, "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+           "head_dim": getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)}
+    return out
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """A cheap, stable fingerprint of the weights: names, shapes and a strided sample of values,
-    taken at bfloat16 precision. A float32 checkpoint loaded in bfloat16 (a GPU replica's
+    """A cheap, stable fingerprint of the model: its computation config (`_computation_config`:
+    layers distilled under one RoPE are wrong under another) and its weights' names, shapes and a
+    strided sample of values, taken at bfloat16 precision. A float32 checkpoint loaded in bfloat16 (a GPU replica's
     `dtype: auto`) holds those same values, so the model has one fingerprint in both dtypes and a
     layer store distilled in one is accepted in the other. (float16 rounds differently: it gets
     another fingerprint.) A model already wrapped by a HybridModel has the teacher's fingerprint:
     its attention weights are read under their own names, its DSLA modules left out."""
     h = hashlib.sha256()
+    h.update(json.dumps(_computation_config(getattr(model, "config", None)), sort_keys=True, default=str).encode())
     teacher = {}
     for name, p in model.state_dict().items():
         if ".self_attn.dsla." not in name:

@@ -50,3 +50,22 @@ def test_a_model_directory_under_home_given_with_a_tilde(tmp_path, monkeypatch):
     (tmp_path / "m" / "config.json").write_text("{}")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert resolve_model("~/m") == str(tmp_path / "m")  # `--model=~/m`: the shell leaves the tilde
+
+
+def test_fingerprint_follows_the_config_fields_that_change_the_computation():
+    """Layers distilled under one RoPE or norm epsilon are wrong under another (a user extending the
+    context by a larger rope_theta keeps the weights): such a model gets another fingerprint, while
+    fields that change nothing computed (max positions, cache flags) keep it."""
+    a = tiny_model(seed=0)
+    base = model_fingerprint(a)
+    for field, value in (("rope_theta", 1e6), ("rms_norm_eps", 1e-3)):
+        b = copy.deepcopy(a)
+        if field == "rope_theta" and getattr(b.config, "rope_parameters", None):
+            b.config.rope_parameters = {**b.config.rope_parameters, "rope_theta": value}
+        else:
+            setattr(b.config, field, value)
+        assert model_fingerprint(b) != base, field
+    b = copy.deepcopy(a)
+    b.config.max_position_embeddings *= 2
+    b.config.use_cache = not b.config.use_cache
+    assert model_fingerprint(b) == base
