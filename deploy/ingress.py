@@ -11,6 +11,7 @@ Serve ingress class it took `request` for a query parameter.
 """
 
 import asyncio
+import concurrent.futures
 import logging
 import math
 import uuid
@@ -56,6 +57,17 @@ async def _http_error(_req, e: StarletteHTTPException):
 async def _internal_error(_req, e: Exception):
     log.exception("unhandled error in the ingress")
     return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
+
+
+# Tokenizing a long prompt (and rendering a chat template over it) takes seconds of CPU: on the
+# event loop that would stall every other stream of this ingress. One worker thread, so plans run
+# in arrival order and the tokenizer never serves two of them at once.
+_PLANNER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="plan")
+
+
+async def off_loop(fn, *args):
+    """fn(*args) on the planning thread; the event loop serves other requests meanwhile."""
+    return await asyncio.get_running_loop().run_in_executor(_PLANNER, fn, *args)
 
 
 def parse(model_cls, body: bytes):
@@ -128,12 +140,12 @@ class OpenAIIngress:
     @app.post("/v1/completions")
     async def completions(self, request: Request):
         req = parse(CompletionRequest, await request.body())
-        return await self._serve(plan_completion(req, self.tok, self.limits), request)
+        return await self._serve(await off_loop(plan_completion, req, self.tok, self.limits), request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         req = parse(ChatCompletionRequest, await request.body())
-        return await self._serve(plan_chat(req, self.tok, self.limits), request)
+        return await self._serve(await off_loop(plan_chat, req, self.tok, self.limits), request)
 
     # -- generation --------------------------------------------------------
     async def _serve(self, plan: Plan, request: Request):

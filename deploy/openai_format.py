@@ -5,6 +5,7 @@ incremental delta with stop strings already honoured by the engine).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import uuid
@@ -24,6 +25,7 @@ class ChoiceState:
     generated: int = 0
     started: bool = False  # chat streams announce the role once
     streamed_logprobs: int = 0  # tokens whose logprobs a chunk has carried
+    streamed_chars: int = 0  # their token strings' length: where the next chunk's text_offset starts
 
 
 def sse(data) -> str:
@@ -70,7 +72,10 @@ class ResponseBuilder:
         start, c.streamed_logprobs = c.streamed_logprobs, len(c.token_ids)
         if start == len(c.token_ids):
             return None
-        return self._logprobs(index, c.token_ids[start:], c.logprobs[start:])
+        lp = self._logprobs(index, c.token_ids[start:], c.logprobs[start:], c.streamed_chars)
+        if lp is not None and not self.chat:
+            c.streamed_chars += sum(map(len, lp["tokens"]))
+        return lp
 
     def done(self) -> bool:
         return all(c.finish_reason is not None for c in self.choices.values())
@@ -81,14 +86,18 @@ class ResponseBuilder:
                 "total_tokens": self.plan.prompt_tokens + completion}
 
     # -- bodies ------------------------------------------------------------
-    def _logprobs(self, index: int, ids: list[int], lps: list) -> Optional[dict]:
+    def _logprobs(self, index: int, ids: list[int], lps: list, offset: int = 0) -> Optional[dict]:
+        """offset: the characters of the completion's earlier tokens (a stream's later chunks)."""
         if not self.want_logprobs[index]:
             return None
         toks = [self.tok.decode([t]) for t in ids]
         if self.chat:
             return {"content": [{"token": t, "logprob": lp, "bytes": b, "top_logprobs": []}
                                 for t, lp, b in zip(toks, lps, self.token_bytes(ids))]}
-        return {"tokens": toks, "token_logprobs": list(lps), "top_logprobs": None, "text_offset": None}
+        # legacy completions: with logprobs=0 (the one value served) each step's top_logprobs holds
+        # the sampled token alone, as vLLM answers; text_offset is where each token's string starts
+        return {"tokens": toks, "token_logprobs": list(lps), "top_logprobs": [{t: lp} for t, lp in zip(toks, lps)],
+                "text_offset": list(itertools.accumulate(map(len, toks[:-1]), initial=offset))}
 
     def _chunk(self, index: int, delta, finish_reason, logprobs) -> dict:
         if self.chat:

@@ -3,7 +3,9 @@
 Models are strict (no "5" for 5, no 1.0 for n) because the OpenAI API refuses
 wrongly typed fields with a 400 and clients rely on that; unknown fields are
 ignored as OpenAI's own SDKs send fields we do not need. Parameters we do not
-implement are refused when set, rather than silently ignored.
+implement are refused when set, rather than silently ignored: OpenAI's and
+vLLM's extensions (`VLLM_EXTENSIONS`) alike, since a vLLM user who finds top_k
+and stop_token_ids honoured will expect min_p or guided_json to be too.
 """
 from __future__ import annotations
 
@@ -41,8 +43,19 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+# vLLM's sampling extensions this server does not implement -> their neutral value: refused
+# (400 naming them) when set to anything else
+VLLM_EXTENSIONS = {"min_tokens": 0, "min_p": 0, "repetition_penalty": 1, "length_penalty": 1, "use_beam_search": False,
+                   "include_stop_str_in_output": False, "bad_words": [], "allowed_token_ids": None,
+                   "prompt_logprobs": None, "truncate_prompt_tokens": None, "guided_json": None, "guided_regex": None,
+                   "guided_choice": None, "guided_grammar": None, "guided_decoding_backend": None,
+                   "structured_outputs": None}
+
+
 class _Sampling(_Request):
-    """Fields shared by completions and chat."""
+    """Fields shared by completions and chat. Unknown fields are kept (model_extra) only to be
+    checked against VLLM_EXTENSIONS."""
+    model_config = ConfigDict(strict=True, extra="allow")
     model: str
     temperature: Optional[Union[float, int]] = Field(None, ge=0, le=2)
     top_p: Optional[Union[float, int]] = Field(None, gt=0, le=1)
@@ -68,6 +81,11 @@ class _Sampling(_Request):
             return "logit_bias", "logit_bias is not supported"
         if self.stream_options is not None and not self.stream:
             return "stream_options", "stream_options is only allowed when stream is true"
+        extra = self.model_extra or {}
+        for name, neutral in VLLM_EXTENSIONS.items():
+            value = extra.get(name)
+            if value is not None and not (value == neutral and type(value) is not str):
+                return name, f"{name} is not supported"
         return None
 
 
@@ -128,6 +146,8 @@ class ChatCompletionRequest(_Sampling):
     response_format: Optional[ResponseFormat] = None
     tools: Optional[list] = None
     tool_choice: Optional[Union[str, dict]] = None
+    functions: Optional[list] = None  # OpenAI's deprecated form of tools
+    function_call: Optional[Union[str, dict]] = None
 
     def unsupported(self):
         if self.top_logprobs:
@@ -138,6 +158,10 @@ class ChatCompletionRequest(_Sampling):
             return "tools", "tools are not supported"
         if self.tool_choice not in (None, "none"):
             return "tool_choice", "tool_choice is not supported"
+        if self.functions:
+            return "functions", "functions are not supported"
+        if self.function_call not in (None, "none"):
+            return "function_call", "function_call is not supported"
         return super().unsupported()
 
     def requested_max_tokens(self) -> Optional[int]:

@@ -20,6 +20,9 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         probs = torch.softmax(sorted_logits, dim=-1)
         # drop a token when the mass before it already reaches top_p (the first always stays)
         drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        # ...even for a top_p that rounds to 0 in fp32 (1e-320 > 0 passes validation): else nothing
+        # is left to sample and the step fails for every request in the batch
+        drop_sorted[0] = False
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits

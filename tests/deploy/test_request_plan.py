@@ -60,3 +60,60 @@ def test_a_messages_text_parts_are_joined_by_newlines_as_vllm_does():
     assert msg.text() == "Name a colour.\nOne word."
     assert ChatMessage.model_validate({"role": "user", "content": "plain"}).text() == "plain"
     assert ChatMessage.model_validate({"role": "assistant"}).text() == ""
+
+
+def test_plans_are_made_off_the_event_loop():
+    """Tokenizing a multi-megabyte prompt took ~2 s on the ingress' event loop, stalling every
+    other stream it served; plans are made on a worker thread while the loop goes on."""
+    import asyncio
+    import threading
+    import time
+
+    from deploy.ingress import off_loop
+
+    def slow_plan():
+        time.sleep(0.3)
+        return threading.current_thread()
+
+    async def main():
+        ticks = []
+
+        async def ticker():
+            while True:
+                await asyncio.sleep(0.01)
+                ticks.append(1)
+
+        t = asyncio.create_task(ticker())
+        worker = await off_loop(slow_plan)
+        t.cancel()
+        return worker, len(ticks)
+
+    worker, ticks = asyncio.run(main())
+    assert worker is not threading.main_thread() and ticks >= 3
+
+
+@pytest.mark.parametrize("field,value", [("min_p", 0.1), ("repetition_penalty", 1.2), ("min_tokens", 4),
+                                         ("include_stop_str_in_output", True), ("guided_json", {"type": "object"}),
+                                         ("use_beam_search", True), ("bad_words", ["x"])])
+def test_vllm_extensions_we_do_not_implement_are_refused_unless_neutral(field, value):
+    """They used to be dropped silently: a 200 with an answer they never constrained."""
+    from deploy.openai_protocol import ChatCompletionRequest
+
+    body = {"model": "m", "prompt": "hi"}
+    assert CompletionRequest.model_validate({**body, field: value}).unsupported()[0] == field
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert ChatCompletionRequest.model_validate({**chat, field: value}).unsupported()[0] == field
+    neutral = {"min_p": 0, "repetition_penalty": 1.0, "min_tokens": 0, "include_stop_str_in_output": False,
+               "guided_json": None, "use_beam_search": False, "bad_words": []}[field]
+    assert CompletionRequest.model_validate({**body, field: neutral}).unsupported() is None
+    assert CompletionRequest.model_validate({**body, "some_sdk_field": 3}).unsupported() is None
+
+
+def test_legacy_function_calling_is_refused_like_tools():
+    from deploy.openai_protocol import ChatCompletionRequest
+
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    fn = [{"name": "f", "parameters": {"type": "object"}}]
+    assert ChatCompletionRequest.model_validate({**chat, "functions": fn}).unsupported()[0] == "functions"
+    assert ChatCompletionRequest.model_validate({**chat, "function_call": "auto"}).unsupported()[0] == "function_call"
+    assert ChatCompletionRequest.model_validate({**chat, "function_call": "none"}).unsupported() is None

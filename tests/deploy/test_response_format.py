@@ -39,3 +39,12 @@ def test_streamed_logprobs_cover_every_token_also_held_back_ones(kind):
         streamed = [(e["token"], e["logprob"]) for x in lps for e in x["content"]]
         assert streamed == [(e["token"], e["logprob"]) for e in final["content"]]
     assert [t for t, _ in streamed] == ["D", "E", "F"]
+
+
+def test_completion_logprobs_carry_text_offsets_and_top_logprobs_streamed_or_not():
+    """Both were null: clients that index text_offset[i] or top_logprobs[i] failed."""
+    lps, final = _streamed_logprobs("completion")
+    assert final["text_offset"] == [0, 1, 2]
+    assert final["top_logprobs"] == [{"D": -0.1}, {"E": -0.2}, {"F": -0.3}]
+    assert [o for x in lps for o in x["text_offset"]] == final["text_offset"]
+    assert [d for x in lps for d in x["top_logprobs"]] == final["top_logprobs"]

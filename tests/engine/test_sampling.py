@@ -57,6 +57,8 @@ def test_top_k_1_is_greedy_and_top_p_small_is_greedy(hybrid):
     greedy = eng.generate([p], SamplingParams(max_tokens=8, temperature=0))[0]
     assert eng.generate([p], SamplingParams(max_tokens=8, temperature=1.5, top_k=1, seed=1))[0] == greedy
     assert eng.generate([p], SamplingParams(max_tokens=8, temperature=1.5, top_p=1e-6, seed=1))[0] == greedy
+    # a top_p that rounds to 0 in fp32 kept no token at all, and the failed step took the batch with it
+    assert eng.generate([p], SamplingParams(max_tokens=8, temperature=1.5, top_p=1e-320, seed=1))[0] == greedy
 
 
 def test_stop_strings_never_reach_the_stream(text_hybrid, tok, make_engine):
