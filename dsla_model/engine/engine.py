@@ -105,6 +105,9 @@ class Engine:
         request_id = str(request_id) if request_id is not None else uuid.uuid4().hex
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if any(e.request_id == request_id and e.finish_reason != "abort" for e in self._events):
+            # a request that finished inside generate(): its tokens and finish wait for the next step()
+            raise ValueError(f"request id {request_id!r} is still in use: its last events are not delivered yet")
         req = Request(request_id, prompt_ids, params, c, self.tokenizer, self.eos_ids)
         # an abort event of an earlier request with this id, not emitted yet, would read as this one's
         self._events = [e for e in self._events if e.request_id != request_id]

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from dsla_model.dsla_attention import GATE_FLOOR, GATE_NORMALIZER, apply_rope
 from dsla_model.engine.attention import attend_pieces, paged_decode
+from dsla_model.loading import max_positions
 from kernels import dsla_decode_slots, dsla_decode_step, dsla_prefill
 from kernels.decode_io import step_inputs
 from kernels.gemv_epilogue import Epilogue, norm_parts, rms_normalize
@@ -38,6 +39,24 @@ def _have_fused_kernels() -> bool:
     return True
 
 
+def _rope_table(rotary_emb, max_len: int, positions: int | None, x: torch.Tensor):
+    """cos, sin [1, max_len, D] for every step. A position's rotation depends on that position
+    alone, except under dynamic RoPE (HF's dynamic_rope_update), where a call reaching past the
+    model's positions rescales every frequency and leaves the module scaled until a call shorter
+    than them resets it. So: a one-position call resets it, the positions the model has come from
+    a call of their own (what the model gives any sequence that fits them), those past them from a
+    call reaching max_len, and a last reset leaves the module as the model had it."""
+    have = min(max_len, positions or max_len)
+    reset = torch.zeros(1, 1, dtype=torch.long, device=x.device)
+    rotary_emb(x, reset)
+    cos, sin = rotary_emb(x, torch.arange(have, device=x.device)[None])
+    if have < max_len:
+        c2, s2 = rotary_emb(x, torch.arange(max_len, device=x.device)[None])
+        rotary_emb(x, reset)
+        cos, sin = torch.cat([cos, c2[:, have:]], 1), torch.cat([sin, s2[:, have:]], 1)
+    return cos, sin
+
+
 class ModelRunner:
     def __init__(self, hybrid, pool, max_model_len: int):
         self.hybrid = hybrid
@@ -49,9 +68,8 @@ class ModelRunner:
         self.device, self.dtype = p.device, p.dtype
         self.Hq, self.Hkv, self.D = hybrid.num_heads, hybrid.num_kv_heads, hybrid.head_dim
         with torch.no_grad():
-            # Each position's cos/sin depends on that position alone, so one table serves every step.
-            pos = torch.arange(max_model_len, device=self.device)[None]
-            cos, sin = self.inner.rotary_emb(torch.zeros(1, 1, 1, dtype=self.dtype, device=self.device), pos)
+            cos, sin = _rope_table(self.inner.rotary_emb, max_model_len, max_positions(hybrid.config),
+                                   torch.zeros(1, 1, 1, dtype=self.dtype, device=self.device))
         self.cos, self.sin = cos[0], sin[0]  # [max_len, D]
         t = self.inner.layers[0].self_attn.teacher
         self.scale = getattr(t, "scaling", None) or self.D ** -0.5

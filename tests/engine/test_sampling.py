@@ -191,6 +191,21 @@ def test_generate_hands_other_requests_events_to_the_next_step(hybrid):
     assert [e.finish_reason for e in evs if e.request_id == b][-1] == "abort"
 
 
+def test_an_id_whose_last_events_wait_for_step_is_not_reused(hybrid):
+    """A request that finished inside generate() has its tokens and finish held for the next step();
+    adding another request with its id before that used to drop them without a word."""
+    eng = Engine(hybrid, None, EngineConfig(cache_memory_bytes=4 << 20))
+    eng.add_request([1, 2, 3], SamplingParams(max_tokens=2, temperature=0), request_id="r")
+    eng.generate([[4, 5, 6, 7]], SamplingParams(max_tokens=6, temperature=0))
+    assert "r" not in eng.requests
+    with pytest.raises(ValueError, match="still in use"):
+        eng.add_request([9, 9], SamplingParams(max_tokens=1, temperature=0), request_id="r")
+    evs = eng.step()
+    assert [e.finish_reason for e in evs if e.request_id == "r"][-1] == "length"
+    assert len([e for e in evs if e.request_id == "r" and e.token_id >= 0]) == 2
+    eng.add_request([9, 9], SamplingParams(max_tokens=1, temperature=0), request_id="r")  # delivered: free
+
+
 def test_generate_with_one_bad_params_leaves_nothing_behind(hybrid):
     eng = Engine(hybrid, None, EngineConfig(cache_memory_bytes=4 << 20))
     prompts = random_prompts(2, 256, seed=2)

@@ -1,0 +1,43 @@
+"""The runner's cos/sin table (one for every step) under dynamic RoPE, served with max_model_len
+above the model's positions: a call reaching past them rescales every position's frequencies, so
+a one-call table gave short prompts other rotations than the model gives them."""
+import torch
+import transformers
+
+from dsla_model.engine import Engine, EngineConfig, SamplingParams
+from dsla_model.hybrid import HybridModel
+
+POSITIONS = 64
+
+
+def dynamic_rope_hybrid():
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=POSITIONS,
+                                   tie_word_embeddings=False, rope_scaling={"rope_type": "dynamic", "factor": 4.0})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    model.generation_config.eos_token_id = None
+    return HybridModel(model)
+
+
+def _logprobs(eng, p):
+    rid = eng.add_request(p, SamplingParams(max_tokens=8, temperature=0, logprobs=True, ignore_eos=True))
+    out = []
+    while eng.has_unfinished():
+        out += [ev.logprob for ev in eng.step() if ev.request_id == rid]
+    return out
+
+
+def test_dynamic_rope_table_keeps_the_models_rotations_for_the_positions_it_has():
+    h = dynamic_rope_hybrid()
+    inv_freq = h.model.model.rotary_emb.inv_freq.clone()
+    short = Engine(h, None, EngineConfig(cache_memory_bytes=4 << 20, max_model_len=POSITIONS))  # the model's table
+    long = Engine(h, None, EngineConfig(cache_memory_bytes=4 << 20, max_model_len=4 * POSITIONS))
+    assert torch.equal(long.runner.cos[:POSITIONS], short.runner.cos)
+    assert long.runner.cos.shape[0] == 4 * POSITIONS
+    assert torch.equal(h.model.model.rotary_emb.inv_freq, inv_freq)  # the model's module left unscaled
+    p = list(range(5, 25))
+    assert _logprobs(long, p) == _logprobs(short, p)
+    with torch.no_grad():
+        ref = torch.log_softmax(h(torch.tensor([p + [0] * 8]))[0].float(), -1)  # positions only matter here
+    assert abs(_logprobs(short, p)[0] - ref[len(p) - 1].max().item()) < 1e-4
