@@ -14,7 +14,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# GPU users bring their own torch; CPU machines take the local CPU build.
+	# A torch already importable is kept; else with nvidia-smi pip's default torch (a CUDA build),
+	# without it torch 2.13.0 (the CPU build where pip's index offers one, e.g. a local wheel).
 	$(PY) -c "import torch" 2>/dev/null || \
 	  if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install torch; \
 	  else $(PY) -m pip install torch==2.13.0; fi

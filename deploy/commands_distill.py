@@ -193,7 +193,8 @@ def add_parsers(sub):
                    help="tokens per training block (default 512): the longest context a DSLA state is trained "
                         "over (bench/context_quality.py shows quality past it)")
     p.add_argument("--kl-steps", type=int, default=None, help="logits-KL steps per layer after the MSE phase")
-    p.add_argument("--kl-blocks", type=int, default=None, help="training blocks the logits-KL phase replays (it is judged on the held-out block)")
+    p.add_argument("--kl-blocks", type=int, default=None, help="training blocks cached for the logits-KL phase: with the MSE held-out block, the last "
+                        "quarter of them judge it and the rest are replayed")
     p.add_argument("--batch-blocks", type=int, default=None, help="training blocks per optimiser step")
     p.add_argument("--lr", type=float, default=None, help="MSE-phase learning rate")
     p.add_argument("--text-file", default=None,

@@ -193,7 +193,8 @@ def add_parsers(sub):
     p.add_argument("--dsla-layers", default=None, help="comma-separated layers to convert, e.g. 0,14,29")
     p.add_argument("--conversion", type=float, default=None,
                    help="convert this fraction of layers, in the layer store's order (without a store for this "
-                        "model: the attention-entropy order, which needs no calibration run)")
+                        "model: the attention-entropy order, from 32 calibration prompts of the corpus, cached "
+                        "per model)")
     p.add_argument("--layers-dir", default=None, help="a layer store with distilled DSLA layers")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
