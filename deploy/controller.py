@@ -60,7 +60,11 @@ class ConversionController:
         self.distill = DistillPool(cfg, self.store_path, self.metrics)
         self._refresh_store()
         self.distill.start(serve.get_replica_context().app_name)
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._loop())
+        # apart: a worker that does not answer (loading, or not schedulable) holds a poll for its
+        # whole status timeout, which must not hold the conversion decisions with it
+        self._distill_task = loop.create_task(self._distill_loop())
 
     # -- called by replicas and the ingress --------------------------------
     async def report(self, replica_id: str, stats: dict) -> dict:
@@ -74,12 +78,13 @@ class ConversionController:
 
     def _maybe_adopt(self, now: float):
         """A (re)started controller continues from what the fleet serves, once every live replica
-        has had two report intervals to speak (counted from the first report: Serve may route to a
-        new controller well after it started): the most layers any of them serves. Taking the first
-        report instead let a replica that had just started (with the initial layers) revert a
-        loaded fleet."""
+        has had time to speak (counted from the first report: Serve may route to a new controller
+        well after it started): the most layers any of them serves. Taking the first report instead
+        let a replica that had just started (with the initial layers) revert a loaded fleet; the wait
+        is as long as a live replica may stay silent (report_timeout_s), since a busy one reports late."""
+        ctl = self.cfg.controller
         if (self.adopted or not self.reports or self.first_report_t is None
-                or now - self.first_report_t < 2 * self.cfg.controller.poll_interval_s):
+                or now - self.first_report_t < max(2 * ctl.poll_interval_s, ctl.report_timeout_s)):
             return
         self.adopted = True
         layers = max(len(s.get("dsla_layers", [])) for _, s in self.reports.values())
@@ -159,17 +164,20 @@ class ConversionController:
         return n
 
     async def _loop(self):
-        last_distill = 0.0
         while True:
-            now = time.monotonic()
             try:
-                self.tick(now)
-                if now - last_distill >= DISTILL_POLL_S:
-                    last_distill = now
-                    await self.distill.poll()
+                self.tick(time.monotonic())
             except Exception:  # noqa: BLE001 - one bad tick must not end the loop
                 log.exception("controller tick failed")
             await asyncio.sleep(self.cfg.controller.poll_interval_s)
+
+    async def _distill_loop(self):
+        while True:
+            try:
+                await self.distill.poll()
+            except Exception:  # noqa: BLE001
+                log.exception("distill poll failed")
+            await asyncio.sleep(DISTILL_POLL_S)
 
     def __del__(self):
         pool = getattr(self, "distill", None)

@@ -35,6 +35,7 @@ class DistillPool:
         self.status: dict[str, dict] = {}
         self.restarts = 0
         self._failures: dict[str, int] = {}  # failures in a row, per worker
+        self._published_at_failure: dict[str, int] = {}  # layers it had published when it last failed
         self._retry_at: dict[str, float] = {}
 
     def _may_retry(self, name: str) -> bool:
@@ -105,15 +106,21 @@ class DistillPool:
                 continue
             self.status[name] = st if isinstance(st, dict) else {"status": st}
             self.metrics.distill(name, self.status[name])
+            published = len(self.status[name].get("published") or [])
             if self.status[name].get("state") == "error":  # its run raised; the actor is fine
+                self._published_at_failure.setdefault(name, published)
                 if self._may_retry(name):
                     log.warning("distill worker %s failed (%s); starting it again", name,
                                 (self.status[name].get("error") or "").strip().splitlines()[-1:])
                     handle.start.remote()
                     self.restarts += 1
                     self.metrics.distill_restarts.inc(1)
-            elif self.status[name].get("state") not in (None, "starting"):
-                self._failures.pop(name, None)  # running or done: the next failure starts from RETRY_MIN_S
+            elif (self.status[name].get("state") == "done"
+                  or published > self._published_at_failure.get(name, published)):
+                # progress since the last failure: the next one starts from RETRY_MIN_S. Merely running
+                # is none: a run that fails seconds after each start was restarted at once, forever.
+                self._failures.pop(name, None)
+                self._published_at_failure.pop(name, None)
 
     async def snapshot(self) -> dict:
         return {"workers": dict(self.status), "restarts": self.restarts, "namespace": NAMESPACE}

@@ -8,6 +8,7 @@ swap never waits on disk, and a corrupt file is found long before it is needed
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -34,6 +35,9 @@ class PreloadedLayers:
         # its layers from 1 again, so the version alone would not tell new weights from old
         self.versions: dict[int, tuple] = {}
         self.order: list[int] = []  # loaded layers, in the store's order
+        # the store's order up to its first layer not loaded: each layer was distilled with the ones
+        # before it converted, so only a prefix may be converted (the controller's rule too)
+        self.prefix: list[int] = []
         self.store_version = 0
         self._seen = None  # the manifest's (version, layer identities) at the last refresh
         self._store_id = None  # the manifest's store_id (None for stores written before it existed)
@@ -98,6 +102,7 @@ class PreloadedLayers:
                 self.errors.pop(layer, None)
                 loaded.append(layer)
             self.order = [int(k) for k, _ in entries if int(k) in self.weights]
+            self.prefix = list(itertools.takewhile(self.weights.__contains__, (int(k) for k, _ in entries)))
             self.store_version = int(manifest["version"])
             self._seen = seen
             self._retry_at = time.monotonic() + RETRY_S

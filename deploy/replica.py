@@ -78,7 +78,7 @@ class LLMReplica:
         self.metrics = ReplicaMetrics(self.replica_id, self.hybrid.num_layers)
         self.recent_tpot: deque = deque(maxlen=1024)  # (finish time, time per output token)
         if cfg.controller.initial_layers:
-            await self._apply(self.layers.order[:cfg.controller.initial_layers])
+            await self._apply(self.layers.prefix[:cfg.controller.initial_layers])
         self._last_store_poll = time.monotonic()
         self._loop_task = asyncio.get_running_loop().create_task(self._control_loop())
         log.info("replica %s ready: %s, %d layers, store version %d, %d layers preloaded", self.replica_id,
@@ -161,12 +161,12 @@ class LLMReplica:
         if now - self._last_store_poll >= self.cfg.store_poll_interval_s:
             self._last_store_poll = now
             await asyncio.to_thread(refresh_layers, self.layers, self.hybrid)
-        stats = self.engine.stats()
+        stats = await self._stats()
         self.metrics.update(stats, self.layers.store_version)
         # reported even with the controller disabled: the report is what /status shows of a replica
         target = await self.controller.report.remote(self.replica_id, self.report(stats))
         if not self.cfg.controller.enabled:  # initial_layers, with the store's current weights
-            await self._apply(self.layers.order[:self.cfg.controller.initial_layers])
+            await self._apply(self.layers.prefix[:self.cfg.controller.initial_layers])
         elif target is not None:
             await self._apply(target["dsla_layers"])
 
@@ -178,8 +178,8 @@ class LLMReplica:
         recent = [t for at, t in self.recent_tpot if now - at <= TPOT_WINDOW_S]
         return sum(recent) / len(recent) if recent else None
 
-    def report(self, stats: dict | None = None) -> dict:
-        stats = dict(stats or self.engine.stats())
+    def report(self, stats: dict) -> dict:
+        stats = dict(stats)
         stats.update(recent_tpot_s=self.recent_tpot_s(), replica_id=self.replica_id, actor_name=self.actor_name,
                      num_layers=self.hybrid.num_layers,
                      loaded_layers=list(self.layers.order), loaded_store_version=self.layers.store_version,
@@ -190,7 +190,7 @@ class LLMReplica:
         """Swap to `wanted` (those of them this replica holds weights for)."""
         layers = self.layers.usable(wanted)
         weights = self.layers.weights_for(layers, self.installed)
-        current = self.engine.stats()["dsla_layers"]
+        current = (await self._stats())["dsla_layers"]
         if sorted(layers) == sorted(current) and not weights:
             return
         version = self.layers.store_version
@@ -200,8 +200,12 @@ class LLMReplica:
             self.installed[i] = self.layers.versions[i]
         log.info("replica %s: DSLA layers %s -> %s (store version %d)", self.replica_id, current, layers, version)
 
+    async def _stats(self) -> dict:
+        # the engine's lock is held for a whole step: waited for here, it would stall every stream
+        return await asyncio.to_thread(self.engine.stats)
+
     async def status(self) -> dict:
-        return self.report()
+        return self.report(await self._stats())
 
     def check_health(self):
         if self.engine.engine is not None and self.engine.error is not None:

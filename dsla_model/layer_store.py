@@ -18,6 +18,7 @@ was edited to match.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -83,14 +84,22 @@ class LayerStore:
         if not isinstance(m, dict) or m.get("format") != FORMAT or not isinstance(m.get("layers"), dict):
             raise LayerStoreError(f"{p} is not a DSLA layer store manifest (format {FORMAT})")
         # readers index these without checks: a hand-edited or truncated manifest is one error here
+        # (a TypeError or ValueError from deep inside a reader gets past every caller's except)
+        from dsla_model.dsla_attention import DSLAConfig
+
         ok = (isinstance(m.get("version"), int) and isinstance(m.get("order"), list)
+              and all(type(x) is int for x in m["order"])
               and isinstance(m.get("model_fingerprint"), str) and isinstance(m.get("dsla_config"), dict)
+              and set(m["dsla_config"]) <= {f.name for f in dataclasses.fields(DSLAConfig)}
+              and all(isinstance(k, str) and k.isdigit() for k in m["layers"])
               and all(isinstance(e, dict) and {"position", "version", "file", "sha256"} <= e.keys()
                       and isinstance(e["position"], int) and isinstance(e["version"], int)
+                      and isinstance(e["file"], str) and "/" not in e["file"] and isinstance(e["sha256"], str)
                       for e in m["layers"].values()))
         if not ok:
-            raise LayerStoreError(f"{p}: manifest incomplete (version, order, model_fingerprint, dsla_config, and "
-                                  "each layer's position, version, file, sha256 are required)")
+            raise LayerStoreError(f"{p}: manifest incomplete or malformed (version, integer order, "
+                                  "model_fingerprint, dsla_config of known settings, and each layer's (a number) "
+                                  "integer position and version, file name and sha256 are required)")
         return m
 
     @property

@@ -2,7 +2,10 @@
 
 The thread owns the engine's steps; callers add, abort and reconfigure under a
 lock that is held for one step at most, so every change lands between steps.
-Events travel to each request's asyncio queue through its event loop
+An asyncio caller never waits for that lock on its event loop (a step can take
+a second on a CPU, and every stream of the loop would stall meanwhile): admission
+waits on a worker thread, and an early exit queues its abort for the engine
+thread. Events travel to each request's asyncio queue through its event loop
 (`call_soon_threadsafe`). Leaving a `generate` iterator early (cancellation,
 `break`, client gone) aborts the request. Every stream ends with a finish event:
 if a step fails, each open stream gets an abort (the failed step's events are
@@ -11,6 +14,7 @@ lost), and so does each one still open at shutdown.
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 import uuid
 from typing import AsyncIterator
@@ -26,6 +30,7 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._aborts: collections.deque = collections.deque()  # ids whose streams were left; any thread appends
         self._stop = False
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="dsla-engine", daemon=True)
@@ -36,6 +41,8 @@ class AsyncEngine:
             with self._wake:
                 while not self._stop and not self.engine.has_unfinished():
                     self._wake.wait()
+                while self._aborts:
+                    self.engine.abort(self._aborts.popleft())
                 stop = self._stop
                 if stop:
                     events = self._abort_all()
@@ -68,17 +75,31 @@ class AsyncEngine:
                 except RuntimeError:  # the caller's loop is closed
                     pass
 
-    async def generate(self, prompt_ids, params, request_id: str | None = None) -> AsyncIterator[TokenEvent]:
-        request_id = str(request_id) if request_id is not None else uuid.uuid4().hex
-        q: asyncio.Queue = asyncio.Queue()
+    def _admit(self, request_id, prompt_ids, params, loop, q):
         with self._wake:
             if self._stop:
                 raise RuntimeError("engine is shut down")
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self.engine.add_request(prompt_ids, params, request_id)  # ValueError reaches the caller
-            self._streams[request_id] = (asyncio.get_running_loop(), q)
+            self._streams[request_id] = (loop, q)
             self._wake.notify()
+
+    def _leave(self, request_id):
+        """The stream is gone: no more events for it, and its request (if any) aborted between steps."""
+        self._streams.pop(request_id, None)
+        self._aborts.append(request_id)
+
+    async def generate(self, prompt_ids, params, request_id: str | None = None) -> AsyncIterator[TokenEvent]:
+        request_id = str(request_id) if request_id is not None else uuid.uuid4().hex
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        admission = loop.run_in_executor(None, self._admit, request_id, prompt_ids, params, loop, q)
+        try:
+            await asyncio.shield(admission)
+        except asyncio.CancelledError:  # the thread may admit it still: leave once it has
+            admission.add_done_callback(lambda f: f.cancelled() or f.exception() or self._leave(request_id))
+            raise
         finished = False
         try:
             while True:
@@ -89,11 +110,10 @@ class AsyncEngine:
                 if finished:
                     return
         finally:
-            with self._wake:
+            if finished:
                 self._streams.pop(request_id, None)
-                if not finished:
-                    self.engine.abort(request_id)
-                    self._wake.notify()
+            else:
+                self._leave(request_id)
 
     def abort(self, request_id: str) -> None:
         with self._wake:

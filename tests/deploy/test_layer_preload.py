@@ -194,3 +194,18 @@ def test_a_republish_during_a_load_records_the_version_read(setup):
     held, v2 = pre.weights[3], store.load_layer(3, hybrid.fingerprint)
     assert all(torch.equal(held[k], v2[k]) for k in held)
     assert pre.refresh() == [] and pre.weights_for([3], {3: pre.versions[3]}) == {}
+
+
+def test_the_prefix_stops_at_the_first_layer_not_loaded(setup):
+    """initial_layers (and a replica with the controller disabled) converted `order[:n]`, the loaded
+    layers with an unreadable one left out: with position 1 damaged, positions 0 and 2. Position 2 was
+    distilled with position 1 converted; only the prefix before the gap may be converted."""
+    hybrid, store = setup
+    for layer in (3, 1, 0):
+        publish(hybrid, store, layer)
+    bad = store.path / store.read_manifest()["layers"]["1"]["file"]
+    data = bad.read_bytes()
+    bad.write_bytes(data[:-8] + bytes(b ^ 0xFF for b in data[-8:]))
+    pre = PreloadedLayers(str(store.path), hybrid.fingerprint)
+    pre.refresh()
+    assert pre.order == [3, 0] and pre.prefix == [3] and 1 in pre.errors

@@ -32,8 +32,10 @@ def test_a_replica_reports_even_with_the_controller_disabled_and_then_keeps_its_
     replica = SimpleNamespace(
         cfg=SimpleNamespace(store_poll_interval_s=1e9, controller=SimpleNamespace(enabled=enabled, initial_layers=1)),
         _last_store_poll=time.monotonic(), engine=SimpleNamespace(stats=lambda: {"dsla_layers": [], "waiting": 2}),
-        metrics=SimpleNamespace(update=lambda stats, version: None), layers=SimpleNamespace(store_version=1, order=[0, 2]),
+        metrics=SimpleNamespace(update=lambda stats, version: None),
+        layers=SimpleNamespace(store_version=1, order=[0, 2], prefix=[0, 2]),
         controller=_Controller(), replica_id="r0", report=lambda stats: dict(stats, replica_id="r0"), _apply=apply)
+    replica._stats = lambda: LLMReplica.func_or_class._stats(replica)
     asyncio.run(LLMReplica.func_or_class._control_once(replica))
     assert [(rid, s["waiting"]) for rid, s in replica.controller.reports] == [("r0", 2)]
     assert applied == ([[3, 1]] if enabled else [[0]])

@@ -111,16 +111,31 @@ def test_a_layer_outside_the_order_is_refused(tmp_path):
     assert st.published_layers() == [] and not list(st.path.glob("layer_*"))
 
 
-@pytest.mark.parametrize("damage", ["version", "order", "sha256", "model_fingerprint", "dsla_config"])
+@pytest.mark.parametrize("damage", ["version", "order", "sha256", "model_fingerprint", "dsla_config",
+                                    "layer key", "order item", "file type", "file path", "sha256 type",
+                                    "unknown setting"])
 def test_an_incomplete_manifest_is_a_clear_error(tmp_path, damage):
     """Readers index these keys directly: a manifest without one raised KeyError in the
-    controller's tick, which then stopped deciding."""
+    controller's tick, which then stopped deciding; a malformed one (a layer key 'layer3', a file
+    or sha256 of another type, a dsla_config setting of a later version) a ValueError or TypeError
+    that got past every caller's except, stopping the controller and replicas from starting."""
     h = tiny_hybrid()
     st = _store(tmp_path, h)
     st.publish(2, _weights(h, 2), {})
     m = json.loads((st.path / "manifest.json").read_text())
+    entry = m["layers"]["2"]
     if damage == "sha256":
-        del m["layers"]["2"]["sha256"]
+        del entry["sha256"]
+    elif damage == "layer key":
+        m["layers"]["layer2"] = m["layers"].pop("2")
+    elif damage == "order item":
+        m["order"][0] = "2"
+    elif damage in ("file type", "sha256 type"):
+        entry["file" if damage == "file type" else "sha256"] = None
+    elif damage == "file path":
+        entry["file"] = "../" + entry["file"]
+    elif damage == "unknown setting":
+        m["dsla_config"]["a_setting_of_a_later_version"] = 1
     else:
         del m[damage]
     (st.path / "manifest.json").write_text(json.dumps(m))

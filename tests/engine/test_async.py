@@ -59,12 +59,20 @@ def test_every_stream_ends_when_a_step_fails_or_the_engine_shuts_down(hybrid):
         return events
     eng.engine.step = failing
 
-    async def reasons(p, n, rid):
+    async def reasons(p, n, rid, started=None):
         sp = SamplingParams(max_tokens=n, temperature=0)
-        return [e.finish_reason async for e in eng.generate(p, sp, request_id=rid)]
+        out = []
+        async for e in eng.generate(p, sp, request_id=rid):
+            out.append(e.finish_reason)
+            if started is not None:
+                started.set()
+        return out
 
     async def main():
-        return await asyncio.wait_for(asyncio.gather(reasons([1, 2, 3], 2, "short"), reasons([4, 5, 6], 50, "l")), 30)
+        started = asyncio.Event()  # the long request is running before the short one comes
+        long_ = asyncio.create_task(reasons([4, 5, 6], 400, "l", started))
+        await started.wait()
+        return await asyncio.wait_for(asyncio.gather(reasons([1, 2, 3], 2, "short"), long_), 30)
 
     try:
         short, long_ = asyncio.run(main())
@@ -96,3 +104,48 @@ def test_reused_request_id_does_not_get_the_old_requests_abort(hybrid):
     while eng.has_unfinished():
         reasons += [e.finish_reason for e in eng.step()]
     assert reasons == [None, None, "length"]
+
+
+def test_admitting_and_leaving_never_wait_for_a_step_on_the_event_loop(hybrid):
+    """The engine lock is held for a whole step (seconds for a CPU prefill): taken on the event loop,
+    every admission and every early exit froze all the other streams of that loop meanwhile."""
+    import time
+
+    eng = AsyncEngine(hybrid, None, EngineConfig(cache_memory_bytes=4 << 20))
+    step = eng.engine.step
+
+    def slow():
+        time.sleep(0.3)
+        return step()
+    eng.engine.step = slow
+    sp = SamplingParams(max_tokens=50, temperature=0)
+
+    async def main():
+        gaps, done = [], asyncio.Event()
+
+        async def ticker():
+            last = time.perf_counter()
+            while not done.is_set():
+                await asyncio.sleep(0.01)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+        t = asyncio.create_task(ticker())
+        a = eng.generate([1, 2, 3], sp, request_id="a")
+        await a.__anext__()  # a step is running from here on
+        b = eng.generate([4, 5, 6], sp, request_id="b")
+        await b.__anext__()  # admitted during a step
+        await a.aclose()  # both leave early
+        await b.aclose()
+        done.set()
+        await t
+        return max(gaps)
+
+    try:
+        assert asyncio.run(main()) < 0.2
+        deadline = time.monotonic() + 10
+        while eng.engine.has_unfinished() and time.monotonic() < deadline:  # the aborts land between steps
+            time.sleep(0.05)
+        assert not eng.engine.has_unfinished() and not eng._streams
+    finally:
+        eng.shutdown()
