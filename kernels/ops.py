@@ -43,6 +43,8 @@ def dsla_prefill_varlen(q, k, v, g1, g2, w, cu_seqlens, s1=None, s2=None, scale=
 
         return dsla_chunk_fused(q, k, v, g1, g2, w, s1, s2, scale, cu_seqlens=cu_seqlens)
     bounds = cu_seqlens.tolist()
+    reference.check_cu_seqlens(bounds, q.shape[1])
+    reference.check_states(len(bounds) - 1, k.shape[2], k.shape[3], v.shape[3], s1, s2)
     outs, f1, f2 = [], [], []
     for n in range(len(bounds) - 1):
         a, b = bounds[n], bounds[n + 1]
@@ -60,6 +62,7 @@ def dsla_prefill_varlen(q, k, v, g1, g2, w, cu_seqlens, s1=None, s2=None, scale=
 
 def dsla_decode(q, k, v, g1, g2, w, s1, s2, scale=None):
     """One token per sequence with per-batch states; returns (o [B,1,Hq,Dv], s1, s2) (new states)."""
+    reference.check_states(q.shape[0], k.shape[2], k.shape[3], v.shape[3], s1, s2)
     if _use_triton(q) and q.shape[1] == 1:
         from kernels.triton_dsla import dsla_decode_fused
 

@@ -55,9 +55,24 @@ def _grouped(q, Hkv):
     return q.float().reshape(B, T, Hkv, Hq // Hkv, Dk)
 
 
+def check_states(N, Hkv, Dk, Dv, *states):
+    """Initial states must be [N, Hkv, Dk, Dv]: one of batch 1 broadcast silently in torch, and the
+    fused kernels read (and the decode wrote) past it."""
+    for s in states:
+        if s is not None and tuple(s.shape) != (N, Hkv, Dk, Dv):
+            raise ValueError(f"states must be [{N}, {Hkv}, {Dk}, {Dv}], got {tuple(s.shape)}")
+
+
+def check_cu_seqlens(bounds: list, total: int):
+    """Sequence offsets rising from 0 to the packed length (else rows go unwritten or are duplicated)."""
+    if not bounds or bounds[0] != 0 or bounds[-1] != total or any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to total_T={total}, got {bounds}")
+
+
 def dsla_recurrent(q, k, v, g1, g2, w, s1=None, s2=None, scale=None):
     """Token-by-token form: the plainest statement of the math."""
     B, T, Hq, Hkv, Dk, Dv = _check(q, k, v, g1, g2)
+    check_states(B, Hkv, Dk, Dv, s1, s2)
     scale = Dk ** -0.5 if scale is None else scale
     s1 = _zeros_state(k, v) if s1 is None else s1.float()
     s2 = _zeros_state(k, v) if s2 is None else s2.float()
@@ -106,6 +121,7 @@ def dsla_chunk(q, k, v, g1, g2, w, s1=None, s2=None, scale=None, chunk_size=32):
     """Chunked parallel form (prefill and training): matmuls inside chunks,
     a recurrence across chunks. Differentiable through autograd."""
     B, T, Hq, Hkv, Dk, Dv = _check(q, k, v, g1, g2)
+    check_states(B, Hkv, Dk, Dv, s1, s2)
     if chunk_size < 1:
         raise ValueError("chunk_size must be >= 1")
     scale = Dk ** -0.5 if scale is None else scale
@@ -154,6 +170,7 @@ def dsla_step_slots(q, k, v, g1, g2, w, s1_pool, s2_pool, slots, scale=None):
     states, before they are rounded to the pools' dtype).
     """
     check_pool_dtypes(s1_pool, s2_pool)
+    slots = slots.long()  # index_copy_ takes int64 only; the kernels take either
     s1 = s1_pool.index_select(0, slots)
     s2 = s2_pool.index_select(0, slots)
     o, s1, s2 = dsla_recurrent(q[:, None], k[:, None], v[:, None], g1[:, None], g2[:, None], w, s1, s2, scale)

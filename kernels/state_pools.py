@@ -15,6 +15,9 @@ def pair_views(storage: torch.Tensor, num_slots: int, num_kv_heads: int, dk: int
     first = num_kv_heads * dk * dv * sizes[0]
     if slot_bytes % sizes[0] or slot_bytes % sizes[1] or first % sizes[1]:
         raise ValueError(f"a slot of {slot_bytes} bytes does not align states of {dtypes}")
+    if slot_bytes < first + num_kv_heads * dk * dv * sizes[1]:
+        raise ValueError(f"a slot of {slot_bytes} bytes cannot hold both states "
+                         f"({first + num_kv_heads * dk * dv * sizes[1]} bytes): the pools would overlap")
     if storage.dtype != torch.uint8 or storage.numel() < num_slots * slot_bytes:
         raise ValueError("storage must be a uint8 buffer of at least num_slots * slot_bytes")
     shape = (num_slots, num_kv_heads, dk, dv)

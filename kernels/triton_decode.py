@@ -20,10 +20,12 @@ from kernels.reference import check_pool_dtypes
 
 
 @triton.jit
-def _state_tile(slots, ss1, ss2, Hkv, Dk: tl.constexpr, Dv: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+def _state_tile(slots, ss1, ss2, NS, Hkv, Dk: tl.constexpr, Dv: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """This program's sequence, kv head and Dk/Dv indices (grid: sequence, kv head, Dv block),
-    its state tile's offsets in the two slot pools [num_slots, Hkv, Dk, Dv] (slot strides ss1,
-    ss2 elements: the pools of a pair may differ in dtype, so in stride) and the tile's mask."""
+    its state tile's offsets in the two slot pools [NS slots, Hkv, Dk, Dv] (slot strides ss1,
+    ss2 elements: the pools of a pair may differ in dtype, so in stride) and the tile's mask,
+    empty for a slot outside the pool (the pools share their bytes with the KV blocks: a stray
+    slot would overwrite another sequence's cache; checking on the host would need a sync)."""
     ib = tl.program_id(0)
     hk = tl.program_id(1)
     dk = tl.arange(0, BK)
@@ -31,8 +33,10 @@ def _state_tile(slots, ss1, ss2, Hkv, Dk: tl.constexpr, Dv: tl.constexpr, BK: tl
     mk = dk < Dk
     mv = dv < Dv
     slot = tl.load(slots + ib).to(tl.int64)
+    sv = slot + 0 * dk  # a vector: the interpreter rejects scalar masks
+    inside = mk & (sv >= 0) & (sv < NS)
     inner = (hk * Dk + dk[:, None]) * Dv + dv[None, :]
-    return ib, hk, dk, dv, mk, mv, slot * ss1 + inner, slot * ss2 + inner, mk[:, None] & mv[None, :]
+    return ib, hk, dk, dv, mk, mv, slot * ss1 + inner, slot * ss2 + inner, inside[:, None] & mv[None, :]
 
 
 @triton.jit
@@ -51,10 +55,10 @@ def _step_states(s1, s2, st1, st2, mst, S1, S2, kk, vv, a1, a2, w, scale):
 
 
 @triton.jit
-def _decode_kernel(q, k, v, g1, g2, w, s1, s2, slots, o, scale, ss1, ss2,
+def _decode_kernel(q, k, v, g1, g2, w, s1, s2, slots, o, scale, ss1, ss2, NS,
                    Hkv: tl.constexpr, G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr):
-    ib, hk, dk, dv, mk, mv, st1, st2, mst = _state_tile(slots, ss1, ss2, Hkv, Dk, Dv, BK, BV)
+    ib, hk, dk, dv, mk, mv, st1, st2, mst = _state_tile(slots, ss1, ss2, NS, Hkv, Dk, Dv, BK, BV)
     kv_row = ib * Hkv + hk
     kk = tl.load(k + kv_row * Dk + dk, mask=mk, other=0.).to(tl.float32)
     vv = tl.load(v + kv_row * Dv + dv, mask=mv, other=0.).to(tl.float32)
@@ -93,6 +97,10 @@ def dsla_decode_fused(q, k, v, g1, g2, w, s1_pool, s2_pool, slots, scale=None):
     Hkv, Dv = k.shape[1], v.shape[2]
     if Hq % Hkv:
         raise ValueError(f"query heads {Hq} must be a multiple of kv heads {Hkv}")
+    if (tuple(k.shape) != (B, Hkv, Dk) or g1.shape != k.shape or g2.shape != k.shape or tuple(v.shape[:2]) != (B, Hkv)
+            or tuple(slots.shape) != (B,) or w.numel() != 2):
+        raise ValueError(f"q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)} g{tuple(g1.shape)}/{tuple(g2.shape)} "
+                         f"slots{tuple(slots.shape)} w{tuple(w.shape)} do not match")
     check_state_pools(s1_pool, s2_pool)
     if tuple(s1_pool.shape[1:]) != (Hkv, Dk, Dv):
         raise ValueError(f"state pools must be [num_slots, {Hkv}, {Dk}, {Dv}], got {tuple(s1_pool.shape)}")
@@ -107,5 +115,5 @@ def dsla_decode_fused(q, k, v, g1, g2, w, s1_pool, s2_pool, slots, scale=None):
     grid = (B, Hkv, triton.cdiv(Dv, BV))
     _decode_kernel[grid](q.contiguous(), k.contiguous(), v.contiguous(), g1.contiguous(), g2.contiguous(),
                          w.float().contiguous(), s1_pool, s2_pool, slots.contiguous(), o, scale,
-                         s1_pool.stride(0), s2_pool.stride(0), Hkv=Hkv, G=Hq // Hkv, Dk=Dk, Dv=Dv, BK=BK, BV=BV, num_warps=4)
+                         s1_pool.stride(0), s2_pool.stride(0), s1_pool.shape[0], Hkv=Hkv, G=Hq // Hkv, Dk=Dk, Dv=Dv, BK=BK, BV=BV, num_warps=4)
     return o

@@ -74,10 +74,10 @@ def _log_decay(t, wu, bu, gate_norm, gate_floor, DT: tl.constexpr):
 
 @triton.jit
 def _decode_step_kernel(QKV, T, Wu1, Bu1, Wu2, Bu2, Cos, Sin, w, HS, s1, s2, slots, o,
-                        s_qkv, s_t, s_c, ss1, ss2, R, gate_norm, gate_floor, scale,
+                        s_qkv, s_t, s_c, ss1, ss2, NS, R, gate_norm, gate_floor, scale,
                         Hkv: tl.constexpr, G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr,
                         BV: tl.constexpr, RP: tl.constexpr):
-    ib, hk, dk, dv, _, mv, st1, st2, mst = _state_tile(slots, ss1, ss2, Hkv, Dk, Dv, Dk, BV)
+    ib, hk, dk, dv, _, mv, st1, st2, mst = _state_tile(slots, ss1, ss2, NS, Hkv, Dk, Dv, Dk, BV)
     # Every load is issued before any math, so the state tiles (nearly all of the bytes) are in
     # flight while the RoPE and the gates are computed. The gate operands are loaded before
     # them: in this order Triton (3.9) keeps the state tiles, and the sums over Dk, in the
@@ -142,7 +142,8 @@ def dsla_decode_step_fused(qkv, t, up1, up2, cos, sin, w, head_scale, s1_pool, s
     BV = min(int(block_v), triton.next_power_of_2(Dv))
     _decode_step_kernel[(B, Hkv, triton.cdiv(Dv, BV))](
         qkv, t, *up1, *up2, cos, sin, w.float().contiguous(), head_scale, s1_pool, s2_pool, slots.contiguous(), o,
-        qkv.stride(0), t.stride(0), cos.stride(0), s1_pool.stride(0), s2_pool.stride(0), R, float(gate_norm),
+        qkv.stride(0), t.stride(0), cos.stride(0), s1_pool.stride(0), s2_pool.stride(0), s1_pool.shape[0], R,
+        float(gate_norm),
         float(gate_floor), scale,
         Hkv=Hkv, G=Hq // Hkv, Dk=Dk, Dv=Dv, BV=BV, RP=max(16, triton.next_power_of_2(R)), num_warps=int(num_warps),
         **_register_cap(qkv.device, B * Hkv * triton.cdiv(Dv, BV)))

@@ -13,6 +13,7 @@ import torch
 import triton
 
 from kernels import triton_alloc
+from kernels.reference import check_cu_seqlens, check_states
 from kernels.triton_chunk_bwd import _dg_finish, _dg_suffix, _dk_bwd, _dq_bwd, _dv_bwd, _inter_bwd, _states_bwd
 from kernels.triton_chunk_fwd import CHUNK, RANGE_MAX, SUB, _output_fwd, _scores_fwd, _states_fwd
 from kernels.triton_decode import dsla_decode_fused  # noqa: F401  (re-exported)
@@ -235,7 +236,8 @@ def dsla_chunk_fused(q, k, v, g1, g2, w, s1=None, s2=None, scale=None, cu_seqlen
         raise ValueError("q, k, v must be [B, T, H, D]")
     B, T, Hq, Dk = q.shape
     Hkv, Dv = k.shape[2], v.shape[3]
-    if Hq % Hkv or k.shape[:2] != (B, T) or v.shape[:3] != (B, T, Hkv) or g1.shape != k.shape or g2.shape != k.shape:
+    if (Hq % Hkv or k.shape[:2] != (B, T) or k.shape[3] != Dk or v.shape[:3] != (B, T, Hkv) or g1.shape != k.shape
+            or g2.shape != k.shape):
         raise ValueError(f"shape mismatch q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
     scale = Dk ** -0.5 if scale is None else float(scale)
     dev = q.device
@@ -245,9 +247,12 @@ def dsla_chunk_fused(q, k, v, g1, g2, w, s1=None, s2=None, scale=None, cu_seqlen
     else:
         if B != 1:
             raise ValueError("varlen inputs are packed as [1, total_T, H, D]")
-        lens = cu_seqlens.diff().tolist()
+        bounds = cu_seqlens.tolist()
+        check_cu_seqlens(bounds, T)
+        lens = [b - a for a, b in zip(bounds, bounds[1:])]
         N = len(lens)
         plan = _Plan(cu_seqlens, N, lens)
+    check_states(N, Hkv, Dk, Dv, s1, s2)
     # fp16 runs in fp32: the kernels factor a block's decay as exp(+-b) up to exp(RANGE_MAX) = 1e26,
     # which bf16 and fp32 hold and fp16 (max 65504) does not
     dt = torch.float32 if q.dtype == torch.float16 else q.dtype

@@ -121,6 +121,8 @@ def _check_args(x, w, w2, epi):
     n_out = w.shape[0] // 2 if epi.gated else w.shape[0] + (w2.shape[0] if w2 is not None else 0)
     if epi.residual is not None and (epi.residual.shape != (M, n_out) or epi.residual.stride(1) != 1):
         raise ValueError(f"residual must be [{M}, {n_out}] with unit column stride")
+    if epi.norm_weight is not None and (tuple(epi.norm_weight.shape) != (n_out,) or not epi.norm_weight.is_contiguous()):
+        raise ValueError(f"norm_weight must be a contiguous [{n_out}] tensor")
     if epi.rstd_sq is not None and (epi.rstd_sq.dim() != 2 or epi.rstd_sq.shape[1] != MAX_M
                                     or not epi.rstd_sq.is_contiguous()):
         raise ValueError(f"rstd_sq must be a contiguous [P, {MAX_M}] tensor of row sums of squares")

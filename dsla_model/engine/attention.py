@@ -67,7 +67,9 @@ def paged_decode_torch(q, kv_pool, table, seq_lens, scale):
 
 
 def _triton_ok(q) -> bool:
-    if not q.is_cuda:
+    # the Triton decode kernels tile a head with tl.arange(0, D): a power of two only (Llama-family
+    # configs allow e.g. 80 or 100); other head dims take the torch form
+    if not q.is_cuda or q.shape[-1] & (q.shape[-1] - 1):
         return False
     try:
         import kernels.triton_paged_attention  # noqa: F401

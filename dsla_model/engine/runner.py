@@ -73,7 +73,9 @@ class ModelRunner:
         self.cos, self.sin = cos[0], sin[0]  # [max_len, D]
         t = self.inner.layers[0].self_attn.teacher
         self.scale = getattr(t, "scaling", None) or self.D ** -0.5
-        self.fused_decode = self.device.type == "cuda" and _have_fused_kernels()
+        # the fused kernels tile a head with tl.arange(0, D): a head dim that is not a power of two
+        # (e.g. 80, 100) decodes op by op
+        self.fused_decode = self.device.type == "cuda" and _have_fused_kernels() and not self.D & (self.D - 1)
         self._consts = weakref.WeakKeyDictionary()  # DSLA module -> (mix weights, head scales)
         if self.fused_decode:
             self._fuse_weights()
@@ -213,12 +215,12 @@ class ModelRunner:
             ok = hasattr(mlp, "gate_proj") and getattr(mlp.config, "hidden_act", "silu") == "silu"
             self.gate_up_w.append(fuse([mlp.gate_proj, mlp.up_proj]) if ok else None)
 
-    def _qkv_flat(self, i, t, hg, sq, eps, w2=None):
+    def _qkv_flat(self, i, t, hg, sq, eps, w2=None, w=None):
         """[q|k|v] projections of rmsnorm(h) given as (hg, sq) (gemv_epilogue.norm_parts); with
-        w2 also rmsnorm(h) @ w2.T (returned second)."""
+        w2 also rmsnorm(h) @ w2.T (returned second). w: a [q;k;v] weight to use instead of layer i's."""
         from kernels.gemv_dispatch import linear
 
-        w = self.qkv_w[i]
+        w = self.qkv_w[i] if w is None else w
         if w is not None:
             return linear(hg, w, w2, Epilogue(rstd_sq=sq, eps=eps))
         h = rms_normalize(hg, sq, eps)
@@ -226,41 +228,58 @@ class ModelRunner:
         return qkv if w2 is None else (qkv, F.linear(h, w2))
 
     @staticmethod
-    def _add_out(x, proj, inp, norm_weight, bias=None):
+    def _add_out(x, proj, inp, norm_weight, bias=None, weight=None):
         """The residual stream after x + proj(inp) (+ bias), and the next RMSNorm's (hg, sq):
-        in the GEMV's epilogue for a bias-free projection, by separate ops otherwise."""
+        in the GEMV's epilogue for a projection without a bias of its own (an extra bias joins the
+        residual first), by separate ops otherwise. weight: used instead of proj's."""
         from kernels.gemv_dispatch import linear
 
-        if proj.bias is None and bias is None:
-            return linear(inp, proj.weight, epi=Epilogue(residual=x, norm_weight=norm_weight))
-        a = proj(inp) if bias is None else proj(inp) + bias.to(x.dtype)
-        return ModelRunner._add(x, a, norm_weight)
+        weight = proj.weight if weight is None else weight
+        if proj.bias is None:
+            res = x if bias is None else x + bias.to(x.dtype)
+            return linear(inp, weight, epi=Epilogue(residual=res, norm_weight=norm_weight))
+        a = F.linear(inp, weight, proj.bias)
+        return ModelRunner._add(x, a if bias is None else a + bias.to(x.dtype), norm_weight)
 
     @staticmethod
     def _add(x, a, norm_weight):
         y = x + a
         return (y, *norm_parts(y, norm_weight))
 
-    @staticmethod
-    def _plain_gates(mod) -> bool:
-        """The fused DSLA path covers the default layer: low-rank gates with an up bias, no deltas."""
-        return mod.deltas is None and mod.gate1.up.bias is not None and mod.gate2.up.bias is not None
+    def _fused_step(self, i, mod) -> bool:
+        """The fused DSLA path covers low-rank gates with an up bias; low-rank deltas too, folded
+        into the projections (`_frozen_consts`), where the teacher's q/k/v/o have no bias."""
+        if mod.gate1.up.bias is None or mod.gate2.up.bias is None:
+            return False
+        return mod.deltas is None or (self.qkv_w[i] is not None and mod.teacher.o_proj.bias is None)
 
     @staticmethod
     def _gate_w(g):
         return g.up.weight, g.up.bias
 
     def _frozen_consts(self, mod):
-        """Mixing weights and head scales of a served DSLA module, computed once (outside any
-        graph capture: the first eager warm-up fills this). Served modules are frozen: new
-        weights arrive as new module objects (set_conversion), never as in-place edits."""
+        """Mixing weights, head scales, both gates' down projections stacked, and, for a module
+        with low-rank deltas, its [q;k;v] and o weights with them folded in (W + U D, summed in
+        fp32 and rounded once: one plain GEMV each instead of the teacher's plus eight thin
+        low-rank products a step; a converted layer then holds its own copy of those weights).
+        Computed once per served module, outside any graph capture (the first eager warm-up
+        fills this). Served modules are frozen: new weights arrive as new module objects
+        (set_conversion), never as in-place edits."""
         c = self._consts.get(mod)
         if c is None:
             with torch.no_grad():
+                folded = None
+                if mod.deltas is not None:
+                    t = mod.teacher
+
+                    def fold(name):
+                        w, d = getattr(t, f"{name}_proj").weight, mod.deltas[name]
+                        return (w.float() + d.up.weight.float() @ d.down.weight.float()).to(w.dtype)
+                    folded = (torch.cat([fold("q"), fold("k"), fold("v")]).contiguous(), fold("o").contiguous())
                 c = (mod.mix_weights().detach().contiguous(),
                      mod.log_head_scale.exp().to(self.dtype).detach().reshape(-1).contiguous(),
                      # both gates' down projections stacked: one GEMV gives both low-rank codes
-                     torch.cat([mod.gate1.down.weight, mod.gate2.down.weight]).detach().contiguous())
+                     torch.cat([mod.gate1.down.weight, mod.gate2.down.weight]).detach().contiguous(), folded)
             self._consts[mod] = c
         return c
 
@@ -289,15 +308,17 @@ class ModelRunner:
                                          self.pool.kv, wblk[i], woff)
                 o = paged_decode_attention(q, self.pool.kv, tables[i], lens, self.scale, num_splits)
                 x, hg, sq = self._add_out(x, t.o_proj, o.view(B, nq), ln.weight)
-            elif self._plain_gates(mod):
-                w, head_scale, down = self._frozen_consts(mod)
+            elif self._fused_step(i, mod):
+                w, head_scale, down, folded = self._frozen_consts(mod)
+                qkv_w, o_w = folded if folded is not None else (None, None)
                 # q/k/v and both gates' down projections share h: one launch reads all their weights
-                qkv, code = self._qkv_flat(i, t, hg, sq, eps, down)
+                qkv, code = self._qkv_flat(i, t, hg, sq, eps, down, w=qkv_w)
                 # RoPE, gates, state step and head scales (mod.finish's first op) in one launch
                 o = dsla_decode_step(qkv, code, self._gate_w(mod.gate1), self._gate_w(mod.gate2), cos, sin, w,
                                      head_scale, self.pool.s1, self.pool.s2, slots[i], self.Hq, self.Hkv,
                                      GATE_NORMALIZER, GATE_FLOOR, 1.0 / math.sqrt(self.D))
-                x, hg, sq = self._add_out(x, t.o_proj, o.view(B, nq), ln.weight, getattr(mod, "out_bias", None))
+                x, hg, sq = self._add_out(x, t.o_proj, o.view(B, nq), ln.weight, getattr(mod, "out_bias", None),
+                                          weight=o_w)
             else:
                 h = rms_normalize(hg, sq, eps)
                 q, k, v, g1, g2 = mod.project(h[:, None], cos[:, None], sin[:, None])

@@ -49,6 +49,19 @@ def test_cuda_graph_engine_with_bf16_states(states):
     assert same >= 7, f"{same}/{len(prompts)} equal to the fp32 reference"
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_head_dim_that_is_not_a_power_of_two_decodes_op_by_op():
+    """Llama-family configs allow head dims like 80 (h2o-danube2) or 100 (OpenLLaMA-3B); the Triton
+    decode kernels tile a head with tl.arange(0, D), so the CUDA engine could not decode them at all."""
+    h = tiny_hybrid(dsla_layers=(1,), heads=2, kv_heads=1, hidden=160).cuda()  # head_dim 80
+    prompts = random_prompts(4, 256, lo=3, hi=40, seed=5)
+    eng = Engine(h, None, EngineConfig(max_running=4, max_batched_tokens=128, cache_memory_bytes=16 << 20))
+    assert not eng.runner.fused_decode
+    got = eng.generate(prompts, SamplingParams(max_tokens=12, temperature=0))
+    assert all(g == generate_ids(h, p, 12, 0.0) for p, g in zip(prompts, got))
+
+
 if __name__ == "__main__":
     test_cuda_graph_engine_matches_reference()
     test_cuda_graph_engine_with_bf16_states("bfloat16")

@@ -16,7 +16,7 @@ from tests.conftest import skip_without_default_model
 TEXTS = ["The GNU General Public License is a free, copyleft license for", "def fibonacci(n):\n    ",
          "Once upon a time, in a small village by the sea,", "Paris is the capital of", "1, 2, 3, 4, 5,",
          "Q: What is two plus two?\nA:", "Linear attention replaces the softmax with", "Dear Sir or Madam,"]
-NEAR_TIE = 0.25  # nats below the forward's best token: bf16 rounding moves logits by ~0.05-0.1
+NEAR_TIE = 0.5  # nats below the forward's best token: bf16 logits of 16-32 are 0.125 apart, 4 steps of that
 STEPS = 40
 
 

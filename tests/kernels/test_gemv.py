@@ -128,3 +128,16 @@ def test_dispatch_cuda():
         assert _rel(linear(x, w), x.double() @ w.double().T) < 1e-2
     assert choices()
 
+
+
+def test_the_residual_epilogue_refuses_a_norm_weight_it_would_misread():
+    """The kernel reads norm_weight as a contiguous [N] vector: a strided one gave a wrong hg
+    (5.25 off), a longer one was accepted."""
+    from kernels.gemv_epilogue import Epilogue
+    from kernels.triton_gemv import gemv_triton
+
+    x, w = torch.randn(2, 32, device=DEV), torch.randn(32, 32, device=DEV)
+    res = torch.randn(2, 32, device=DEV)
+    for nw in (torch.randn(64, device=DEV)[::2], torch.randn(37, device=DEV)):
+        with pytest.raises(ValueError, match="norm_weight"):
+            gemv_triton(x, w, epi=Epilogue(residual=res, norm_weight=nw))

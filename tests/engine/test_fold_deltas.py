@@ -1,0 +1,38 @@
+"""The GPU decode step's folded projections (runner._frozen_consts): a DSLA layer with low-rank
+deltas (the shipped store's: delta_rank 8, an output bias) runs the fused path with W + U D as
+plain weights, instead of the op-by-op path (~115 us a layer on an H200 for SmolLM2-135M).
+The folding is checked here on any device; the fused step itself by test_gpu_default_model.py."""
+import torch
+import torch.nn.functional as F
+
+from dsla_model.dsla_attention import DSLAConfig
+from dsla_model.engine import Engine, EngineConfig
+from dsla_model.hybrid import HybridModel
+from tests.conftest import randomize_dsla, tiny_model
+
+
+def test_folded_projections_equal_the_modules_own():
+    h = HybridModel(tiny_model(seed=0), DSLAConfig(delta_rank=4, output_bias=True))
+    for i in (1, 3):
+        h.convert(i)
+    randomize_dsla(h, 0)
+    eng = Engine(h, None, EngineConfig(cache_memory_bytes=4 << 20))
+    runner = eng.runner
+    runner._fuse_weights()  # the CUDA runner's [q;k;v] weights (views of the teacher's)
+    mod = h.attention(1).dsla
+    assert mod.deltas is not None and runner._fused_step(1, mod)
+    _, _, _, (qkv_w, o_w) = runner._frozen_consts(mod)
+    x = torch.randn(3, h.config.hidden_size)
+    with torch.no_grad():
+        want = torch.cat([mod._proj("q", x), mod._proj("k", x), mod._proj("v", x)], -1)
+        torch.testing.assert_close(F.linear(x, qkv_w), want, rtol=1e-5, atol=1e-5)
+        o = torch.randn(3, h.num_heads * h.head_dim)
+        want_o = mod.teacher.o_proj(o) + mod.deltas["o"](o)
+        torch.testing.assert_close(F.linear(o, o_w), want_o, rtol=1e-5, atol=1e-5)
+    # the teacher's own weights are untouched (an unconverted layer and a revert read them)
+    assert not torch.equal(o_w, mod.teacher.o_proj.weight)
+    plain = HybridModel(tiny_model(seed=0))
+    plain.convert(1)
+    peng = Engine(plain, None, EngineConfig(cache_memory_bytes=4 << 20))
+    peng.runner._fuse_weights()
+    assert peng.runner._frozen_consts(plain.attention(1).dsla)[3] is None
