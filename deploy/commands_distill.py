@@ -123,6 +123,7 @@ def _parse_conversions(text: str) -> list[float]:
 
 def cmd_eval(args) -> int:
     from deploy.commands_model import load_hybrid
+    from dsla_model.corpus import CorpusMissingError
     from dsla_model.evaluation import PASSKEY_CONTEXTS, evaluate_conversions, text_blocks
     from dsla_model.layer_store import LayerStore, LayerStoreError, shipped_store
     from dsla_model.loading import max_positions
@@ -164,6 +165,8 @@ def cmd_eval(args) -> int:
         log = (lambda r: print(json.dumps(r), file=sys.stderr)) if not args.json else None
         results = evaluate_conversions(hybrid, tok, conversions, order, store.apply, blocks, passkey=args.passkey,
                                        passkey_trials=args.passkey_trials, passkey_contexts=contexts, log=log)
+    except CorpusMissingError as e:
+        raise CLIError(f"{e} (or evaluate on a file of your own: --text-file)") from None
     except (LayerStoreError, ValueError, OSError) as e:
         raise CLIError(str(e)) from None
     meta = {"model": model_id, "store": str(store_path), "store_version": manifest["version"],

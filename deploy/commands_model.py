@@ -106,6 +106,11 @@ def cmd_generate(args) -> int:
 
     if any(not p for p in args.prompt):
         raise CLIError("--prompt must not be empty")
+    for p in args.prompt:
+        try:  # bytes a terminal of another encoding passed reach Python as lone surrogates
+            p.encode("utf-8")
+        except UnicodeEncodeError:
+            raise CLIError("--prompt is not valid UTF-8 (check the terminal's encoding)") from None
     try:  # the checks the engine makes, for the --no-cache path too
         for i in range(len(args.prompt)):
             SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed + i).validate()
@@ -126,7 +131,11 @@ def cmd_generate(args) -> int:
     else:
         # all prompts as one continuous batch through the engine
         try:
-            outs = generate_batch(hybrid, tok, all_ids, args.max_tokens, args.temperature, args.seed)
+            # sized for these prompts: the engine's default length stops at 8192 tokens, short of
+            # what many models (and --no-cache) take
+            need = max(map(len, all_ids)) + args.max_tokens
+            outs = generate_batch(hybrid, tok, all_ids, args.max_tokens, args.temperature, args.seed,
+                                  max_model_len=min(need, limit) if limit else need)
         except ValueError as e:
             raise CLIError(str(e)) from None
     for prompt, out in zip(args.prompt, outs):

@@ -57,20 +57,43 @@ def _check_model(cfg):
         raise CLIError(f"cannot load model {cfg.model!r}: {e}") from None
 
 
+def _check_free(flag, host, port):
+    """A port another process listens on: one line now, instead of a traceback (or a 40 s startup
+    timeout, for the metrics port) after Ray has started."""
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise CLIError(f"{flag} {port}: cannot listen on {host or '*'}:{port}: {e.strerror or e}") from None
+
+
 def cmd_run(args) -> int:
+    from deploy.config import serve_http_options
+
     cfg = _config(args)
-    if not 0 < args.port < 65536:
+    # a Serve config's http_options, unless --host / --port say otherwise
+    http = serve_http_options(args.config)
+    args.host = args.host or str(http.get("host") or "127.0.0.1")
+    args.port = args.port if args.port is not None else http.get("port", 8000)
+    if not isinstance(args.port, int) or not 0 < args.port < 65536:
         raise CLIError(f"--port must be in 1..65535, got {args.port}")
     if args.metrics_port is not None and not 0 <= args.metrics_port < 65536:  # 0: Ray picks one
         raise CLIError(f"--metrics-port must be in 0..65535, got {args.metrics_port}")
     _check_model(cfg)
+    _check_free("--port", args.host, args.port)
+    if args.metrics_port and not args.address:
+        _check_free("--metrics-port", "", args.metrics_port)
     import ray
     from ray import serve
 
     from deploy.app import build_app
 
+    # "local": a Ray of our own even where `ray start` runs one (joining it silently ignored
+    # --port / --no-dashboard / --metrics-port, and the shutdown removed that cluster's other apps)
     init = {"address": args.address} if args.address else {
-        "include_dashboard": not args.no_dashboard, "dashboard_host": "127.0.0.1"}
+        "address": "local", "include_dashboard": not args.no_dashboard, "dashboard_host": "127.0.0.1"}
     if args.metrics_port and not args.address:
         init["_metrics_export_port"] = args.metrics_port
     info = ray.init(**init)
@@ -100,7 +123,10 @@ def cmd_run(args) -> int:
         return 0
     finally:
         try:
-            serve.shutdown()
+            if args.address:  # a shared cluster: only what this command deployed
+                serve.delete(APP_NAME)
+            else:
+                serve.shutdown()
         finally:
             ray.shutdown()
 
@@ -108,8 +134,8 @@ def cmd_run(args) -> int:
 def add_parsers(sub):
     p = sub.add_parser("run", help="serve the OpenAI API with adaptive DSLA conversion (Ray Serve)")
     p.add_argument("--config", default=None, help="YAML: AppConfig fields or a Serve config (deploy/serve_config.yaml)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default=None, help="default: the Serve config's http_options, else 127.0.0.1")
+    p.add_argument("--port", type=int, default=None, help="default: the Serve config's http_options, else 8000")
     p.add_argument("--model", default=None, help="override the config's model")
     p.add_argument("--layers-dir", default=None, help="override the config's layer store")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",

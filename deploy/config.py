@@ -189,7 +189,7 @@ class AppConfig(_Strict):
         return "cuda" if self.replica.num_gpus > 0 else "cpu"
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None) -> AppConfig:
+def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None, _seen=()) -> AppConfig:
     """AppConfig from a YAML file plus dotted overrides.
 
     The file is either the config itself or a Serve config (`serve run` / `serve
@@ -209,13 +209,34 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
             apps = data["applications"]
             if not isinstance(apps, list) or not apps or not isinstance(apps[0], dict):
                 raise ValueError(f"{path}: 'applications' must be a list holding at least one application")
-            data = dict(apps[0].get("args") or {})
+            args = apps[0].get("args") or {}
+            if not isinstance(args, dict):
+                raise ValueError(f"{path}: applications[0].args must be a mapping")
+            data = dict(args)
             nested = data.pop("config", None)
             if nested is not None:
-                return load_config(Path(path).parent / nested, {**data, **(overrides or {})})
+                if not isinstance(nested, str):
+                    raise ValueError(f"{path}: args.config must be a file name, got {nested!r}")
+                here = Path(path).resolve()
+                if here in _seen:
+                    raise ValueError(f"{path}: its args.config includes itself")
+                return load_config(Path(path).parent / nested, {**data, **(overrides or {})}, (*_seen, here))
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
     return AppConfig.model_validate(data)
+
+
+def serve_http_options(path) -> dict:
+    """The `http_options` (host, port) of a Serve config file, {} for a plain AppConfig file."""
+    if path is None:
+        return {}
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError:
+            return {}  # load_config reports it
+    opts = data.get("http_options") if isinstance(data, dict) else None
+    return {k: opts[k] for k in ("host", "port") if k in opts} if isinstance(opts, dict) else {}
 
 
 def _set_dotted(data: dict, key: str, value):

@@ -96,18 +96,21 @@ def _parse_all(base: Path) -> dict[str, list[str]]:
 def _all_documents(root: str) -> dict[str, list[str]]:
     """Parsing the HTML takes ~20 s on a small machine: keep the text in the user cache,
     keyed by the documents' names and sizes so a changed package is parsed again."""
-    from dsla_model.loading import cache_root
+    from dsla_model.loading import cache_root, write_cached
 
     base = Path(root)
     key = hashlib.sha256("".join(f"{p}:{p.stat().st_size};" for p in document_paths(base)).encode()).hexdigest()[:16]
     path = cache_root() / "corpus" / f"{key}.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    try:
+        docs = json.loads(path.read_text())
+        if isinstance(docs, dict) and all(isinstance(docs.get(s), list) for s in ("train", "validation")):
+            return docs
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError):  # torn by a crash, or unreadable: parse again and rewrite it
+        pass
     docs = _parse_all(base)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(docs))
-    os.replace(tmp, path)
+    write_cached(path, docs, "corpus text")
     return docs
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -29,6 +30,21 @@ def cache_root() -> Path:
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dsla-serve"
     )
     return Path(base)
+
+
+def write_cached(path, data: dict, what: str) -> None:
+    """Write a cache file (JSON) atomically (a temporary file, synced, then renamed). A cache is a
+    convenience: a read-only or full cache directory is a warning, never a lost result."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(data))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        logging.getLogger(__name__).warning("%s not cached (%s): %s", what, path, e)
 
 
 def _default_gguf() -> Path:
@@ -96,10 +112,16 @@ def load_model(spec: str | None = None, dtype=torch.float32, device="cpu", attn_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(spec)
+    from safetensors import SafetensorError
+
     try:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:
+        raise ModelNotFoundError(f"cannot load model {spec!r}: {e}") from e
+    except RuntimeError as e:  # weights that do not fit the config (transformers' size mismatch)
+        if "size" not in str(e) and "mismatch" not in str(e):
+            raise
         raise ModelNotFoundError(f"cannot load model {spec!r}: {e}") from e
     model.to(device).eval()
     model_id = DEFAULT_MODEL_NAME if spec in (None, "", DEFAULT_MODEL) else str(spec)

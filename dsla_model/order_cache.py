@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
-from dsla_model.loading import cache_root
+from dsla_model.loading import cache_root, write_cached  # noqa: F401  (re-exported)
 from dsla_model.sensitivity import sensitivity_order
 
 log = logging.getLogger(__name__)
@@ -27,21 +26,6 @@ def read_cached(path, num_layers: int, key: str, parse, what: str):
         log.warning("ignoring the %s cache %s: not an order of %d layers", what, path, num_layers)
         return None
     return order, values
-
-
-def write_cached(path, data: dict, what: str) -> None:
-    """Write an order cache file atomically (a temporary file, synced, then renamed). A cache is a
-    convenience: a read-only or full cache directory is a warning, never a lost result."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        with open(tmp, "w") as f:
-            f.write(json.dumps(data))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        log.warning("%s not cached (%s): %s", what, path, e)
 
 
 def _entropies(v) -> list[float]:

@@ -4,6 +4,12 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub access on our machines; fail fast
 import pytest
 import torch
+from transformers.utils import logging as _hf_logging
+
+# transformers binds its log handler to sys.stderr at first use: made inside a test that captures
+# stderr (capsys), it would write to that test's closed stream ever after ("--- Logging error ---"
+# and a traceback in a later test's output). Made here, it binds to the session's stream.
+_hf_logging.get_logger("transformers")
 
 
 @pytest.fixture(autouse=True)

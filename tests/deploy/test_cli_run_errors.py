@@ -46,3 +46,66 @@ def test_config_error_names_the_field(no_ray, capsys):
 
     assert main(["run", "--set", "engine.max_runing=3"]) == 2
     assert "engine.max_runing: Extra inputs are not permitted" in capsys.readouterr().err
+
+
+def test_a_port_in_use_is_one_line_before_ray_starts(no_ray, capsys):
+    """It was a traceback from inside serve.start (exit 1), or for the metrics port a 40 s node
+    startup timeout."""
+    import socket
+
+    from deploy.cli import main
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        assert main(["run", "--no-dashboard", "--port", str(port)]) == 2
+        err = capsys.readouterr().err
+        assert f"--port {port}: cannot listen" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("body,msg", [("applications: [{args: [1]}]", "must be a mapping"),
+                                      ("applications: [{args: {config: [1, 2]}}]", "must be a file name"),
+                                      ("applications: [{args: {config: self.yaml}}]", "includes itself")])
+def test_a_malformed_serve_config_is_one_line(no_ray, capsys, tmp_path, body, msg):
+    """A list for args, a non-string or self-including args.config were tracebacks (a recursion error)."""
+    from deploy.cli import main
+
+    (tmp_path / "self.yaml").write_text(body)
+    assert main(["run", "--no-dashboard", "--config", str(tmp_path / "self.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1, err
+
+
+def test_run_listens_where_the_serve_configs_http_options_say_unless_told(tmp_path):
+    """`dsla-serve run --config deploy/serve_config_gpu.yaml` bound 127.0.0.1:8000 whatever the file said."""
+    from deploy.config import serve_http_options
+
+    assert serve_http_options(ROOT / "deploy" / "serve_config_gpu.yaml") == {"host": "0.0.0.0", "port": 8000}
+    assert serve_http_options(ROOT / "deploy" / "serve_config.yaml") == {"host": "127.0.0.1", "port": 8000}
+    (tmp_path / "plain.yaml").write_text("model: default\n")
+    assert serve_http_options(tmp_path / "plain.yaml") == {} and serve_http_options(None) == {}
+
+
+def test_run_starts_a_ray_of_its_own_unless_given_an_address(monkeypatch):
+    """Without an address ray.init joined any `ray start` cluster on the machine: --port,
+    --no-dashboard and --metrics-port were then ignored, and the shutdown removed its other apps."""
+    import socket
+
+    import ray
+
+    from deploy.cli import main
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def record(**kw):
+        seen.append(kw)
+        raise Stop
+
+    monkeypatch.setattr(ray, "init", record)
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]
+    with pytest.raises(Stop):
+        main(["run", "--no-dashboard", "--port", str(port), "--metrics-port", "0"])
+    assert seen[-1]["address"] == "local" and seen[-1]["include_dashboard"] is False

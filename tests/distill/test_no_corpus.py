@@ -71,3 +71,15 @@ def test_distillation_needs_a_held_out_block(tiny_model_dir, tmp_path):
     order.write_text('{"order": [2, 1, 0]}')  # an explicit order: no damage pass over the short text
     r = _distill(tmp_path, tiny_model_dir, "--text-file", str(short), "--block-len", "480", "--order", str(order))
     assert r.returncode == 2 and "at least 2" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_eval_without_the_corpus_is_a_clear_error(tmp_path):
+    """eval did not catch CorpusMissingError (a RuntimeError): a traceback, exit 1."""
+    from tests.conftest import skip_without_default_model
+
+    skip_without_default_model()
+    env = dict(os.environ, DSLA_CORPUS_ROOT=str(tmp_path / "no-corpus"))
+    cmd = [sys.executable, "-m", "deploy.cli", "eval", "--blocks", "1", "--conversion", "0.1", "--out-dir", "",
+           "--json"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--text-file" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -27,3 +27,20 @@ def test_unknown_split_and_missing_root_raise(tmp_path):
         corpus.documents("test")
     with pytest.raises(corpus.CorpusMissingError):
         corpus.document_paths(tmp_path / "nope")
+
+
+def test_a_torn_corpus_cache_is_parsed_again(tmp_path, monkeypatch):
+    """The parsed text's cache was read without a check: a file torn by a crash failed `order`,
+    `generate --conversion`, `distill` and `eval` on every run until someone deleted it."""
+    import hashlib
+
+    monkeypatch.setenv("DSLA_SERVE_CACHE", str(tmp_path))
+    monkeypatch.setattr(corpus, "document_paths", lambda base: [])
+    parsed = {"train": ["a document"], "validation": ["another"]}
+    monkeypatch.setattr(corpus, "_parse_all", lambda base: parsed)
+    path = tmp_path / "corpus" / (hashlib.sha256(b"").hexdigest()[:16] + ".json")
+    path.parent.mkdir(parents=True)
+    for torn in ("", '{"train": ["a docu', "[1, 2]"):
+        path.write_text(torn)
+        assert corpus._all_documents(str(tmp_path / "docs")) == parsed
+    assert corpus._all_documents(str(tmp_path / "docs")) == parsed  # and the rewritten cache reads back
