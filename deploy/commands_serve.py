@@ -82,9 +82,10 @@ def cmd_run(args) -> int:
     if args.metrics_port is not None and not 0 <= args.metrics_port < 65536:  # 0: Ray picks one
         raise CLIError(f"--metrics-port must be in 0..65535, got {args.metrics_port}")
     _check_model(cfg)
-    _check_free("--port", args.host, args.port)
-    if args.metrics_port and not args.address:
-        _check_free("--metrics-port", "", args.metrics_port)
+    if not args.address:  # a cluster's Serve may hold the port already (and it is not this machine's)
+        _check_free("--port", args.host, args.port)
+        if args.metrics_port:
+            _check_free("--metrics-port", "", args.metrics_port)
     import ray
     from ray import serve
 
@@ -101,9 +102,11 @@ def cmd_run(args) -> int:
     # ray.init, which installs its own SIGTERM handler (sys.exit, and the process then aborted in
     # the middle of the shutdown, leaving Ray's agents running).
     signal.signal(signal.SIGTERM, _interrupt)
+    deployed = False
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         print(f"deploying {cfg.model} (store: {cfg.store_path() or 'none'}) ...", flush=True)
+        deployed = True  # from here on there may be something of ours to remove
         serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
         base = f"http://{args.host}:{args.port}"
         dashboard = getattr(info, "dashboard_url", None)
@@ -124,7 +127,11 @@ def cmd_run(args) -> int:
     finally:
         try:
             if args.address:  # a shared cluster: only what this command deployed
-                serve.delete(APP_NAME)
+                if deployed:
+                    try:
+                        serve.delete(APP_NAME)
+                    except Exception as e:  # noqa: BLE001 - must not hide the error that got us here
+                        print(f"could not remove {APP_NAME}: {e}", file=sys.stderr)
             else:
                 serve.shutdown()
         finally:

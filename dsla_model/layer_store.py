@@ -22,6 +22,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import time
 import uuid
@@ -33,6 +34,10 @@ from safetensors.torch import load, save_file
 
 MANIFEST = "manifest.json"
 FORMAT = 1
+
+
+log = logging.getLogger(__name__)
+_WARNED: set = set()  # stores whose legacy fingerprint was reported
 
 
 class LayerStoreError(Exception):
@@ -116,6 +121,21 @@ class LayerStore:
         layers = manifest["layers"]
         return [int(k) for k, _ in sorted(layers.items(), key=lambda kv: kv[1]["position"])]
 
+    def _same_model(self, manifest: dict, fingerprint: str) -> bool:
+        """The store's model is this one: its fingerprint, or (a store written before the config
+        joined the fingerprint) the weights-only one, accepted with a warning: its config is unchecked."""
+        from dsla_model.loading import legacy_fingerprint
+
+        if manifest["model_fingerprint"] == fingerprint:
+            return True
+        if manifest["model_fingerprint"] != legacy_fingerprint(fingerprint):
+            return False
+        if self.path not in _WARNED:
+            _WARNED.add(self.path)
+            log.warning("layer store %s predates config fingerprints: accepted by the model's weights alone "
+                        "(a changed RoPE or norm epsilon would go unnoticed); distil it again to check those", self.path)
+        return True
+
     def load_layer(self, layer: int, expected_fingerprint: str | None) -> dict:
         """The layer's DSLA state dict, after checking its sha256 and the model fingerprint."""
         return self.load_layer_entry(layer, expected_fingerprint)[0]
@@ -145,7 +165,7 @@ class LayerStore:
         names, so a missing file is looked up again in the new manifest."""
         for _ in range(attempts):
             m = self.read_manifest()
-            if expected_fingerprint is not None and m["model_fingerprint"] != expected_fingerprint:
+            if expected_fingerprint is not None and not self._same_model(m, expected_fingerprint):
                 raise LayerStoreError(
                     f"store {self.path} was distilled for model {m.get('model_id')!r} "
                     f"(fingerprint {m['model_fingerprint']}), not this one ({expected_fingerprint})")
@@ -194,7 +214,7 @@ class LayerStore:
         with self._locked():
             if self.exists():
                 m = self.read_manifest()
-                if m["model_fingerprint"] != fingerprint:
+                if not self._same_model(m, fingerprint):
                     raise LayerStoreError(f"store {self.path} holds layers of model {m['model_id']!r} "
                                           f"(fingerprint {m['model_fingerprint']}), not of {model_id!r}")
                 if m["dsla_config"] != cfg:

@@ -174,17 +174,31 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     its attention weights are read under their own names, its DSLA modules left out."""
     h = hashlib.sha256()
     h.update(json.dumps(_computation_config(getattr(model, "config", None)), sort_keys=True, default=str).encode())
+    weights_only = hashlib.sha256()  # the fingerprint before the config joined it (stores of then)
     teacher = {}
     for name, p in model.state_dict().items():
         if ".self_attn.dsla." not in name:
             teacher[name.replace(".self_attn.teacher.", ".self_attn.")] = p
     for name, p in sorted(teacher.items()):
-        h.update(name.encode())
-        h.update(json.dumps(list(p.shape)).encode())
+        for x in (h, weights_only):
+            x.update(name.encode())
+            x.update(json.dumps(list(p.shape)).encode())
         flat = p.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 64)][:64]
-        h.update(sample.to(torch.bfloat16).float().cpu().numpy().tobytes())
-    return h.hexdigest()[:32]
+        for x in (h, weights_only):
+            x.update(sample.to(torch.bfloat16).float().cpu().numpy().tobytes())
+    fp = h.hexdigest()[:32]
+    _WEIGHTS_ONLY[fp] = weights_only.hexdigest()[:32]
+    return fp
+
+
+def legacy_fingerprint(fingerprint: str) -> str | None:
+    """The weights-only fingerprint that layer stores written before the config joined it carry
+    (up to 2026-11-29), of a model whose current fingerprint this process computed; else None."""
+    return _WEIGHTS_ONLY.get(fingerprint)
+
+
+_WEIGHTS_ONLY: dict[str, str] = {}
 
 
 def main(argv=None) -> int:

@@ -41,8 +41,7 @@ class AsyncEngine:
             with self._wake:
                 while not self._stop and not self.engine.has_unfinished():
                     self._wake.wait()
-                while self._aborts:
-                    self.engine.abort(self._aborts.popleft())
+                self._drain_aborts()
                 stop = self._stop
                 if stop:
                     events = self._abort_all()
@@ -57,12 +56,17 @@ class AsyncEngine:
             if stop:
                 return
 
+    def _drain_aborts(self):  # under the lock
+        while self._aborts:
+            self.engine.abort(self._aborts.popleft())
+
     def _abort_all(self) -> list[TokenEvent]:
         """Abort events for every open stream: the engine's for its requests, and one made here for
         a stream whose request is gone (finished in a step whose events were lost)."""
         events = self.engine.abort_all()
         done = {ev.request_id for ev in events}
-        return events + [TokenEvent(rid, -1, "", None, "abort", 0, 0) for rid in self._streams if rid not in done]
+        # a snapshot: the event loop pops streams without the lock
+        return events + [TokenEvent(rid, -1, "", None, "abort", 0, 0) for rid in list(self._streams) if rid not in done]
 
     @staticmethod
     def _deliver(events, streams):
@@ -77,6 +81,9 @@ class AsyncEngine:
 
     def _admit(self, request_id, prompt_ids, params, loop, q):
         with self._wake:
+            # aborts queued before this admission land first: one queued for an earlier request of
+            # this id (left after it had finished) would otherwise abort this one
+            self._drain_aborts()
             if self._stop:
                 raise RuntimeError("engine is shut down")
             if request_id in self._streams:

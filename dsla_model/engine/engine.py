@@ -33,7 +33,7 @@ from dsla_model.engine.config import (CPU_DEFAULT_CACHE_BYTES, GPU_CACHE_FRACTIO
 from dsla_model.engine.layer_config import LayerConfig
 from dsla_model.engine.outputs import TokenEvent
 from dsla_model.engine.request import Request
-from dsla_model.engine.runner import ModelRunner
+from dsla_model.engine.runner import ModelRunner, fold_reserve_bytes
 from dsla_model.engine.sampler import sample
 from dsla_model.engine.scheduler import Scheduler, WorkItem
 from dsla_model.loading import eos_token_ids
@@ -78,7 +78,7 @@ class Engine:
             return int(config.cache_memory_bytes)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            return int(free * GPU_CACHE_FRACTION)
+            return int(max(0, free - fold_reserve_bytes(self.hybrid)) * GPU_CACHE_FRACTION)
         return CPU_DEFAULT_CACHE_BYTES
 
     # ---- requests ----------------------------------------------------------------------

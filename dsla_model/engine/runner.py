@@ -57,6 +57,20 @@ def _rope_table(rotary_emb, max_len: int, positions: int | None, x: torch.Tensor
     return cos, sin
 
 
+def fold_reserve_bytes(hybrid) -> int:
+    """GPU memory the folded projections of DSLA layers with deltas can take (`_frozen_consts`):
+    a q/k/v/o copy per layer. Counted for every layer: the policy converts at most half of them,
+    and during a swap the outgoing modules' copies live until their last request ends."""
+    if not getattr(hybrid.dsla_config, "delta_rank", 0):
+        return 0
+    total = 0
+    for layer in hybrid.model.model.layers:
+        t = layer.self_attn
+        t = getattr(t, "teacher", t)
+        total += sum(getattr(t, f"{n}_proj").weight.nbytes for n in "qkvo")
+    return total
+
+
 class ModelRunner:
     def __init__(self, hybrid, pool, max_model_len: int):
         self.hybrid = hybrid

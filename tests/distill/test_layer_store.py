@@ -193,3 +193,25 @@ def test_apply_converts_with_stored_weights_all_or_nothing(tmp_path):
     st.apply(h, [2])
     with torch.no_grad():
         assert torch.equal(h(ids), a)
+
+
+def test_a_store_from_before_config_fingerprints_is_accepted_by_its_weights(tmp_path, caplog):
+    """Stores distilled before the config joined the fingerprint carry the weights-only one: they were
+    all refused as "another model"; they load (with a warning), and another model's are still refused."""
+    from dsla_model.loading import legacy_fingerprint
+
+    h = tiny_hybrid()
+    old = legacy_fingerprint(h.fingerprint)
+    assert old and old != h.fingerprint
+    st = LayerStore(tmp_path / "old")
+    st.init("tiny", old, [2, 0, 1], h.dsla_config)
+    st.publish(2, _weights(h, 2), {})
+    with caplog.at_level("WARNING"):
+        assert st.load_layer(2, h.fingerprint)
+    assert "predates config fingerprints" in caplog.text
+    assert st.init("tiny", h.fingerprint, [2, 0, 1], h.dsla_config)  # a distillation resumes on it
+    other = LayerStore(tmp_path / "other")
+    other.init("tiny", legacy_fingerprint(tiny_hybrid(seed=1).fingerprint), [2, 0, 1], h.dsla_config)
+    other.publish(2, _weights(h, 2), {})
+    with pytest.raises(LayerStoreError, match="not this one"):
+        other.load_layer(2, h.fingerprint)

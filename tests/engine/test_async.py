@@ -149,3 +149,24 @@ def test_admitting_and_leaving_never_wait_for_a_step_on_the_event_loop(hybrid):
         assert not eng.engine.has_unfinished() and not eng._streams
     finally:
         eng.shutdown()
+
+
+def test_an_abort_queued_for_a_finished_request_does_not_abort_its_ids_next_request(hybrid):
+    """A client leaving after its request finished (before reading the finish) queued an abort that
+    the idle engine applied later, to the next request of that id."""
+    eng = AsyncEngine(hybrid, None, EngineConfig(cache_memory_bytes=4 << 20))
+    sp = SamplingParams(max_tokens=3, temperature=0)
+
+    async def main():
+        a = eng.generate([1, 2, 3], sp, request_id="x")
+        await a.__anext__()
+        while eng.engine.has_unfinished():  # finished in the engine...
+            await asyncio.sleep(0.01)
+        await a.aclose()  # ...but the client leaves before reading the finish
+        return [e.finish_reason async for e in eng.generate([1, 2, 3], sp, request_id="x")]
+
+    try:
+        reasons = asyncio.run(asyncio.wait_for(main(), 30))
+        assert reasons[-1] == "length" and len(reasons) == 3
+    finally:
+        eng.shutdown()

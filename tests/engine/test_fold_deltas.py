@@ -36,3 +36,15 @@ def test_folded_projections_equal_the_modules_own():
     peng = Engine(plain, None, EngineConfig(cache_memory_bytes=4 << 20))
     peng.runner._fuse_weights()
     assert peng.runner._frozen_consts(plain.attention(1).dsla)[3] is None
+
+
+def test_the_gpu_cache_budget_leaves_room_for_folded_projections():
+    """The cache takes 85% of the free memory at start, before any layer is folded: a 7B model's
+    folded q/k/v/o (128 MiB a layer) came out of the 15% kept for activations and graphs."""
+    from dsla_model.engine.runner import fold_reserve_bytes
+
+    h = HybridModel(tiny_model(seed=0), DSLAConfig(delta_rank=4))
+    attn = h.model.model.layers[0].self_attn.teacher  # the wrapped HF attention
+    per_layer = sum(getattr(attn, f"{n}_proj").weight.nbytes for n in "qkvo")
+    assert fold_reserve_bytes(h) == per_layer * h.num_layers > 0
+    assert fold_reserve_bytes(HybridModel(tiny_model(seed=0))) == 0  # no deltas: nothing is folded
