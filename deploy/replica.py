@@ -164,7 +164,13 @@ class LLMReplica:
         stats = await self._stats()
         self.metrics.update(stats, self.layers.store_version)
         # reported even with the controller disabled: the report is what /status shows of a replica
-        target = await self.controller.report.remote(self.replica_id, self.report(stats))
+        resp = self.controller.report.remote(self.replica_id, self.report(stats))
+        try:  # Serve queues a call to a controller with no live replica without a deadline
+            target = await asyncio.wait_for(resp, self.cfg.controller.report_timeout_s)
+        except asyncio.TimeoutError:
+            if hasattr(resp, "cancel"):  # a Serve DeploymentResponse: drop the queued call too
+                resp.cancel()
+            raise
         if not self.cfg.controller.enabled:  # initial_layers, with the store's current weights
             await self._apply(self.layers.prefix[:self.cfg.controller.initial_layers])
         elif target is not None:

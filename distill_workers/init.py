@@ -36,8 +36,11 @@ def init_scales(module, x, y, cos, sin) -> dict:
     relative residual for each candidate history weight."""
     hidden = y.shape[-1]
     with_bias = module.out_bias is not None
+    ynorm = y.reshape(-1).float().pow(2).sum()  # judged against the teacher's whole output
+    ob = getattr(module.teacher.o_proj, "bias", None)
+    if ob is not None:  # finish() adds the teacher's o_proj bias itself: fit what is left of y
+        y = y - ob.to(y.dtype)
     yf = y.reshape(-1).float()
-    ynorm = yf.pow(2).sum()
     z1 = _per_head_contributions(module, x, cos, sin, torch.tensor([1.0, 0.0], device=x.device)).float()
     z2 = _per_head_contributions(module, x, cos, sin, torch.tensor([0.0, 1.0], device=x.device)).float()
     if with_bias:

@@ -73,6 +73,8 @@ def build_distiller(model: str = "default", store: str = "", layers: int | None 
         layer_seq = st.read_manifest()["order"]  # a resumed run keeps the order it started with
     elif os.path.isfile(order):  # an explicit order needs no calibration pass (nor the corpus)
         layer_seq = layer_order(order, list(range(hybrid.num_layers)))
+    elif order == "random":  # a function of the seed alone: no calibration, the same for every setting
+        layer_seq = layer_order("random", list(range(hybrid.num_layers)), seed)
     elif order == "entropy":  # ARCHITECTURE.md's attention-entropy proxy, kept for comparison
         layer_seq = cached_order(hybrid, tok)[0]
     elif order in ORDERS:

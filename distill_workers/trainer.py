@@ -232,7 +232,7 @@ class ChainedDistiller:
     def _progress(self, step, steps, loss, tps):
         s = self.status
         s.update(step=step, steps=steps, loss=loss, tokens_per_s=round(tps, 1))
-        step_tokens = self.cfg.block_size * self.cfg.batch_blocks
+        step_tokens = getattr(self, "_step_tokens", self.cfg.block_size * self.cfg.batch_blocks)
         per_layer = steps * step_tokens / max(tps, 1e-9)
         s["eta_s"] = round((steps - step) * step_tokens / max(tps, 1e-9)
                            + per_layer * max(0, len(self.todo()) - 1))
@@ -252,13 +252,16 @@ class ChainedDistiller:
         blocks = self.blocks if self.blocks is not None else training_blocks(self.tok, self.cfg)
         blocks = blocks.to(next(self.hybrid.model.parameters()).device)
         teacher_lp, kl_idx = None, []
-        if self.cfg.kl_steps:
+        n = blocks.shape[0]
+        # what an MSE step trains on (distill_layer clips the batch to the n - 1 training blocks)
+        self._step_tokens = self.cfg.block_size * max(1, min(self.cfg.batch_blocks, n - 1))
+        # no KL phase without a training block of its own: with none it would train on the held-out block
+        if self.cfg.kl_steps and self.cfg.kl_blocks > 0 and n > 1:
             from distill_workers.kl_phase import teacher_logprobs
 
             # the KL phase trains on MSE training blocks and is judged on the MSE held-out block
             # (the last): neither phase ever trains on that one (distill_layer holds it out too)
-            n = blocks.shape[0]
-            kl_idx = list(range(min(self.cfg.kl_blocks, n - 1))) + [n - 1] if n > 1 else [0]
+            kl_idx = list(range(min(self.cfg.kl_blocks, n - 1))) + [n - 1]
             teacher_lp = teacher_logprobs(self.hybrid, blocks[kl_idx])
         published = []
         for layer in self.todo():
@@ -273,7 +276,7 @@ class ChainedDistiller:
             if show_progress:
                 from tqdm import tqdm
 
-                self._bar = tqdm(total=max(1, self.cfg.tokens_per_layer // (self.cfg.block_size * self.cfg.batch_blocks)),
+                self._bar = tqdm(total=max(1, self.cfg.tokens_per_layer // self._step_tokens),
                                  desc=f"layer {layer:2d}", leave=True)
             module, metrics = distill_layer(self.hybrid, layer, data, self.cfg, self.dsla_config, self._progress,
                                             teacher_lp)

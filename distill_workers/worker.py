@@ -47,6 +47,8 @@ class DistillWorkerImpl:
 
     def start(self) -> bool:
         """Start (or keep) the background distillation; idempotent."""
+        if self._thread is not None and self._thread.is_alive() and self.distiller._stop:
+            self._thread.join()  # a stop still winding down (its join timed out): let it end, then start again
         if self._thread is None or not self._thread.is_alive():
             self.error = None  # a retry after a failure: the old traceback is not this run's
             self.distiller.resume()  # before the thread starts, so an early stop() is not lost

@@ -30,7 +30,8 @@ def test_a_replica_reports_even_with_the_controller_disabled_and_then_keeps_its_
         applied.append(layers)
 
     replica = SimpleNamespace(
-        cfg=SimpleNamespace(store_poll_interval_s=1e9, controller=SimpleNamespace(enabled=enabled, initial_layers=1)),
+        cfg=SimpleNamespace(store_poll_interval_s=1e9, controller=SimpleNamespace(enabled=enabled, initial_layers=1,
+                                                                              report_timeout_s=5.0)),
         _last_store_poll=time.monotonic(), engine=SimpleNamespace(stats=lambda: {"dsla_layers": [], "waiting": 2}),
         metrics=SimpleNamespace(update=lambda stats, version: None),
         layers=SimpleNamespace(store_version=1, order=[0, 2], prefix=[0, 2]),
@@ -39,3 +40,36 @@ def test_a_replica_reports_even_with_the_controller_disabled_and_then_keeps_its_
     asyncio.run(LLMReplica.func_or_class._control_once(replica))
     assert [(rid, s["waiting"]) for rid, s in replica.controller.reports] == [("r0", 2)]
     assert applied == ([[3, 1]] if enabled else [[0]])
+
+
+def test_the_control_loop_goes_on_while_the_controller_does_not_answer():
+    """Serve queues a call to a deployment with no live replica without a deadline: while the
+    controller restarted, every replica's control loop hung on its report (no metrics, no layer
+    store polls, no initial_layers)."""
+    from deploy.config import AppConfig
+
+    class Silent:
+        class report:
+            @staticmethod
+            def remote(*a):
+                return asyncio.get_running_loop().create_future()  # never resolves
+
+    polls = []
+    r = object.__new__(LLMReplica.func_or_class)
+    r.cfg = AppConfig.model_validate({"controller": {"poll_interval_s": 0.05, "report_timeout_s": 0.1},
+                                      "store_poll_interval_s": 1000})
+    r.controller, r.replica_id, r._last_store_poll = Silent, "r1", time.monotonic()
+    r.metrics = SimpleNamespace(update=lambda stats, version: polls.append(stats))
+    r.layers = SimpleNamespace(store_version=3)
+    r.report = lambda s: s
+
+    async def stats():
+        return {"dsla_layers": [], "waiting": 7}
+    r._stats = stats
+
+    async def main():
+        task = asyncio.create_task(r._control_loop())
+        await asyncio.sleep(1.0)
+        task.cancel()
+    asyncio.run(main())
+    assert len(polls) >= 4, len(polls)

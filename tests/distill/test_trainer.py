@@ -117,3 +117,32 @@ def test_stop_drops_the_layer_in_progress(tmp_path):
     d._progress = progress
     assert d.run() == [1]
     assert store.published_layers() == [1] and d.status["state"] == "stopped"
+
+
+def test_no_kl_phase_without_a_training_block_of_its_own(tmp_path, monkeypatch):
+    """kl_blocks=0 (build_distiller and worker_kwargs took it) left the KL phase one block, the MSE
+    held-out block: it trained on the block rel_mse is then measured on."""
+    import distill_workers.trainer as tr
+
+    seen = []
+    real = tr.capture_layer
+    monkeypatch.setattr(tr, "capture_layer", lambda *a, **k: seen.append(k["resid_blocks"]) or real(*a, **k))
+    h = tiny_hybrid()
+    cfg = DistillConfig(**{**CFG.to_dict(), "tokens_per_layer": 96, "kl_blocks": 0})
+    store = LayerStore(tmp_path / "s")
+    ChainedDistiller(h, None, "tiny", store, [2, 0, 1], cfg, h.dsla_config, num_layers=1, blocks=tiny_blocks(4)).run()
+    assert seen == [[]] and "kl_held_out" not in store.read_manifest()["layers"]["2"]["metrics"]
+
+
+def test_init_scales_fits_what_the_teachers_o_proj_bias_leaves():
+    """finish() adds the teacher's o_proj bias; the fit counted it too (with an output bias of its own,
+    twice): it solved to 0.009 while the installed init was off by 0.999."""
+    h = tiny_hybrid()
+    o = h.attention(1).teacher.o_proj  # as in a Llama with attention_bias=True
+    o.bias = torch.nn.Parameter(torch.randn(o.out_features, generator=torch.Generator().manual_seed(1)))
+    d = capture_layer(h, 1, tiny_blocks(3))
+    mod = h.new_dsla_module(1)
+    with torch.no_grad():
+        fit = init_scales(mod, d.x, d.y, d.cos, d.sin)
+        real = relative_mse(mod(d.x, d.cos, d.sin)[0], d.y).item()
+    assert abs(real - min(fit.values())) < 0.05, (real, fit)
