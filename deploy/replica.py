@@ -163,6 +163,9 @@ class LLMReplica:
             await asyncio.to_thread(refresh_layers, self.layers, self.hybrid)
         stats = await self._stats()
         self.metrics.update(stats, self.layers.store_version)
+        if not self.cfg.controller.enabled:  # initial_layers, with the store's current weights
+            # before the report: a controller that does not answer must not hold them back
+            await self._apply(self.layers.prefix[:self.cfg.controller.initial_layers])
         # reported even with the controller disabled: the report is what /status shows of a replica
         resp = self.controller.report.remote(self.replica_id, self.report(stats))
         try:  # Serve queues a call to a controller with no live replica without a deadline
@@ -171,9 +174,7 @@ class LLMReplica:
             if hasattr(resp, "cancel"):  # a Serve DeploymentResponse: drop the queued call too
                 resp.cancel()
             raise
-        if not self.cfg.controller.enabled:  # initial_layers, with the store's current weights
-            await self._apply(self.layers.prefix[:self.cfg.controller.initial_layers])
-        elif target is not None:
+        if self.cfg.controller.enabled and target is not None:
             await self._apply(target["dsla_layers"])
 
     def recent_tpot_s(self):

@@ -105,9 +105,7 @@ def _all_documents(root: str) -> dict[str, list[str]]:
         docs = json.loads(path.read_text())
         if isinstance(docs, dict) and all(isinstance(docs.get(s), list) for s in ("train", "validation")):
             return docs
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError):  # torn by a crash, or unreadable: parse again and rewrite it
+    except (OSError, ValueError):  # none yet, torn by a crash, or unreadable: parse again and write it
         pass
     docs = _parse_all(base)
     write_cached(path, docs, "corpus text")

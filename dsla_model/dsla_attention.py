@@ -102,6 +102,15 @@ class DSLAAttention(nn.Module):
             y = y + self.deltas[name](x)
         return y
 
+    def merged_weight(self, name):
+        """The `name` projection as one matrix: the teacher's weight plus its low-rank delta (summed
+        in fp32, rounded once to the weight's dtype); what `_proj` computes in two steps."""
+        w = getattr(self.teacher, f"{name}_proj").weight
+        if self.deltas is None:
+            return w
+        d = self.deltas[name]
+        return (w.float() + d.up.weight.float() @ d.down.weight.float()).to(w.dtype)
+
     def mix_weights(self):
         return torch.softmax(self.alpha.float(), dim=0)
 

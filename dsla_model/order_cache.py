@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import logging
 
-from dsla_model.loading import cache_root, write_cached  # noqa: F401  (re-exported)
+from dsla_model.loading import cache_root, write_cached
 from dsla_model.sensitivity import sensitivity_order
 
 log = logging.getLogger(__name__)

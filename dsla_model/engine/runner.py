@@ -90,7 +90,7 @@ class ModelRunner:
         # the fused kernels tile a head with tl.arange(0, D): a head dim that is not a power of two
         # (e.g. 80, 100) decodes op by op
         self.fused_decode = self.device.type == "cuda" and _have_fused_kernels() and not self.D & (self.D - 1)
-        self._consts = weakref.WeakKeyDictionary()  # DSLA module -> (mix weights, head scales)
+        self._consts = weakref.WeakKeyDictionary()  # DSLA module -> _frozen_consts' tuple
         if self.fused_decode:
             self._fuse_weights()
 
@@ -284,12 +284,8 @@ class ModelRunner:
             with torch.no_grad():
                 folded = None
                 if mod.deltas is not None:
-                    t = mod.teacher
-
-                    def fold(name):
-                        w, d = getattr(t, f"{name}_proj").weight, mod.deltas[name]
-                        return (w.float() + d.up.weight.float() @ d.down.weight.float()).to(w.dtype)
-                    folded = (torch.cat([fold("q"), fold("k"), fold("v")]).contiguous(), fold("o").contiguous())
+                    folded = (torch.cat([mod.merged_weight(n) for n in "qkv"]).contiguous(),
+                              mod.merged_weight("o").contiguous())
                 c = (mod.mix_weights().detach().contiguous(),
                      mod.log_head_scale.exp().to(self.dtype).detach().reshape(-1).contiguous(),
                      # both gates' down projections stacked: one GEMV gives both low-rank codes

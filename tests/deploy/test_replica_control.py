@@ -20,6 +20,14 @@ class _Controller:
         self.report = SimpleNamespace(remote=remote)
 
 
+class _Silent:
+    """A handle to a controller with no live replica: Serve queues the call without a deadline."""
+    class report:
+        @staticmethod
+        def remote(*a):
+            return asyncio.get_running_loop().create_future()  # never resolves
+
+
 @pytest.mark.parametrize("enabled", [True, False])
 def test_a_replica_reports_even_with_the_controller_disabled_and_then_keeps_its_initial_layers(enabled):
     """Disabled, the controller's target is ignored: the replica serves initial_layers with the store's
@@ -48,17 +56,11 @@ def test_the_control_loop_goes_on_while_the_controller_does_not_answer():
     store polls, no initial_layers)."""
     from deploy.config import AppConfig
 
-    class Silent:
-        class report:
-            @staticmethod
-            def remote(*a):
-                return asyncio.get_running_loop().create_future()  # never resolves
-
     polls = []
     r = object.__new__(LLMReplica.func_or_class)
     r.cfg = AppConfig.model_validate({"controller": {"poll_interval_s": 0.05, "report_timeout_s": 0.1},
                                       "store_poll_interval_s": 1000})
-    r.controller, r.replica_id, r._last_store_poll = Silent, "r1", time.monotonic()
+    r.controller, r.replica_id, r._last_store_poll = _Silent, "r1", time.monotonic()
     r.metrics = SimpleNamespace(update=lambda stats, version: polls.append(stats))
     r.layers = SimpleNamespace(store_version=3)
     r.report = lambda s: s
@@ -73,3 +75,25 @@ def test_the_control_loop_goes_on_while_the_controller_does_not_answer():
         task.cancel()
     asyncio.run(main())
     assert len(polls) >= 4, len(polls)
+
+
+def test_with_the_controller_disabled_a_silent_controller_does_not_hold_back_initial_layers():
+    from deploy.config import AppConfig
+
+    applied = []
+    r = object.__new__(LLMReplica.func_or_class)
+    r.cfg = AppConfig.model_validate({"controller": {"enabled": False, "initial_layers": 1, "report_timeout_s": 0.05}})
+    r.controller, r.replica_id, r._last_store_poll = _Silent, "r1", time.monotonic()
+    r.metrics = SimpleNamespace(update=lambda stats, version: None)
+    r.layers = SimpleNamespace(store_version=3, prefix=[2, 0])
+    r.report = lambda s: s
+
+    async def stats():
+        return {"dsla_layers": []}
+
+    async def apply(layers):
+        applied.append(layers)
+    r._stats, r._apply = stats, apply
+    with pytest.raises(asyncio.TimeoutError):
+        asyncio.run(LLMReplica.func_or_class._control_once(r))
+    assert applied == [[2]]
