@@ -116,9 +116,13 @@ class DSLAAttention(nn.Module):
 
     def gates(self, x):
         """Log decays [B,T,Hkv,Dk], fp32, in [GATE_FLOOR, 0]."""
-        shape = (*x.shape[:-1], self.num_kv_heads, self.head_dim)
-        g1 = nn.functional.logsigmoid(self.gate1(x).float()) / GATE_NORMALIZER
-        g2 = nn.functional.logsigmoid(self.gate2(x).float()) / GATE_NORMALIZER
+        return self.gates_from_codes(self.gate1.down(x), self.gate2.down(x))
+
+    def gates_from_codes(self, c1, c2):
+        """gates(x) from the gates' low-rank codes gate1.down(x), gate2.down(x)."""
+        shape = (*c1.shape[:-1], self.num_kv_heads, self.head_dim)
+        g1 = nn.functional.logsigmoid(self.gate1.up(c1).float()) / GATE_NORMALIZER
+        g2 = nn.functional.logsigmoid(self.gate2.up(c2).float()) / GATE_NORMALIZER
         return g1.clamp_min(GATE_FLOOR).view(shape), g2.clamp_min(GATE_FLOOR).view(shape)
 
     def project(self, x, cos, sin):

@@ -17,6 +17,11 @@ from dsla_model.dsla_attention import DSLAAttention, DSLAConfig
 from dsla_model.loading import model_fingerprint
 
 
+# The decoders that the engine's runner and the DSLA layer reproduce. Others with q/k/v/o projections
+# differ where those do not look (partial or interleaved RoPE, NoPE layers, clipped q/k/v, extra norms,
+# parallel residuals, scaled embeddings), and they would serve other tokens or fail deep in a step.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
 # generate() arguments that turn on drafting (assisted / prompt-lookup decoding)
 _DRAFTING = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
 
@@ -71,6 +76,10 @@ class HybridModel(nn.Module):
             raise ValueError(f"{type(model).__name__} is not supported: its attention has q/k norms, a query scale "
                              "other than 1/sqrt(head_dim) or logit softcapping, which DSLA layers do not reproduce "
                              "(supported: Llama, Qwen2, Mistral)")
+        kind = getattr(cfg, "model_type", None)
+        if kind not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"{type(model).__name__} (model_type {kind!r}) is not supported: the engine and DSLA "
+                             f"layers reproduce only these decoders: {', '.join(SUPPORTED_MODEL_TYPES)}")
         self.fingerprint = model_fingerprint(model)  # of the untouched teacher
         self.model = model
         self.dsla_config = dsla_config

@@ -57,6 +57,20 @@ def _rope_table(rotary_emb, max_len: int, positions: int | None, x: torch.Tensor
     return cos, sin
 
 
+def _longrope_original(config) -> int | None:
+    """The original context length of a longrope model, else None. HF's longrope rotates every
+    position of a call with the short factors while the call stays within it and with the long
+    ones once it reaches past it: the positions it has are these, not max_position_embeddings."""
+    params = getattr(config, "rope_parameters", None)  # transformers 5.x; 4.x: rope_scaling
+    rope = params or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type")) != "longrope":
+        return None
+    # 5.x reads the length from the RoPE parameters, 4.x from the config itself
+    orig = (params.get("original_max_position_embeddings") if params
+            else getattr(config, "original_max_position_embeddings", None))
+    return orig or max_positions(config)
+
+
 def fold_reserve_bytes(hybrid) -> int:
     """GPU memory the folded projections of DSLA layers with deltas can take (`_frozen_consts`):
     a q/k/v/o copy per layer. Counted for every layer: the policy converts at most half of them,
@@ -81,9 +95,16 @@ class ModelRunner:
         p = self.lm_head.weight
         self.device, self.dtype = p.device, p.dtype
         self.Hq, self.Hkv, self.D = hybrid.num_heads, hybrid.num_kv_heads, hybrid.head_dim
+        x0 = torch.zeros(1, 1, 1, dtype=self.dtype, device=self.device)
+        orig = _longrope_original(hybrid.config)
+        # HF prefills a prompt in one call: under longrope, one longer than the original context has
+        # the long factors at every position, those before it included (forward_pieces reads this table)
+        self.long_from = orig if orig is not None and max_model_len > orig else None
         with torch.no_grad():
-            cos, sin = _rope_table(self.inner.rotary_emb, max_model_len, max_positions(hybrid.config),
-                                   torch.zeros(1, 1, 1, dtype=self.dtype, device=self.device))
+            if self.long_from is not None:
+                c, s = self.inner.rotary_emb(x0, torch.arange(max_model_len, device=self.device)[None])
+                self.cos_long, self.sin_long = c[0], s[0]
+            cos, sin = _rope_table(self.inner.rotary_emb, max_model_len, orig or max_positions(hybrid.config), x0)
         self.cos, self.sin = cos[0], sin[0]  # [max_len, D]
         t = self.inner.layers[0].self_attn.teacher
         self.scale = getattr(t, "scaling", None) or self.D ** -0.5
@@ -134,7 +155,12 @@ class ModelRunner:
         wblk = tables[:, seq_of, pos // bs]  # [L, N]: each token's block, per layer
         woff = pos % bs
         slots = torch.stack([it.req.cache.slots for it in items], 1).to(dev)  # [L, B]
-        cos, sin = self.cos[pos][None], self.sin[pos][None]
+        cos, sin = self.cos[pos], self.sin[pos]
+        if self.long_from is not None:
+            long = torch.tensor([it.req.num_prompt > self.long_from for it in items for _ in range(it.n)], device=dev)
+            cos = torch.where(long[:, None], self.cos_long[pos], cos)
+            sin = torch.where(long[:, None], self.sin_long[pos], sin)
+        cos, sin = cos[None], sin[None]
         pieces = [(it.start, it.n) for it in items]
         firsts = [sum(it.n for it in items[:i]) for i in range(len(items))]
         dec = [i for i, it in enumerate(items) if it.n == 1]
@@ -149,7 +175,8 @@ class ModelRunner:
                 self._write_kv(k[0], v[0], wblk[layer], woff)
                 o = attend_pieces(q[0], self.pool.kv, tables[layer], pieces, self.scale)
                 return t.o_proj(o.reshape(1, -1, self.Hq * self.D))
-            q, k, v, g1, g2 = mod.project(h, cos, sin)
+            folded = self._folded(layer, mod)
+            q, k, v, g1, g2 = mod.project(h, cos, sin) if folded is None else self._project_folded(mod, folded, h, cos, sin)
             w, scale = mod.mix_weights(), 1.0 / math.sqrt(self.D)
             o = torch.empty_like(q)
             if dec:
@@ -167,7 +194,11 @@ class ModelRunner:
                                                 scale=scale, chunk_size=mod.cfg.chunk_size)
                 self.pool.s1[s].copy_(s1[0])
                 self.pool.s2[s].copy_(s2[0])
-            return mod.finish(o)
+            if folded is None:
+                return mod.finish(o)
+            _, head_scale, _, (_, wo) = folded
+            y = F.linear((o * head_scale[:, None]).reshape(*o.shape[:2], -1), wo)
+            return y if mod.out_bias is None else y + mod.out_bias.to(y.dtype)
 
         x = self._layers(self.inner.embed_tokens(ids)[None], attn)
         if not want:
@@ -259,6 +290,28 @@ class ModelRunner:
     def _add(x, a, norm_weight):
         y = x + a
         return (y, *norm_parts(y, norm_weight))
+
+    def _folded(self, i, mod):
+        """`_frozen_consts(mod)` where the fused decode serves mod with its low-rank deltas folded in, so
+        that prefill runs the same projections: one [q;k;v] GEMM, one GEMM for both gates' codes and one
+        o GEMM instead of the teacher's four plus eight thin delta products and their adds (a DSLA
+        layer's prefill piece was twice an attention layer's host time: bench/results/engine_prefill.md).
+        None elsewhere (CPU, plain modules): the module's own op-by-op forms."""
+        if not self.fused_decode or mod.deltas is None or not self._fused_step(i, mod):
+            return None
+        return self._frozen_consts(mod)
+
+    @staticmethod
+    def _project_folded(mod, consts, h, cos, sin):
+        """mod.project(h, cos, sin) through the folded weights of `_frozen_consts`."""
+        _, _, gate_down, (wqkv, _) = consts
+        B, T, _ = h.shape
+        Hq, Hkv, D = mod.num_heads, mod.num_kv_heads, mod.head_dim
+        q, k, v = F.linear(h, wqkv).split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+        q = apply_rope(q.view(B, T, Hq, D), cos, sin)
+        k = apply_rope(k.view(B, T, Hkv, D), cos, sin)
+        c1, c2 = F.linear(h, gate_down).chunk(2, dim=-1)
+        return (q, k, v.view(B, T, Hkv, D), *mod.gates_from_codes(c1, c2))
 
     def _fused_step(self, i, mod) -> bool:
         """The fused DSLA path covers low-rank gates with an up bias; low-rank deltas too, folded

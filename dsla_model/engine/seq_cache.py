@@ -32,8 +32,8 @@ class SeqCache:
         blocks = pool.alloc_blocks(nblk * len(conf.attn_layers))
         # table[layer] lists the blocks of an attention layer; rows of DSLA layers stay 0 (scratch)
         self.table = torch.zeros(n_layers, nblk, dtype=torch.int64)
-        for j, layer in enumerate(conf.attn_layers):
-            self.table[layer] = torch.tensor(blocks[j * nblk:(j + 1) * nblk], dtype=torch.int64)
+        if conf.attn_layers:
+            self.table[list(conf.attn_layers)] = torch.tensor(blocks, dtype=torch.int64).view(-1, nblk)
         self.blocks = blocks
         self.nbytes = (len(blocks) + len(self.pairs) * pool.blocks_per_pair) * pool.block_bytes
 

@@ -48,3 +48,34 @@ def test_the_gpu_cache_budget_leaves_room_for_folded_projections():
     per_layer = sum(getattr(attn, f"{n}_proj").weight.nbytes for n in "qkvo")
     assert fold_reserve_bytes(h) == per_layer * h.num_layers > 0
     assert fold_reserve_bytes(HybridModel(tiny_model(seed=0))) == 0  # no deltas: nothing is folded
+
+
+def test_prefill_through_folded_projections_equals_the_modules_forms():
+    """On the fused (CUDA) runner a DSLA layer with deltas prefills through the folded weights too:
+    one [q;k;v] GEMM, one GEMM for both gates' codes and one o GEMM. Forced on here (the CPU runner's
+    prefill otherwise takes the module's op-by-op forms), logits of a chunked prompt must match."""
+    from dsla_model.engine import SamplingParams
+    from dsla_model.engine.seq_cache import SeqCache
+    from dsla_model.engine.scheduler import WorkItem
+
+    h = HybridModel(tiny_model(seed=0), DSLAConfig(delta_rank=4, output_bias=True))
+    for i in (1, 3):
+        h.convert(i)
+    randomize_dsla(h, 0)
+    eng = Engine(h, None, EngineConfig(cache_memory_bytes=4 << 20))
+    prompt = torch.randint(1, h.config.vocab_size, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    logits = []
+    for fused in (False, True):
+        eng.runner.fused_decode = fused
+        if fused:
+            eng.runner._fuse_weights()
+            assert eng.runner._folded(1, h.attention(1).dsla) is not None
+        rid = eng.add_request(prompt, SamplingParams(max_tokens=1, temperature=0))
+        req = eng.requests[rid]
+        eng.scheduler.waiting.remove(req)
+        req.cache = SeqCache(eng.pool, req.conf, req.max_len)
+        out = [eng.runner.forward_pieces(req.conf, [WorkItem(req, a, n)], [0]) for a, n in ((0, 24), (24, 16))]
+        logits.append(torch.cat(out))
+        req.cache.free()
+        del eng.requests[rid]
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)

@@ -41,3 +41,33 @@ def test_dynamic_rope_table_keeps_the_models_rotations_for_the_positions_it_has(
     with torch.no_grad():
         ref = torch.log_softmax(h(torch.tensor([p + [0] * 8]))[0].float(), -1)  # positions only matter here
     assert abs(_logprobs(short, p)[0] - ref[len(p) - 1].max().item()) < 1e-4
+
+
+def longrope_hybrid(original=16):
+    half = 8  # head_dim 16: one factor per frequency
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=POSITIONS,
+                                   tie_word_embeddings=False, initializer_range=0.08,
+                                   rope_scaling={"rope_type": "longrope", "factor": POSITIONS / original,
+                                                 "original_max_position_embeddings": original,
+                                                 "short_factor": [1.0 + 0.1 * i for i in range(half)],
+                                                 "long_factor": [2.0 + 0.5 * i for i in range(half)]})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    model.generation_config.eos_token_id = None
+    return HybridModel(model)
+
+
+def test_longrope_engine_matches_hf_generate_within_and_past_the_original_context():
+    """The table came from one call reaching max_model_len, which longrope answers with the long
+    factors for every position: prompts within the original context were rotated as HF never does."""
+    h = longrope_hybrid()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 12, 30)]  # the last past 16
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)  # the first two decode past 16
+    for kw in ({}, {"max_batched_tokens": 8, "max_running": 3}):  # chunked prefill too
+        got = Engine(h, None, EngineConfig(cache_memory_bytes=4 << 20, **kw)).generate(prompts, sp)
+        for p, tokens in zip(prompts, got):
+            ref = h.model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=12, min_new_tokens=12,
+                                   pad_token_id=0)[0, len(p):].tolist()
+            assert tokens == ref, (len(p), kw)

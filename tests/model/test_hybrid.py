@@ -145,3 +145,26 @@ def test_attention_that_dsla_does_not_reproduce_is_refused():
                       num_key_value_heads=1, head_dim=16, vocab_size=64)
     with pytest.raises(ValueError, match="q/k norms"):
         HybridModel(Qwen3ForCausalLM(cfg))
+
+
+@pytest.mark.parametrize("kind, extra", [
+    ("OlmoConfig", {"clip_qkv": 0.05}),  # clipped q/k/v: the engine served other tokens
+    ("SmolLM3Config", {"no_rope_layer_interval": 2}),  # layers without RoPE: other tokens
+    ("PhiConfig", {}),  # partial RoPE: a shape error inside the engine's first step
+    ("CohereConfig", {}),  # parallel attention and MLP: an AttributeError inside the first step
+])
+def test_decoders_the_engine_does_not_reproduce_are_refused(kind, extra):
+    """These have q/k/v/o projections and no q/k norms, so they were taken, then computed wrongly."""
+    import transformers
+
+    cfg = getattr(transformers, kind)(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, pad_token_id=0, bos_token_id=1,
+                                      eos_token_id=2, **extra)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(ValueError, match="not supported"):
+        HybridModel(model)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_supported_decoders_are_taken(kind):
+    assert HybridModel(tiny_model(kind, layers=1)).num_layers == 1
