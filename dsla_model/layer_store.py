@@ -61,6 +61,16 @@ def _safetensors_metadata(data: bytes) -> dict:
     return (header.get("__metadata__") if isinstance(header, dict) else None) or {}
 
 
+def _sync_dir(path: Path):
+    """A rename is durable only once its directory is synced: after a power loss the store could
+    otherwise come back with the old manifest, or a manifest naming a layer file that is not there."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(path: Path, data: bytes):
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -68,6 +78,7 @@ def _atomic_write(path: Path, data: bytes):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _sync_dir(path.parent)
 
 
 class LayerStore:
@@ -249,6 +260,7 @@ class LayerStore:
             # safetensors writes 0600: replicas running as another user (a shared store) could not read it
             os.chmod(tmp, 0o644)
             os.replace(tmp, self.path / name)
+            _sync_dir(self.path)  # the file's name is durable before the manifest names it
             order = m["order"]
             entry = {"position": order.index(layer),
                      "version": version, "metrics": metrics, "sha256": _sha256(self.path / name),

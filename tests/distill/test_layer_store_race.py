@@ -33,3 +33,25 @@ def test_load_during_a_republish_gets_the_new_version(tmp_path):
     reader.read_manifest = read_then_republish
     got = reader.load_layer(0, h.fingerprint)
     assert all(torch.equal(got[k], v2[k].float()) for k in v2)
+
+
+def test_publish_syncs_the_store_directory_after_each_rename(tmp_path, monkeypatch):
+    """Renames are durable only once the directory is synced: after a power loss the store could
+    come back with a manifest naming a layer file whose name was lost."""
+    import os
+
+    h = tiny_hybrid()
+    store = LayerStore(tmp_path / "store")
+    store.init("tiny", h.fingerprint, [0, 1, 2], h.dsla_config)
+    synced, real = [], os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    store.publish(0, _weights(h, 0, seed=1), {})
+    d = str((tmp_path / "store").resolve())
+    # the layer file, the directory (its new name), the manifest, the directory (the manifest's rename)
+    assert synced.count(d) >= 2
+    assert synced.index(d) < max(i for i, p in enumerate(synced) if p.endswith(".tmp" + str(os.getpid())))
