@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench.engine as be  # noqa: E402
 
 REPEATS = 3
+MAX_RUNNING = 16  # the engines' max_running: a chunk (max_batched_tokens) must be at least this
 
 
 def gemm_flops_per_s() -> float:
@@ -133,8 +134,9 @@ def run(args) -> dict:
     max_len = max(lengths) + 8
     budget = 40 << 30 if be.DEV == "cuda" else 64 << 20
     for chunk in args.chunks:
-        eng = Engine(hyb, tok, EngineConfig(max_running=16, max_batched_tokens=chunk, max_model_len=max_len,
-                                            cache_memory_bytes=budget, state_dtype=args.state_dtype))
+        eng = Engine(hyb, tok, EngineConfig(max_running=MAX_RUNNING, max_batched_tokens=chunk,
+                                            max_model_len=max_len, cache_memory_bytes=budget,
+                                            state_dtype=args.state_dtype))
         for conv, layers in layers_at.items():
             eng.set_conversion(layers)
             for n in lengths:
@@ -162,8 +164,9 @@ def profile_ttft(hyb, tok, layers_at, length, args, max_len, budget):
 
     from dsla_model.engine import Engine, EngineConfig, SamplingParams
 
-    eng = Engine(hyb, tok, EngineConfig(max_running=16, max_batched_tokens=args.chunks[0], max_model_len=max_len,
-                                        cache_memory_bytes=budget, state_dtype=args.state_dtype))
+    eng = Engine(hyb, tok, EngineConfig(max_running=MAX_RUNNING, max_batched_tokens=args.chunks[0],
+                                        max_model_len=max_len, cache_memory_bytes=budget,
+                                        state_dtype=args.state_dtype))
     lines = [f"# {torch.cuda.get_device_name()}, `python {' '.join(sys.argv)}`", "kernel | calls | ms"]
     prompt = torch.randint(0, hyb.config.vocab_size, (length,)).tolist()
     for conv, layers in layers_at.items():
@@ -227,7 +230,14 @@ def main():
         args.chunks = [32]
         args.state_dtype = "float32"
         args.out = os.path.join(args.out, "smoke")
-    elif not torch.cuda.is_available():
+    from dsla_model.engine import EngineConfig
+
+    for chunk in args.chunks:  # here, not after the model is built and HF timed (minutes on a GPU)
+        try:
+            EngineConfig(max_running=MAX_RUNNING, max_batched_tokens=chunk, state_dtype=args.state_dtype).validate()
+        except ValueError as e:
+            ap.error(str(e))
+    if not args.cpu_smoke and not torch.cuda.is_available():
         sys.exit("engine_prefill.py needs a CUDA device (or --cpu-smoke)")
     os.makedirs(args.out, exist_ok=True)
     run(args)

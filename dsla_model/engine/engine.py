@@ -166,7 +166,7 @@ class Engine:
         for group in groups.values():
             conf = group[0].req.conf
             want = [i for i, it in enumerate(group) if it.samples]
-            if self.graphs is not None and all(it.n == 1 for it in group):
+            if self.graphs is not None and all(it.n == 1 for it in group) and not self.runner.needs_long_table(group):
                 # every row must be a token that samples: a prompt chunk of one token that does not
                 # would have the graph's greedy guess emitted and fed back as its next prompt token
                 if len(groups) == 1 and self._greedy_only(group) and all(it.samples for it in group):

@@ -115,6 +115,19 @@ class ModelRunner:
         if self.fused_decode:
             self._fuse_weights()
 
+    def long_rope(self, req) -> bool:
+        """Whether every position of req rotates with longrope's long factors (`cos_long`): its prompt
+        proper reaches past the original context, as HF's one-call prefill of it does. A resumed
+        request's last resume_tokens prompt tokens are an earlier attempt's output, decoded token by
+        token: they do not make its prompt long (the shared table rotates them as that attempt did)."""
+        return self.long_from is not None and req.num_prompt - req.params.resume_tokens > self.long_from
+
+    def needs_long_table(self, items) -> bool:
+        """Whether a token of items rotates with the long factors at a position where the shared
+        table (what forward_decode and its graphs read) has the short ones: a one-token prompt
+        chunk of a long prompt. Such items must take forward_pieces."""
+        return any(self.long_rope(it.req) and it.start < self.long_from for it in items)
+
     # ---- shared layer pieces ------------------------------------------------------------
     def _qkv(self, teacher, h, cos, sin):
         B, T, _ = h.shape
@@ -157,7 +170,7 @@ class ModelRunner:
         slots = torch.stack([it.req.cache.slots for it in items], 1).to(dev)  # [L, B]
         cos, sin = self.cos[pos], self.sin[pos]
         if self.long_from is not None:
-            long = torch.tensor([it.req.num_prompt > self.long_from for it in items for _ in range(it.n)], device=dev)
+            long = torch.tensor([self.long_rope(it.req) for it in items for _ in range(it.n)], device=dev)
             cos = torch.where(long[:, None], self.cos_long[pos], cos)
             sin = torch.where(long[:, None], self.sin_long[pos], sin)
         cos, sin = cos[None], sin[None]

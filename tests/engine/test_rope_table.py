@@ -71,3 +71,33 @@ def test_longrope_engine_matches_hf_generate_within_and_past_the_original_contex
             ref = h.model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=12, min_new_tokens=12,
                                    pad_token_id=0)[0, len(p):].tolist()
             assert tokens == ref, (len(p), kw)
+
+
+def test_longrope_one_token_prompt_chunks_on_the_decode_graph_path():
+    """A step of one-token items runs the decode graphs, which read the shared table (short factors
+    before the original context): a long prompt's one-token chunks there were rotated short."""
+    from tests.engine.conftest import pipelined
+
+    h = longrope_hybrid()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 30)]
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    eng = pipelined(Engine(h, None, EngineConfig(cache_memory_bytes=4 << 20, max_batched_tokens=2, max_running=2)))
+    got = eng.generate(prompts, sp)
+    for p, tokens in zip(prompts, got):
+        ref = h.model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=8, min_new_tokens=8,
+                               pad_token_id=0)[0, len(p):].tolist()
+        assert tokens == ref, len(p)
+
+
+def test_longrope_resumed_request_continues_the_uninterrupted_stream():
+    """A resumed request's prompt ends with the earlier attempt's output: that it reaches past the
+    original context does not make the prompt proper long (its positions were rotated short)."""
+    h = longrope_hybrid()
+    p = torch.randint(0, 256, (5,), generator=torch.Generator().manual_seed(1)).tolist()
+    eng = Engine(h, None, EngineConfig(cache_memory_bytes=4 << 20))
+    full = eng.generate([p], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))[0]
+    k = 14  # the resumed prompt: 19 tokens, past the original 16
+    got = eng.generate([p + full[:k]], SamplingParams(max_tokens=20 - k, temperature=0, ignore_eos=True,
+                                                      resume_tokens=k))[0]
+    assert got == full[k:]
