@@ -13,6 +13,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kernels import dsla_prefill
@@ -125,23 +126,35 @@ class DSLAAttention(nn.Module):
         g2 = nn.functional.logsigmoid(self.gate2.up(c2).float()) / GATE_NORMALIZER
         return g1.clamp_min(GATE_FLOOR).view(shape), g2.clamp_min(GATE_FLOOR).view(shape)
 
-    def project(self, x, cos, sin):
-        """x [B,T,hidden] -> q [B,T,Hq,D], k/v/g1/g2 [B,T,Hkv,D]; RoPE applied to q and k."""
+    def project(self, x, cos, sin, qkv_weight=None, gate_down=None):
+        """x [B,T,hidden] -> q [B,T,Hq,D], k/v/g1/g2 [B,T,Hkv,D]; RoPE applied to q and k.
+        qkv_weight: the q/k/v projections as one [q;k;v] matrix (each `merged_weight`, for a teacher
+        without biases); gate_down: both gates' down projections stacked. A serving runner keeps
+        these for its frozen modules: three GEMMs where the op-by-op form launches up to eleven."""
         B, T, _ = x.shape
-        q = self._proj("q", x).view(B, T, self.num_heads, self.head_dim)
-        k = self._proj("k", x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self._proj("v", x).view(B, T, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        g1, g2 = self.gates(x)
-        return q, k, v, g1, g2
+        Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        if qkv_weight is None:
+            q, k, v = self._proj("q", x), self._proj("k", x), self._proj("v", x)
+        else:
+            q, k, v = F.linear(x, qkv_weight).split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+        q, k = apply_rope(q.view(B, T, Hq, D), cos, sin), apply_rope(k.view(B, T, Hkv, D), cos, sin)
+        if gate_down is None:
+            g1, g2 = self.gates(x)
+        else:
+            g1, g2 = self.gates_from_codes(*F.linear(x, gate_down).chunk(2, dim=-1))
+        return q, k, v.view(B, T, Hkv, D), g1, g2
 
-    def finish(self, o):
-        """o [B,T,Hq,Dv] -> layer output [B,T,hidden]."""
-        o = o * self.log_head_scale.exp().to(o.dtype)[:, None]
-        o = o.reshape(*o.shape[:2], -1)
-        y = self.teacher.o_proj(o)
-        if self.deltas is not None:
-            y = y + self.deltas["o"](o)
+    def finish(self, o, head_scale=None, o_weight=None):
+        """o [B,T,Hq,Dv] -> layer output [B,T,hidden]. head_scale: exp(log_head_scale) in o's dtype;
+        o_weight: `merged_weight("o")` (both precomputed by a serving runner, like project's)."""
+        hs = self.log_head_scale.exp().to(o.dtype) if head_scale is None else head_scale
+        o = (o * hs[:, None]).reshape(*o.shape[:2], -1)
+        if o_weight is not None:
+            y = F.linear(o, o_weight, self.teacher.o_proj.bias)
+        else:
+            y = self.teacher.o_proj(o)
+            if self.deltas is not None:
+                y = y + self.deltas["o"](o)
         if self.out_bias is not None:
             y = y + self.out_bias.to(y.dtype)
         return y

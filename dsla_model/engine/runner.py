@@ -188,10 +188,10 @@ class ModelRunner:
                 self._write_kv(k[0], v[0], wblk[layer], woff)
                 o = attend_pieces(q[0], self.pool.kv, tables[layer], pieces, self.scale)
                 return t.o_proj(o.reshape(1, -1, self.Hq * self.D))
-            folded = self._folded(layer, mod)
-            q, k, v, g1, g2 = mod.project(h, cos, sin) if folded is None else self._project_folded(mod, folded, h, cos, sin)
-            w, scale = mod.mix_weights(), 1.0 / math.sqrt(self.D)
-            o = torch.empty_like(q)
+            w, kw = self._prefill_consts(layer, mod)
+            q, k, v, g1, g2 = mod.project(h, cos, sin, kw["qkv_weight"], kw["gate_down"])
+            scale = 1.0 / math.sqrt(self.D)
+            o = torch.empty_like(q) if dec or len(pre) > 1 else None  # one piece: the kernel's output as is
             if dec:
                 s = slots[layer, dec]
                 o[0, dec_tok] = dsla_decode_slots(q[0, dec_tok], k[0, dec_tok], v[0, dec_tok], g1[0, dec_tok],
@@ -199,19 +199,18 @@ class ModelRunner:
             for i in pre:
                 a, n, s = firsts[i], items[i].n, int(items[i].req.cache.slots[layer])
                 sl = slice(a, a + n)
-                # fp32 copies of the pooled states (a bf16 pool is widened; the final states are
-                # rounded back by copy_)
-                o[:, sl], s1, s2 = dsla_prefill(q[:, sl], k[:, sl], v[:, sl], g1[:, sl], g2[:, sl], w,
-                                                self.pool.s1[s:s + 1].to(torch.float32, copy=True),
-                                                self.pool.s2[s:s + 1].to(torch.float32, copy=True),
-                                                scale=scale, chunk_size=mod.cfg.chunk_size)
+                # the pooled states in fp32 (a bf16 pool widened; neither form writes its initial
+                # states), the final ones rounded back by copy_
+                out, s1, s2 = dsla_prefill(q[:, sl], k[:, sl], v[:, sl], g1[:, sl], g2[:, sl], w,
+                                           self.pool.s1[s:s + 1].float(), self.pool.s2[s:s + 1].float(),
+                                           scale=scale, chunk_size=mod.cfg.chunk_size)
+                if o is None:
+                    o = out
+                else:
+                    o[:, sl] = out
                 self.pool.s1[s].copy_(s1[0])
                 self.pool.s2[s].copy_(s2[0])
-            if folded is None:
-                return mod.finish(o)
-            _, head_scale, _, (_, wo) = folded
-            y = F.linear((o * head_scale[:, None]).reshape(*o.shape[:2], -1), wo)
-            return y if mod.out_bias is None else y + mod.out_bias.to(y.dtype)
+            return mod.finish(o, kw["head_scale"], kw["o_weight"])
 
         x = self._layers(self.inner.embed_tokens(ids)[None], attn)
         if not want:
@@ -304,27 +303,21 @@ class ModelRunner:
         y = x + a
         return (y, *norm_parts(y, norm_weight))
 
-    def _folded(self, i, mod):
-        """`_frozen_consts(mod)` where the fused decode serves mod with its low-rank deltas folded in, so
-        that prefill runs the same projections: one [q;k;v] GEMM, one GEMM for both gates' codes and one
-        o GEMM instead of the teacher's four plus eight thin delta products and their adds (a DSLA
-        layer's prefill piece was twice an attention layer's host time: bench/results/engine_prefill.md).
-        None elsewhere (CPU, plain modules): the module's own op-by-op forms."""
-        if not self.fused_decode or mod.deltas is None or not self._fused_step(i, mod):
-            return None
-        return self._frozen_consts(mod)
-
-    @staticmethod
-    def _project_folded(mod, consts, h, cos, sin):
-        """mod.project(h, cos, sin) through the folded weights of `_frozen_consts`."""
-        _, _, gate_down, (wqkv, _) = consts
-        B, T, _ = h.shape
-        Hq, Hkv, D = mod.num_heads, mod.num_kv_heads, mod.head_dim
-        q, k, v = F.linear(h, wqkv).split([Hq * D, Hkv * D, Hkv * D], dim=-1)
-        q = apply_rope(q.view(B, T, Hq, D), cos, sin)
-        k = apply_rope(k.view(B, T, Hkv, D), cos, sin)
-        c1, c2 = F.linear(h, gate_down).chunk(2, dim=-1)
-        return (q, k, v.view(B, T, Hkv, D), *mod.gates_from_codes(c1, c2))
+    def _prefill_consts(self, i, mod):
+        """(mixing weights, keyword arguments of mod.project / mod.finish) for a prefill piece. The fused
+        (CUDA) runner passes what `_frozen_consts` keeps for decode: [q;k;v] in one GEMM (with the deltas
+        folded in), both gates' codes in one, the head scales and the folded o projection, instead of
+        the op-by-op forms' up to fifteen launches more (a DSLA layer's piece took twice an attention
+        layer's host time: bench/results/engine_prefill.md). Elsewhere, the module's own forms."""
+        none = dict(qkv_weight=None, gate_down=None, head_scale=None, o_weight=None)
+        if not self.fused_decode:
+            return mod.mix_weights(), none
+        w, head_scale, gate_down, folded = self._frozen_consts(mod)
+        qkv = None
+        if self.qkv_w[i] is not None:  # the teacher's q/k/v have no biases (merged weights carry none)
+            qkv = folded[0] if folded is not None else self.qkv_w[i]
+        return w, dict(qkv_weight=qkv, gate_down=gate_down, head_scale=head_scale,
+                       o_weight=None if folded is None else folded[1])
 
     def _fused_step(self, i, mod) -> bool:
         """The fused DSLA path covers low-rank gates with an up bias; low-rank deltas too, folded

@@ -2,6 +2,7 @@
 deltas (the shipped store's: delta_rank 8, an output bias) runs the fused path with W + U D as
 plain weights, instead of the op-by-op path (~115 us a layer on an H200 for SmolLM2-135M).
 The folding is checked here on any device; the fused step itself by test_gpu_default_model.py."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -50,32 +51,42 @@ def test_the_gpu_cache_budget_leaves_room_for_folded_projections():
     assert fold_reserve_bytes(HybridModel(tiny_model(seed=0))) == 0  # no deltas: nothing is folded
 
 
-def test_prefill_through_folded_projections_equals_the_modules_forms():
-    """On the fused (CUDA) runner a DSLA layer with deltas prefills through the folded weights too:
-    one [q;k;v] GEMM, one GEMM for both gates' codes and one o GEMM. Forced on here (the CPU runner's
-    prefill otherwise takes the module's op-by-op forms), logits of a chunked prompt must match."""
+@pytest.mark.parametrize("delta_rank,output_bias", [(4, True), (0, False)])
+def test_prefill_through_the_runners_consts_equals_the_modules_forms(delta_rank, output_bias):
+    """On the fused (CUDA) runner a DSLA layer's prefill piece runs on what the decode keeps: one
+    [q;k;v] GEMM (deltas folded in), one GEMM for both gates' codes, the head scales and the folded o
+    projection. Forced on here (the CPU runner's prefill takes the module's op-by-op forms); the
+    logits of a prompt in two pieces, and then of two prompts in one step, must match."""
     from dsla_model.engine import SamplingParams
-    from dsla_model.engine.seq_cache import SeqCache
     from dsla_model.engine.scheduler import WorkItem
+    from dsla_model.engine.seq_cache import SeqCache
 
-    h = HybridModel(tiny_model(seed=0), DSLAConfig(delta_rank=4, output_bias=True))
+    h = HybridModel(tiny_model(seed=0), DSLAConfig(delta_rank=delta_rank, output_bias=output_bias))
     for i in (1, 3):
         h.convert(i)
     randomize_dsla(h, 0)
     eng = Engine(h, None, EngineConfig(cache_memory_bytes=4 << 20))
-    prompt = torch.randint(1, h.config.vocab_size, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, h.config.vocab_size, (n,), generator=g).tolist() for n in (40, 9)]
     logits = []
     for fused in (False, True):
         eng.runner.fused_decode = fused
         if fused:
             eng.runner._fuse_weights()
-            assert eng.runner._folded(1, h.attention(1).dsla) is not None
-        rid = eng.add_request(prompt, SamplingParams(max_tokens=1, temperature=0))
-        req = eng.requests[rid]
-        eng.scheduler.waiting.remove(req)
-        req.cache = SeqCache(eng.pool, req.conf, req.max_len)
-        out = [eng.runner.forward_pieces(req.conf, [WorkItem(req, a, n)], [0]) for a, n in ((0, 24), (24, 16))]
+            _, kw = eng.runner._prefill_consts(1, h.attention(1).dsla)
+            assert kw["qkv_weight"] is not None and (kw["o_weight"] is not None) == (delta_rank > 0)
+        reqs = []
+        for p in prompts:
+            rid = eng.add_request(p, SamplingParams(max_tokens=1, temperature=0))
+            req = eng.requests[rid]
+            eng.scheduler.waiting.remove(req)
+            req.cache = SeqCache(eng.pool, req.conf, req.max_len)
+            reqs.append(req)
+        a, b = reqs
+        out = [eng.runner.forward_pieces(a.conf, [WorkItem(a, 0, 24)], [0]),
+               eng.runner.forward_pieces(a.conf, [WorkItem(a, 24, 16), WorkItem(b, 0, 9)], [0, 1])]
         logits.append(torch.cat(out))
-        req.cache.free()
-        del eng.requests[rid]
+        for req in reqs:
+            req.cache.free()
+            del eng.requests[req.id]
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
