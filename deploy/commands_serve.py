@@ -53,7 +53,9 @@ def _check_model(cfg):
 
     try:
         num_layers(cfg)
-    except (ModelNotFoundError, OSError, ValueError) as e:
+    except ModelNotFoundError as e:  # names the model already: prefixed, it said it twice
+        raise CLIError(str(e)) from None
+    except (OSError, ValueError) as e:
         raise CLIError(f"cannot load model {cfg.model!r}: {e}") from None
 
 

@@ -49,7 +49,10 @@ VLLM_EXTENSIONS = {"min_tokens": 0, "min_p": 0, "repetition_penalty": 1, "length
                    "include_stop_str_in_output": False, "bad_words": [], "allowed_token_ids": None,
                    "prompt_logprobs": None, "truncate_prompt_tokens": None, "guided_json": None, "guided_regex": None,
                    "guided_choice": None, "guided_grammar": None, "guided_decoding_backend": None,
-                   "structured_outputs": None}
+                   "structured_outputs": None, "skip_special_tokens": True,
+                   # chat's: each changes the prompt or the answer (completions declare their own echo)
+                   "echo": False, "add_generation_prompt": True, "continue_final_message": False,
+                   "chat_template": None}
 
 
 class _Sampling(_Request):

@@ -208,8 +208,9 @@ class LLMReplica:
         log.info("replica %s: DSLA layers %s -> %s (store version %d)", self.replica_id, current, layers, version)
 
     async def _stats(self) -> dict:
-        # the engine's lock is held for a whole step: waited for here, it would stall every stream
-        return await asyncio.to_thread(self.engine.stats)
+        # AsyncEngine.stats never waits for a step; on a worker thread it queued behind admissions
+        # that do (each holds one of the default executor's few threads until a step ends)
+        return self.engine.stats()
 
     async def status(self) -> dict:
         return self.report(await self._stats())

@@ -33,6 +33,7 @@ class AsyncEngine:
         self._aborts: collections.deque = collections.deque()  # ids whose streams were left; any thread appends
         self._stop = False
         self.error: BaseException | None = None
+        self._stats = self.engine.stats()  # as the last step (or swap) left them; written under the lock
         self._thread = threading.Thread(target=self._loop, name="dsla-engine", daemon=True)
         self._thread.start()
 
@@ -51,6 +52,7 @@ class AsyncEngine:
                     except BaseException as e:  # noqa: BLE001 - the thread must report, not die silently
                         self.error = e
                         events = self._abort_all()
+                    self._stats = self.engine.stats()  # ~3 us
                 streams = dict(self._streams)
             self._deliver(events, streams)
             if stop:
@@ -130,10 +132,18 @@ class AsyncEngine:
     def set_conversion(self, dsla_layers, store_version=None, layer_weights=None) -> None:
         with self._wake:
             self.engine.set_conversion(dsla_layers, store_version, layer_weights)
+            self._stats = self.engine.stats()
 
     def stats(self) -> dict:
-        with self._lock:
-            return self.engine.stats()
+        """Never waits for a step: a prefill step holds the lock for seconds on a CPU, and a replica
+        waiting for it reported its load too late for the controller (dropped as silent). While a
+        step runs, the numbers as the step before it left them."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._stats = self.engine.stats()
+            finally:
+                self._lock.release()
+        return dict(self._stats)
 
     def capacity(self, seq_len: int) -> int:
         with self._lock:

@@ -41,6 +41,15 @@ def test_run_refuses_with_one_line_before_ray_starts(no_ray, capsys, argv):
     assert "Traceback" not in err
 
 
+def test_a_missing_model_is_named_once(no_ray, capsys):
+    """It read "cannot load model '/x': cannot load model '/x': no such directory ..."."""
+    from deploy.cli import main
+
+    assert main(["run", "--no-dashboard", "--model", "/nonexistent/model/dir"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("/nonexistent/model/dir") == 1 and "no such directory" in err, err
+
+
 def test_config_error_names_the_field(no_ray, capsys):
     from deploy.cli import main
 

@@ -109,6 +109,22 @@ def test_vllm_extensions_we_do_not_implement_are_refused_unless_neutral(field, v
     assert CompletionRequest.model_validate({**body, "some_sdk_field": 3}).unsupported() is None
 
 
+@pytest.mark.parametrize("field,value", [("echo", True), ("continue_final_message", True),
+                                         ("add_generation_prompt", False), ("chat_template", "{{ 'x' }}"),
+                                         ("skip_special_tokens", False)])
+def test_vllm_chat_extensions_we_do_not_implement_are_refused_unless_neutral(field, value):
+    """A chat request with echo or continue_final_message got a 200 answering a new turn instead."""
+    from deploy.openai_protocol import ChatCompletionRequest
+
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert ChatCompletionRequest.model_validate({**chat, field: value}).unsupported()[0] == field
+    neutral = {"echo": False, "continue_final_message": False, "add_generation_prompt": True, "chat_template": None,
+               "skip_special_tokens": True}[field]
+    assert ChatCompletionRequest.model_validate({**chat, field: neutral}).unsupported() is None
+    # completions' own echo field keeps its own message
+    assert CompletionRequest.model_validate({"model": "m", "prompt": "hi", "echo": True}).unsupported()[0] == "echo"
+
+
 def test_legacy_function_calling_is_refused_like_tools():
     from deploy.openai_protocol import ChatCompletionRequest
 

@@ -170,3 +170,39 @@ def test_an_abort_queued_for_a_finished_request_does_not_abort_its_ids_next_requ
         assert reasons[-1] == "length" and len(reasons) == 3
     finally:
         eng.shutdown()
+
+
+def test_stats_do_not_wait_for_a_running_step(hybrid):
+    """A prefill step holds the engine lock for seconds on a CPU: a replica reading its stats waited
+    for it, reported its load too late and was dropped by the controller as silent (/status showed no
+    replica under load). During a step, stats are those the previous step left."""
+    import threading
+    import time
+
+    eng = AsyncEngine(hybrid, None, EngineConfig(cache_memory_bytes=4 << 20))
+    step, slow = eng.engine.step, threading.Event()
+
+    def slow_step():
+        events = step()
+        if slow.is_set():
+            time.sleep(2.0)
+        return events
+    eng.engine.step = slow_step
+
+    async def main():
+        agen = eng.generate([1, 2, 3], SamplingParams(max_tokens=50, temperature=0))
+        await agen.__anext__()  # the request is running
+        slow.set()
+        await asyncio.sleep(0.3)  # inside a slow step
+        t = time.perf_counter()
+        st = eng.stats()
+        waited = time.perf_counter() - t
+        await agen.aclose()
+        return st, waited
+
+    try:
+        st, waited = asyncio.run(asyncio.wait_for(main(), 30))
+        assert waited < 0.5 and st["running"] == 1
+    finally:
+        slow.clear()
+        eng.shutdown()
