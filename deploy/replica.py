@@ -165,7 +165,7 @@ class LLMReplica:
         self.metrics.update(stats, self.layers.store_version)
         if not self.cfg.controller.enabled:  # initial_layers, with the store's current weights
             # before the report: a controller that does not answer must not hold them back
-            await self._apply(self.layers.prefix[:self.cfg.controller.initial_layers])
+            self._start_apply(self.layers.prefix[:self.cfg.controller.initial_layers])
         # reported even with the controller disabled: the report is what /status shows of a replica
         resp = self.controller.report.remote(self.replica_id, self.report(stats))
         try:  # Serve queues a call to a controller with no live replica without a deadline
@@ -175,7 +175,23 @@ class LLMReplica:
                 resp.cancel()
             raise
         if self.cfg.controller.enabled and target is not None:
-            await self._apply(target["dsla_layers"])
+            self._start_apply(target["dsla_layers"])
+
+    def _start_apply(self, wanted: list[int]):
+        """`_apply` in a task of its own: a swap waits for the engine's current step (seconds for a CPU
+        prefill), and the control loop must go on reporting meanwhile (a replica silent for a swap was
+        dropped from /status and from the controller's view). One swap at a time: a target that comes
+        while one runs is taken at a later poll, as the controller repeats it."""
+        task = getattr(self, "_apply_task", None)
+        if task is not None and not task.done():
+            return
+        self._apply_task = asyncio.get_running_loop().create_task(self._apply(wanted))
+        self._apply_task.add_done_callback(self._apply_done)
+
+    def _apply_done(self, task):
+        if not task.cancelled() and task.exception() is not None:
+            e = task.exception()
+            log.warning("replica %s: swap failed: %s: %s", self.replica_id, type(e).__name__, e)
 
     def recent_tpot_s(self):
         """Mean time per output token of requests finished in the last TPOT_WINDOW_S. The

@@ -28,6 +28,11 @@ class _Silent:
             return asyncio.get_running_loop().create_future()  # never resolves
 
 
+def _bind_apply(replica):
+    replica._start_apply = lambda wanted: LLMReplica.func_or_class._start_apply(replica, wanted)
+    replica._apply_done = lambda task: LLMReplica.func_or_class._apply_done(replica, task)
+
+
 @pytest.mark.parametrize("enabled", [True, False])
 def test_a_replica_reports_even_with_the_controller_disabled_and_then_keeps_its_initial_layers(enabled):
     """Disabled, the controller's target is ignored: the replica serves initial_layers with the store's
@@ -45,7 +50,12 @@ def test_a_replica_reports_even_with_the_controller_disabled_and_then_keeps_its_
         layers=SimpleNamespace(store_version=1, order=[0, 2], prefix=[0, 2]),
         controller=_Controller(), replica_id="r0", report=lambda stats: dict(stats, replica_id="r0"), _apply=apply)
     replica._stats = lambda: LLMReplica.func_or_class._stats(replica)
-    asyncio.run(LLMReplica.func_or_class._control_once(replica))
+    _bind_apply(replica)
+
+    async def main():
+        await LLMReplica.func_or_class._control_once(replica)
+        await replica._apply_task
+    asyncio.run(main())
     assert [(rid, s["waiting"]) for rid, s in replica.controller.reports] == [("r0", 2)]
     assert applied == ([[3, 1]] if enabled else [[0]])
 
@@ -94,6 +104,50 @@ def test_with_the_controller_disabled_a_silent_controller_does_not_hold_back_ini
     async def apply(layers):
         applied.append(layers)
     r._stats, r._apply = stats, apply
+
+    async def main():
+        try:
+            await LLMReplica.func_or_class._control_once(r)
+        finally:
+            await r._apply_task
     with pytest.raises(asyncio.TimeoutError):
-        asyncio.run(LLMReplica.func_or_class._control_once(r))
+        asyncio.run(main())
     assert applied == [[2]]
+
+
+def test_the_control_loop_goes_on_reporting_while_a_swap_waits_for_a_step():
+    """A swap waits for the engine's current step, seconds for a CPU prefill: the replica stopped
+    reporting for that long, and the controller dropped it as silent (/status showed no replica)."""
+    from deploy.config import AppConfig
+
+    r = object.__new__(LLMReplica.func_or_class)
+    r.cfg = AppConfig.model_validate({"controller": {"poll_interval_s": 0.05, "report_timeout_s": 1.0},
+                                      "store_poll_interval_s": 1000})
+    r.controller, r.replica_id, r._last_store_poll = _Controller(), "r1", time.monotonic()
+    r.metrics = SimpleNamespace(update=lambda stats, version: None)
+    r.layers = SimpleNamespace(store_version=3)
+    r.report = lambda s: s
+    started, release = [], None
+
+    async def stats():
+        return {"dsla_layers": []}
+
+    async def apply(layers):  # a swap that waits for a long step
+        started.append(layers)
+        await release.wait()
+    r._stats, r._apply = stats, apply
+
+    async def main():
+        nonlocal release
+        release = asyncio.Event()
+        task = asyncio.create_task(r._control_loop())
+        await asyncio.sleep(1.0)
+        n = len(r.controller.reports)
+        release.set()
+        await asyncio.sleep(0.2)
+        task.cancel()
+        return n
+    during = asyncio.run(main())
+    assert during >= 5, during  # reports went on while the swap waited
+    assert len(started) >= 2 and started[0] == [3, 1]  # one swap at a time, the next after it ended
+
