@@ -112,8 +112,13 @@ class PreloadedLayers:
 
     def weights_for(self, layers, installed: dict[int, int]) -> dict[int, dict]:
         """Weights of the layers whose installed module is missing or older than what we hold."""
+        return {i: w for i, (w, _) in self.take(layers, installed).items()}
+
+    def take(self, layers, installed: dict[int, int]) -> dict[int, tuple[dict, tuple]]:
+        """weights_for's layers as (weights, their (version, sha256)), read together: a refresh on
+        another thread may replace both between two reads, and a swap must record what it installed."""
         with self._lock:
-            return {i: self.weights[i] for i in layers
+            return {i: (self.weights[i], self.versions[i]) for i in layers
                     if i in self.weights and installed.get(i) != self.versions[i]}
 
     def usable(self, layers) -> list[int]:

@@ -212,15 +212,16 @@ class LLMReplica:
     async def _apply(self, wanted: list[int]):
         """Swap to `wanted` (those of them this replica holds weights for)."""
         layers = self.layers.usable(wanted)
-        weights = self.layers.weights_for(layers, self.installed)
+        taken = self.layers.take(layers, self.installed)  # a store poll may refresh the layers meanwhile
+        weights = {i: w for i, (w, _) in taken.items()}
         current = (await self._stats())["dsla_layers"]
         if sorted(layers) == sorted(current) and not weights:
             return
         version = self.layers.store_version
         # set_conversion waits for the engine's current step: keep the event loop free meanwhile
         await asyncio.to_thread(self.engine.set_conversion, layers, version, weights)
-        for i in weights:
-            self.installed[i] = self.layers.versions[i]
+        for i, (_, ident) in taken.items():
+            self.installed[i] = ident
         log.info("replica %s: DSLA layers %s -> %s (store version %d)", self.replica_id, current, layers, version)
 
     async def _stats(self) -> dict:

@@ -209,3 +209,31 @@ def test_the_prefix_stops_at_the_first_layer_not_loaded(setup):
     pre = PreloadedLayers(str(store.path), hybrid.fingerprint)
     pre.refresh()
     assert pre.order == [3, 0] and pre.prefix == [3] and 1 in pre.errors
+
+
+def test_a_swap_records_the_version_it_installed_when_a_refresh_lands_during_it(setup):
+    """Swaps run beside the control loop's store polls: a republish refreshed during a swap recorded
+    the new version as installed while the engine got the old weights, so it was never installed."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from deploy.replica import LLMReplica
+
+    h, store = setup
+    publish(h, store, 3)
+    pre = PreloadedLayers(str(store.path), h.fingerprint)
+    pre.refresh()
+    old = pre.versions[3]
+    r = SimpleNamespace(layers=pre, installed={}, replica_id="r0")
+    swapped = []
+
+    def set_conversion(layers, version, weights):
+        swapped.append(weights)
+        publish(h, store, 3)  # republished and refreshed while the swap waits
+        pre.refresh()
+
+    r.engine = SimpleNamespace(set_conversion=set_conversion, stats=lambda: {"dsla_layers": []})
+    r._stats = lambda: LLMReplica.func_or_class._stats(r)
+    asyncio.run(LLMReplica.func_or_class._apply(r, [3]))
+    assert r.installed[3] == old != pre.versions[3]
+    assert set(pre.weights_for([3], r.installed)) == {3}  # the next swap installs the new version
