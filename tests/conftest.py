@@ -4,7 +4,14 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub access on our machines; fail fast
 import pytest
 import torch
-from transformers.utils import logging as _hf_logging
+
+if not torch.cuda.is_available():
+    # Triton takes its CPU interpreter only if TRITON_INTERPRET is set when Triton is first imported,
+    # and test modules of every folder can import it while they are collected (torch._dynamo does,
+    # e.g. through torch.nn.attention.bias): set here, before any of them (tests/kernels/conftest.py
+    # came too late for modules collected before its folder)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+from transformers.utils import logging as _hf_logging  # noqa: E402
 
 # transformers binds its log handler to sys.stderr at first use: made inside a test that captures
 # stderr (capsys), it would write to that test's closed stream ever after ("--- Logging error ---"

@@ -14,7 +14,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 
 def gather_kv(kv_pool, table_row, length):
@@ -46,6 +45,10 @@ def attend_pieces(q, kv_pool, tables, pieces, scale):
         elif start == 0:
             o = F.scaled_dot_product_attention(qi, k, v, is_causal=True, scale=scale, enable_gqa=True)
         else:  # query t of the piece sees keys up to start + t: causal aligned to the lower right
+            # imported here: torch.nn.attention.bias imports torch._dynamo, and with it Triton, whose
+            # CPU interpreter must be chosen (TRITON_INTERPRET) before Triton is first imported
+            from torch.nn.attention.bias import causal_lower_right
+
             o = F.scaled_dot_product_attention(qi, k, v, attn_mask=causal_lower_right(n, length), scale=scale,
                                                enable_gqa=True)
         out[a:a + n] = o[0].transpose(0, 1)
