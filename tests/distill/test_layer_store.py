@@ -215,3 +215,49 @@ def test_a_store_from_before_config_fingerprints_is_accepted_by_its_weights(tmp_
     other.publish(2, _weights(h, 2), {})
     with pytest.raises(LayerStoreError, match="not this one"):
         other.load_layer(2, h.fingerprint)
+
+
+def test_a_file_of_another_layer_is_refused(tmp_path):
+    """Layer 2's file (same model) under layer 0's entry, its hash updated to match: the layer the file
+    names is checked, not just the model."""
+    h = tiny_hybrid()
+    st = _store(tmp_path, h)
+    e0 = st.publish(0, _weights(h, 0), {})
+    e2 = st.publish(2, _weights(h, 2, seed=1), {})
+    m = st.read_manifest()
+    m["layers"]["0"] = dict(e0, file=e2["file"], sha256=e2["sha256"])
+    (st.path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(LayerStoreError, match="another model or layer"):
+        st.load_layer(0, h.fingerprint)
+
+
+def test_a_store_is_applied_with_its_own_dsla_config(tmp_path):
+    """A store distilled with another DSLA config than the hybrid's default (here: low-rank deltas and
+    an output bias) builds its modules with the store's."""
+    from dsla_model.dsla_attention import DSLAConfig
+    from dsla_model.hybrid import HybridModel
+    from tests.conftest import tiny_model
+
+    h = tiny_hybrid()  # delta_rank 2, output bias, chunk 8
+    st = _store(tmp_path, h)
+    w = _weights(h, 2)
+    st.publish(2, w, {})
+    plain = HybridModel(tiny_model(layers=3), DSLAConfig())  # same teacher weights, default config
+    assert plain.fingerprint == h.fingerprint
+    st.apply(plain, [2])
+    mod = plain.attention(2).dsla
+    assert mod.cfg == h.dsla_config and set(mod.state_dict()) == set(w)
+    h.install(2, h.new_dsla_module(2, w))
+    h.convert(2)
+    ids = tiny_blocks(1)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids), h(ids))
+
+
+def test_init_refuses_an_existing_store_of_another_dsla_config(tmp_path):
+    from dsla_model.dsla_attention import DSLAConfig
+
+    h = tiny_hybrid()
+    _store(tmp_path, h)
+    with pytest.raises(LayerStoreError, match="DSLA config"):
+        LayerStore(tmp_path / "store").init("tiny", h.fingerprint, [2, 0, 1], DSLAConfig(delta_rank=4))

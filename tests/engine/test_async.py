@@ -206,3 +206,70 @@ def test_stats_do_not_wait_for_a_running_step(hybrid):
     finally:
         slow.clear()
         eng.shutdown()
+
+
+def test_an_admission_while_a_step_holds_the_lock_leaves_the_event_loop_running(hybrid):
+    """Deterministic form of the race above: the step is held inside the engine lock until the test
+    lets it go (a timer lets it go after 2 s at the latest). An admission made meanwhile waits for the
+    lock on a worker thread; taken on the event loop, it froze every coroutine until then."""
+    import threading
+    import time
+
+    eng = AsyncEngine(hybrid, None, EngineConfig(cache_memory_bytes=4 << 20))
+    step, entered, release = eng.engine.step, threading.Event(), threading.Event()
+    timer = threading.Timer(2.0, release.set)
+
+    def held_step():
+        entered.set()
+        release.wait(10)
+        return step()
+    eng.engine.step = held_step
+    sp = SamplingParams(max_tokens=3, temperature=0)
+
+    async def main():
+        a = asyncio.ensure_future(eng.generate([1, 2, 3], sp, request_id="a").__anext__())
+        while not entered.is_set():  # a's first step holds the lock now
+            await asyncio.sleep(0.01)
+        timer.start()
+        b = eng.generate([4, 5, 6], sp, request_id="b")
+        first_b = asyncio.ensure_future(b.__anext__())
+        t = time.perf_counter()
+        await asyncio.sleep(0.05)
+        waited = time.perf_counter() - t
+        release.set()
+        await a
+        return waited, (await first_b).token_id
+
+    try:
+        waited, tok = asyncio.run(asyncio.wait_for(main(), 30))
+        assert waited < 1.0 and tok >= 0
+    finally:
+        release.set()
+        timer.cancel()
+        eng.shutdown()
+
+
+def test_a_stream_id_is_taken_until_its_stream_has_read_its_finish(hybrid):
+    """The request finished in the engine, but its client has not read the finish yet: a second stream
+    with that id is refused (it took over the first one's events, and the first one's end then
+    unregistered the second, which waited forever)."""
+    eng = AsyncEngine(hybrid, None, EngineConfig(cache_memory_bytes=4 << 20))
+    sp = SamplingParams(max_tokens=2, temperature=0)
+
+    async def main():
+        a = eng.generate([1, 2, 3], sp, request_id="x")
+        first = await a.__anext__()
+        while eng.engine.has_unfinished():
+            await asyncio.sleep(0.01)
+        with pytest.raises(ValueError, match="already in use"):
+            await eng.generate([1, 2, 3], sp, request_id="x").__anext__()
+        rest = [e async for e in a]
+        again = [e async for e in eng.generate([1, 2, 3], sp, request_id="x")]  # free once read
+        return [first] + rest, again
+
+    try:
+        evs, again = asyncio.run(asyncio.wait_for(main(), 30))
+        assert [e.finish_reason for e in evs] == [None, "length"]
+        assert [e.token_id for e in again] == [e.token_id for e in evs]
+    finally:
+        eng.shutdown()

@@ -71,3 +71,53 @@ def test_pool_whole_again_after_many_requests():
         while eng.has_unfinished():
             eng.step()
     assert p.num_free == p.usable_blocks and (p._group_free == p.blocks_per_pair).sum() == p.num_groups - 1
+
+
+def test_pairs_take_the_highest_free_groups_and_need_a_whole_one():
+    """State pairs come from the top (KV blocks from the bottom), and a pair needs a whole free group:
+    free blocks scattered over every group are no room for one, however many there are."""
+    p = CachePool(2, 16, torch.float32, "cpu", budget_bytes=12 * 4096, block_size=4)
+    m, G = p.blocks_per_pair, p.num_groups
+    assert m == 4 and G == 12
+    assert [p.alloc_pair(), p.alloc_pair()] == [G - 1, G - 2]
+    p.free_pair(G - 1)
+    assert p.alloc_pair() == G - 1
+    p.free_pair(G - 1)
+    p.free_pair(G - 2)
+    blocks = p.alloc_blocks(p.num_free)  # everything but the scratch group
+    p.free_blocks(blocks[::2])  # half the blocks free again, but no group whole
+    assert p.num_free == len(blocks) // 2 and p.num_free >= 2 * m
+    assert p.can_allocate(1, 0, 4 * m)  # KV blocks fit anywhere
+    assert not p.can_allocate(0, 1, 1) and not p.can_allocate(1, 1, 4)
+    p.free_blocks(blocks[1:m:2])  # group 1 whole again
+    assert p.can_allocate(0, 1, 1) and not p.can_allocate(0, 2, 1)
+    assert p.alloc_pair() == 1
+
+
+def test_a_sequence_that_needs_exactly_the_whole_pool_fits():
+    p = CachePool(2, 16, torch.float32, "cpu", budget_bytes=12 * 4096, block_size=4)
+    tokens = p.usable_blocks * p.block_size  # one attention layer: every usable block
+    assert p.blocks_for(1, 0, tokens) == p.usable_blocks
+    assert p.ever_fits(1, 0, tokens) and not p.ever_fits(1, 0, tokens + 1)
+    assert p.can_allocate(1, 0, tokens) and not p.can_allocate(1, 0, tokens + 1)
+    # 2 layers: 1 pair + the rest as KV
+    kv = (p.usable_blocks - p.blocks_per_pair) * p.block_size
+    assert p.ever_fits(1, 1, kv) and not p.ever_fits(1, 1, kv + 1)
+
+
+def test_a_sequences_share_is_what_the_pool_counts_used_and_frees_once():
+    from dsla_model.engine.layer_config import LayerConfig
+    from dsla_model.engine.seq_cache import SeqCache
+
+    h = tiny_hybrid(dsla_layers=(1, 3))
+    p = CachePool(h.num_kv_heads, h.head_dim, torch.float32, "cpu", budget_bytes=40 * 4096, block_size=4)
+    conf = LayerConfig.snapshot(h, 0)
+    sc = SeqCache(p, conf, max_len=10)  # 2 attention layers x 3 blocks, 2 state pairs
+    assert len(sc.blocks) == 6 and len(sc.pairs) == 2
+    assert sc.nbytes == p.used_bytes == (6 + 2 * p.blocks_per_pair) * p.block_bytes
+    assert sorted(sc.slots[[1, 3]].tolist()) == sorted(sc.pairs) and sc.slots[[0, 2]].tolist() == [0, 0]
+    assert (sc.table[[1, 3]] == 0).all() and sorted(sc.table[[0, 2]].flatten().tolist()) == sorted(sc.blocks)
+    sc.free()
+    sc.free()  # a second free gives nothing back twice
+    assert p.used_bytes == 0 and p.num_free == p.usable_blocks
+    assert (p._group_free[1:] == p.blocks_per_pair).all()

@@ -65,3 +65,68 @@ def test_stop_string_completed_by_the_final_flush_is_not_emitted(tok):
     gen = tok.encode(" one two") + [mixed]
     out, _ = _stream(tok, tok.encode("Count:"), gen, stop=[whole])
     assert out == _decode(tok, gen)[:_decode(tok, gen).index(whole)] and whole not in out
+
+
+class _Pieces:
+    """A tokenizer whose token i decodes to PIECES[i]; `sp` mimics SentencePiece, whose decode drops
+    the leading space of the first piece."""
+    PIECES = ["x", "a", "b", "c", "d", "xbycd", " w1", " w2", " w3", "hello", " there"]
+
+    def __init__(self, sp=False):
+        self.sp = sp
+
+    def decode(self, ids, **kw):
+        text = "".join(self.PIECES[i] for i in ids)
+        return text.lstrip(" ") if self.sp else text
+
+
+def _deltas(tok, prompt, gen, stop=(), **kw):
+    d = IncrementalDetokenizer(tok, prompt, list(stop), **kw)
+    out = []
+    for t in gen:
+        delta, hit = d.add(t)
+        out.append(delta)
+        if hit:
+            return out, True
+    rest, hit = d.flush()
+    return out + [rest], hit
+
+
+def test_a_stop_string_prefix_spread_over_tokens_is_held_back():
+    x, a, b, c, d = range(5)
+    out, hit = _deltas(_Pieces(), [x], [x, x, a, b, c, x], stop=["abc"])
+    assert hit and out == ["x", "x", "", "", ""]  # "a", "ab" held until "abc" completes
+    out, hit = _deltas(_Pieces(), [x], [x, a, b, d], stop=["abc"])
+    assert not hit and "".join(out) == "xabd" and out[:3] == ["x", "", ""]
+
+
+def test_held_back_text_comes_out_when_the_request_ends():
+    x, a, b = 0, 1, 2
+    out, hit = _deltas(_Pieces(), [x], [x, a, b], stop=["abc"])  # ends (length) on a stop's prefix
+    assert not hit and out == ["x", "", "", "ab"]
+
+
+def test_the_earliest_stop_string_ends_the_text():
+    out, hit = _deltas(_Pieces(), [0], [5], stop=["cd", "b"])  # one token: "xbycd"
+    assert hit and "".join(out) == "x"
+
+
+def test_the_first_tokens_spacing_comes_from_the_prompt():
+    """A SentencePiece-like decode drops the first piece's leading space: decoded alone, the first
+    generated token would lose the space that separates it from the prompt."""
+    tok = _Pieces(sp=True)
+    prompt, gen = [9, 10], [6, 7, 8]  # "hello there" + " w1 w2 w3"
+    out, _ = _deltas(tok, prompt, gen)
+    assert "".join(out) == tok.decode(prompt + gen)[len(tok.decode(prompt)):] == " w1 w2 w3"
+
+
+def test_a_resumed_stream_continues_after_what_the_earlier_attempt_emitted():
+    """resumed tokens' text was handed out (all but the held-back stop prefix) by the earlier attempt:
+    the new stream starts after it, and the held-back part comes out if no stop completes."""
+    x, a, b, c, d = range(5)
+    out, hit = _deltas(_Pieces(), [x], [d], stop=["abc"], resumed=[x, a, b], emitted=1)
+    assert not hit and "".join(out) == "abd"
+    out, hit = _deltas(_Pieces(), [x], [c], stop=["abc"], resumed=[x, a, b], emitted=1)
+    assert hit and "".join(out) == ""
+    out, _ = _deltas(_Pieces(), [x], [6], resumed=[9], emitted=5)
+    assert "".join(out) == " w1"

@@ -166,7 +166,10 @@ def test_abort_frees_and_reports(hybrid, make_engine):
     (dict(temperature=10**400), "temperature"), (dict(temperature=Decimal("0.7")), "temperature"),
     (dict(temperature="0.5"), "temperature"), (dict(temperature=float("inf")), "temperature"),
     (dict(top_p=Decimal("0.9")), "top_p"), (dict(stop=None), "stop"), (dict(stop_token_ids=None), "stop_token_ids"),
-    (dict(stop_token_ids=[True]), "stop_token_ids"), (dict(top_k=True), "top_k"), (dict(seed=True), "seed")])
+    (dict(stop_token_ids=[True]), "stop_token_ids"), (dict(top_k=True), "top_k"), (dict(seed=True), "seed"),
+    (dict(temperature=float("nan")), "temperature"), (dict(top_p=float("nan")), "top_p"),
+    (dict(max_tokens=True), "max_tokens"), (dict(resume_tokens=-1), "resume_tokens"),
+    (dict(resume_emitted_chars=-1), "resume_emitted_chars")])
 def test_bad_sampling_params(kw, msg):
     with pytest.raises(ValueError, match=msg):
         SamplingParams(**kw).validate()
@@ -247,6 +250,10 @@ def test_bad_requests(hybrid):
         eng.add_request([1] * 62, sp)
     with pytest.raises(ValueError, match="token ids"):
         eng.add_request([1, 999], sp)
+    with pytest.raises(ValueError, match="token ids"):
+        eng.add_request([1, 256], sp)  # the vocabulary is 0..255
+    with pytest.raises(ValueError, match="resume_tokens"):
+        eng.add_request([1, 2], SamplingParams(max_tokens=4, resume_tokens=2))  # no prompt proper left
     eng.add_request([1, 2], sp, request_id="x")
     with pytest.raises(ValueError, match="already in use"):
         eng.add_request([1, 2], sp, request_id="x")
@@ -295,3 +302,151 @@ def test_abort_takes_the_id_add_request_was_given(hybrid, make_engine):
     evs = eng.step()
     assert rid == "7" and [e.finish_reason for e in evs if e.request_id == "7"] == ["abort"]
     assert not eng.has_unfinished()
+
+
+def test_a_single_stop_string_is_taken_as_a_list():
+    assert SamplingParams(stop="ab").validate().stop == ["ab"]
+
+
+def test_top_k_then_top_p_on_the_renormalised_top_k():
+    """As HF's and vLLM's samplers: top-k first, then the nucleus of what top-k kept; the nucleus
+    keeps the token whose probability crosses top_p."""
+    import torch
+
+    from dsla_model.engine.sampler import filter_logits
+
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    kept = lambda lg: torch.isfinite(lg).nonzero().flatten().tolist()  # noqa: E731
+    assert kept(filter_logits(logits, 0, 0.7)) == [0, 1]  # mass before token 1: 0.5 < 0.7
+    assert kept(filter_logits(logits, 0, 0.5)) == [0]
+    assert kept(filter_logits(logits, 3, 1.0)) == [0, 1, 2]
+    # top-2 renormalised is [0.625, 0.375]: a 0.6 nucleus keeps token 0 alone (over all four tokens
+    # it would keep 0 and 1)
+    assert kept(filter_logits(logits, 2, 0.6)) == [0]
+    out = filter_logits(logits, 0, 0.7)
+    assert torch.equal(out[:2], logits[:2])  # kept logits are unchanged
+
+
+def test_logprobs_are_of_the_sampled_token_under_the_model(hybrid):
+    """The logprob reported with a sampled token is that token's log-probability under the model's
+    own distribution (before temperature), checked against a full forward of the sequence."""
+    import torch
+
+    p = random_prompts(1, 256, seed=12)[0]
+    eng = Engine(hybrid, None, EngineConfig(cache_memory_bytes=4 << 20))
+    evs = events_of(eng, p, SamplingParams(max_tokens=12, temperature=1.5, seed=3, logprobs=True))
+    out = [e.token_id for e in evs]
+    with torch.no_grad():
+        logits = hybrid(torch.tensor([p + out]))[0, len(p) - 1:-1].float()
+    ref = torch.log_softmax(logits, -1)
+    assert any(t != int(logits[i].argmax()) for i, t in enumerate(out))  # some draws are not the argmax
+    for i, (e, t) in enumerate(zip(evs, out)):
+        assert abs(e.logprob - float(ref[i, t])) < 1e-4
+
+
+def test_a_resumed_sampled_request_continues_the_same_draws(hybrid):
+    """A request resumed with the earlier attempt's output as the end of its prompt (resume_tokens)
+    and the same seed samples what the uninterrupted request would have: the seed's draws that
+    the earlier attempt used are skipped."""
+    p = random_prompts(1, 256, seed=13)[0]
+    eng = Engine(hybrid, None, EngineConfig(cache_memory_bytes=4 << 20))
+    full = eng.generate([p], SamplingParams(max_tokens=12, temperature=1.2, seed=5, ignore_eos=True))[0]
+    k = 5
+    got = eng.generate([p + full[:k]], SamplingParams(max_tokens=12 - k, temperature=1.2, seed=5, ignore_eos=True,
+                                                      resume_tokens=k))[0]
+    assert got == full[k:]
+    fresh = eng.generate([p + full[:k]], SamplingParams(max_tokens=12 - k, temperature=1.2, seed=5, ignore_eos=True))[0]
+    assert fresh != full[k:]  # the skip matters for this seed
+
+
+def test_a_sequence_that_can_never_fit_the_cache_is_refused_under_the_current_conversion():
+    """39 usable 16-token blocks over 4 attention layers: at most 9 blocks (144 tokens) a layer. A
+    longer request would wait at the head of the queue forever (and block every one behind it);
+    with every layer converted it fits (4 state pairs)."""
+    eng = Engine(tiny_hybrid(dsla_layers=()), None, EngineConfig(cache_memory_bytes=40 * 4096, max_model_len=1024))
+    assert eng.pool.usable_blocks == 39 and eng.pool.block_size == 16
+    ok = eng.add_request([1] * 10, SamplingParams(max_tokens=134, temperature=0))
+    with pytest.raises(ValueError, match="does not fit the cache budget"):
+        eng.add_request([1] * 10, SamplingParams(max_tokens=135, temperature=0))
+    eng.abort(ok)
+    eng.step()
+    eng.set_conversion([0, 1, 2, 3])
+    rid = eng.add_request([1] * 10, SamplingParams(max_tokens=135, temperature=0, ignore_eos=True))
+    evs = []
+    while eng.has_unfinished():
+        evs += eng.step()
+    assert [e.finish_reason for e in evs if e.request_id == rid][-1] == "length"
+
+
+def test_a_request_due_to_finish_by_length_is_not_chained_again(hybrid):
+    """The pipelined path chains a decode step only if its token can be used: a request of n tokens
+    takes its prefill and n - 1 decode launches, no launch whose token is dropped."""
+    eng = pipelined(Engine(hybrid, None, EngineConfig(cache_memory_bytes=4 << 20)))
+    launches = []
+    run = eng.graphs.run
+    eng.graphs.run = lambda *a, **kw: launches.append(1) or run(*a, **kw)
+    p = random_prompts(1, 256, seed=14)[0]
+    assert eng.generate([p], SamplingParams(max_tokens=6, temperature=0)) == [generate_ids(hybrid, p, 6, 0.0)]
+    assert len(launches) == 5 and eng.chained_steps
+
+
+def test_ttft_and_tpot_under_a_fake_clock(hybrid, monkeypatch):
+    """The engine's TTFT (arrival to first token) and TPOT (first to last token over the tokens after
+    the first) on a clock the test moves: one time unit per step."""
+    import types
+
+    import dsla_model.engine.engine as engine_mod
+    import dsla_model.engine.request as request_mod
+
+    now = [0.0]
+    fake = types.SimpleNamespace(perf_counter=lambda: now[0])
+    monkeypatch.setattr(engine_mod, "time", fake)
+    monkeypatch.setattr(request_mod, "time", fake)
+    eng = Engine(hybrid, None, EngineConfig(cache_memory_bytes=4 << 20))
+    eng.add_request([1, 2, 3], SamplingParams(max_tokens=4, temperature=0))
+    aborted = eng.add_request([4, 5, 6], SamplingParams(max_tokens=9, temperature=0))
+    while eng.has_unfinished():
+        now[0] += 2.0 if now[0] else 3.0  # first token at t=3, then every 2
+        eng.step()
+        if aborted in eng.requests and eng.requests[aborted].num_generated == 2:
+            eng.abort(aborted)  # an aborted request counts in neither mean
+    st = eng.stats()
+    assert st["ttft_s"] == 3.0 and st["tpot_s"] == 2.0
+
+
+def test_an_abort_event_counts_the_tokens_generated_before_it(hybrid):
+    eng = Engine(hybrid, None, EngineConfig(cache_memory_bytes=4 << 20))
+    rid = eng.add_request([1, 2, 3], SamplingParams(max_tokens=20, temperature=0))
+    for _ in range(3):
+        eng.step()
+    eng.abort(rid)
+    ev = [e for e in eng.step() if e.request_id == rid]
+    assert [(e.finish_reason, e.num_prompt_tokens, e.num_generated_tokens) for e in ev] == [("abort", 3, 3)]
+
+
+def test_waiting_prompt_tokens_count_what_is_left_of_prompts_in_prefill(hybrid):
+    """The controller's load signal: the prompt tokens not yet computed, of waiting requests and of
+    running ones still in a chunked prefill."""
+    eng = Engine(hybrid, None, EngineConfig(max_running=1, max_batched_tokens=8, cache_memory_bytes=4 << 20))
+    eng.add_request(list(range(1, 21)), SamplingParams(max_tokens=2, temperature=0))
+    eng.add_request([1, 2, 3], SamplingParams(max_tokens=2, temperature=0))
+    assert eng.stats()["waiting_prompt_tokens"] == 23
+    eng.step()  # 8 of the first prompt's 20 tokens
+    assert eng.stats()["waiting_prompt_tokens"] == 12 + 3
+    eng.step()
+    assert eng.stats()["waiting_prompt_tokens"] == 4 + 3
+
+
+def test_text_held_back_for_a_stop_string_comes_out_when_a_stop_token_ends_the_request(hybrid):
+    """The stop token's own text stays in the output; held back as the start of a stop string that
+    the end of the request leaves incomplete, it was lost."""
+    p = random_prompts(1, 256, seed=9)[0]
+    base = Engine(hybrid, Tok(), EngineConfig(cache_memory_bytes=4 << 20)).generate(
+        [p], SamplingParams(max_tokens=10, temperature=0))[0]
+    k = next(i for i in range(2, 10) if base[i] not in base[:i])
+    stop_char = Tok().decode([base[k]])
+    eng = Engine(hybrid, Tok(), EngineConfig(cache_memory_bytes=4 << 20))
+    evs = events_of(eng, p, SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[base[k]],
+                                           stop=[stop_char + "never"]))
+    assert [e.token_id for e in evs] == base[:k + 1] and evs[-1].finish_reason == "stop"
+    assert "".join(e.text for e in evs) == Tok().decode(base[:k + 1])

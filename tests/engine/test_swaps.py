@@ -157,3 +157,45 @@ def test_a_bad_layer_in_a_swap_changes_nothing():
     p = random_prompts(1, 256, seed=9)[0]
     sp = SamplingParams(max_tokens=6, temperature=0)
     assert eng.generate([p], sp)[0] == generate_ids(h, p, 6, 0.0)
+
+
+def test_capacity_is_how_many_sequences_are_admitted_at_once():
+    """capacity(L): the sequences of L tokens that fit the pool together (its scratch group is no room)."""
+    h = tiny_hybrid(dsla_layers=())
+    eng = Engine(h, None, EngineConfig(max_running=64, cache_memory_bytes=40 * 4096))
+    cap = eng.capacity(16)  # 39 usable blocks, 4 a sequence of 16 tokens
+    assert cap == 9
+    for p in random_prompts(cap + 1, 256, lo=8, hi=9, seed=6):
+        eng.add_request(p, SamplingParams(max_tokens=8, temperature=0))
+    eng.step()
+    assert eng.stats()["running"] == cap and eng.stats()["waiting"] == 1
+    eng.set_conversion([0, 1])  # half the layers: 2 blocks + 2 pairs (1 block each) a sequence
+    assert eng.capacity(16) == 39 // 4 and eng.capacity(32) == 39 // 6
+
+
+def test_a_conversion_to_the_same_layers_is_no_swap_and_keeps_the_store_version():
+    h = tiny_hybrid(dsla_layers=())
+    eng = Engine(h, None, EngineConfig(cache_memory_bytes=4 << 20))
+    eng.set_conversion([1, 3], store_version=5)
+    conf = eng.conf
+    eng.set_conversion([3, 1])  # same modules, no version given: nothing changes
+    assert eng.conf is conf and eng.swaps == 1 and eng.stats()["store_version"] == 5
+    eng.set_conversion([1, 3], store_version=6)  # same modules, a newer store: recorded, still no swap
+    assert eng.conf is conf and eng.swaps == 1 and eng.stats()["store_version"] == 6
+    eng.set_conversion([1, 3], layer_weights={1: random_weights(h, 1, 0)})  # new weights: a swap
+    assert eng.conf is not conf and eng.swaps == 2 and eng.conf.modules[1] is not conf.modules[1]
+    p = random_prompts(1, 256, seed=9)[0]
+    sp = SamplingParams(max_tokens=6, temperature=0)
+    assert eng.generate([p], sp)[0] == generate_ids(h, p, 6, 0.0)  # with the new weights
+
+
+def test_layer_configs_are_the_same_only_with_the_same_module_objects():
+    from dsla_model.engine.layer_config import LayerConfig
+
+    a, b = object(), object()
+    conf = LayerConfig(0, (None, a, None, b))
+    assert conf.attn_layers == (0, 2) and conf.dsla_layers == (1, 3)
+    assert conf.same_modules(LayerConfig(1, (None, a, None, b)))
+    assert not conf.same_modules(LayerConfig(2, (None, a, None, object())))  # a new version of layer 3
+    assert not conf.same_modules(LayerConfig(3, (None, a, None)))  # another model's depth
+    assert not conf.same_modules(LayerConfig(4, (None, a, None, b, None)))

@@ -168,3 +168,25 @@ def test_decoders_the_engine_does_not_reproduce_are_refused(kind, extra):
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
 def test_supported_decoders_are_taken(kind):
     assert HybridModel(tiny_model(kind, layers=1)).num_layers == 1
+
+
+def test_convert_with_weights_replaces_an_installed_module_and_needs_every_weight():
+    h = _hybrid()
+    h.convert(0)
+    first = h.attention(0).dsla
+    w = {k: v + 0.5 for k, v in first.state_dict().items()}
+    h.convert(0, w)  # a newer version of the layer's weights
+    mod = h.attention(0).dsla
+    assert mod is not first and all(torch.equal(v, w[k]) for k, v in mod.state_dict().items())
+    with pytest.raises(ValueError, match="do not fit"):  # a partial checkpoint is no layer
+        h.convert(1, {k: v for k, v in w.items() if k != "alpha"})
+    assert h.attention(1).dsla is None and h.dsla_layers == [0]
+
+
+def test_a_dsla_module_takes_the_models_dtype():
+    h = HybridModel(tiny_model().to(torch.bfloat16))
+    h.convert(1)
+    assert {p.dtype for p in h.attention(1).dsla.parameters()} == {torch.bfloat16}
+    ids = torch.tensor([_prompt(9)])
+    cache = h.new_cache()
+    assert h(ids, cache=cache).dtype == torch.bfloat16
