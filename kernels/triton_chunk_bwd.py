@@ -13,45 +13,44 @@ dP[t,s] = dO'_t . v_s for s < t (the diagonal s = t is handled apart, see below)
      into the buffers dq / dk later overwrite with the gate gradients' parts (read first, same rows).
      Done per 16-row block inside dq / dk they cost ~3 of their 11 ms at T=16K (H200); the key
      side inside `_states_bwd` (dS is in its registers) made that walk 1.1 -> 5.3 ms.
-  3. `_dq_bwd` per (chunk, query head, 16-row query block, Dk block):
+  3. `_dA_bwd` per (chunk, query head): dP = dO' v^T of the chunk's pairs s < t and its
+     diagonal dpd_t = dO'_t . v_t, to memory (fp32) once: dq and dk split Dk, and recomputing
+     dP in each of their programs (over all of Dv) cost more than their own products.
+  4. `_dq_bwd` per (chunk, query head, 16-row query block, Dk block):
          dq~_i = (dO' h_i^T) exp(b_i) + sum_{s<t} dP[t,s] k_s exp(b_t - b_s)     (unweighted)
-         dq    = sum_i w_i dq~_i + (w_0 + w_1) dpd k,   dpd_t = dO'_t . v_t (the diagonal)
+         dq    = sum_i w_i dq~_i + (w_0 + w_1) dpd k
      and writes dBq_i = w_i q dq~_i (the query half of the gate gradient) and per-program dw sums.
-  4. `_dv_bwd` per (chunk, kv head): dv = sum_group A^T dO' + sum_i (k exp(b_last - b_i)) dS_i,
+  5. `_dv_bwd` per (chunk, kv head): dv = sum_group A^T dO' + sum_i (k exp(b_last - b_i)) dS_i,
      with A the mixed scores the forward stored.
-  5. `_dk_bwd` per (chunk, kv head, 16-row key block, Dk block):
+  6. `_dk_bwd` per (chunk, kv head, 16-row key block, Dk block):
          dk_i = w_i sum_{t>s} dP[t,s] q_t exp(b_t - b_s) + (v dS_i^T) exp(b_last - b_i)
          dk   = sum_i dk_i + (w_0 + w_1) sum_group dpd q
-     and the gate gradient's block-local part: dB_i = sum_group dBq_i - k dk_i, reverse-cumsummed
-     inside the block, plus each block's total; `_dg_suffix` sums the later blocks' totals of the
-     sequence (and the final state's term) and `_dg_finish` adds them.
+     and the gate gradient's block-local part dB_i = sum_group dBq_i - k dk_i with each block's
+     total; `_dg_suffix` sums the later blocks' totals of the sequence (and the final state's
+     term) and `_dg_finish` reverse-cumsums dB_i inside each block and adds them.
 The diagonal pairs s = t cancel in the gate gradient, so they stay out of dq~ and dk_i.
 Every output column depends only on the same column of k, q and g (dP does not depend on Dk),
 so dq and dk also split Dk across programs, which keeps their tiles small.
 The intra-chunk sums use the forward's block walk (triton_chunk_fwd.py): a program
 owns one block and walks the other blocks carrying the decay of the blocks strictly between,
-so every exponent is a direct sum of log decays <= 0 and only 16-row scans are needed; the
-diagonal block factors exp(b) when it decays by at most RANGE_MAX, else takes an exact form.
-
-Product order: Triton (warpsPerTileV2, mma v2) gives every tensor-core product of a region
-the warp layout of the one it lays out first, the last in program order. A [16, 16] product
-(dP) laid out first puts all warps on its 16 rows, which makes the [16, Dk] products of the
-region run replicated in every warp with the whole right operand in each (255 registers and
-heavy spills, measured with ptxas). So each region ends with a [16, Dk] product.
+so every exponent is <= 0 and bounded by one block's decay plus whole-block totals. The
+exponents come from the forward's block cumsums b (no scans here: a 16-row scan is a chain of
+shuffles, and dq / dk / dv / the walk ran 25-45% faster without them, H200); the diagonal block
+factors exp(b) when it decays by at most RANGE_MAX, else takes an exact form from the log decays.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from kernels.triton_chunk_fwd import (chunk_state_tile, chunk_tile, decay_from_start, decay_to_end, from_row,
-                                     load_rows, load_state_pair, mm, mm_precise, row_of, to_end, walk_tile)
+from kernels.triton_chunk_fwd import (block_end_total, chunk_state_tile, chunk_tile, decay_from_start, decay_to_end,
+                                     from_row, load_rows, load_state_pair, mm, mm_precise, row_of, walk_tile)
 
 
 @triton.jit
-def _states_bwd(q, g1, g2, w, do, dsT1, dsT2, dS1, dS2, ds01, ds02, cu, coff, scale,
+def _states_bwd(q, b1, b2, w, do, dsT1, dsT2, dS1, dS2, ds01, ds02, cu, coff, scale,
                 Hq, Hkv, G, Dk: tl.constexpr, Dv: tl.constexpr, C: tl.constexpr,
-                BK: tl.constexpr, BV: tl.constexpr, HAS_DST: tl.constexpr, IEEE: tl.constexpr):
+                BK: tl.constexpr, BV: tl.constexpr, HAS_DST: tl.constexpr, IEEE: tl.constexpr, SUB: tl.constexpr):
     hk, bos, eos, c0, nc, dk, dv, mk, mv, st, mst = walk_tile(cu, coff, Hkv, Dk, Dv, C, BK, BV)
     D1, D2 = load_state_pair(dsT1, dsT2, st, mst, HAS_DST, BK, BV)
     w0 = tl.load(w)
@@ -62,22 +61,21 @@ def _states_bwd(q, g1, g2, w, do, dsT1, dsT2, dS1, dS2, ds01, ds02, cu, coff, sc
         hoff = (((c0 + c) * Hkv + hk) * Dk + dk[:, None]).to(tl.int64) * Dv + dv[None, :]
         tl.store(dS1 + hoff, D1.to(dS1.dtype.element_ty), mask=mst)
         tl.store(dS2 + hoff, D2.to(dS2.dtype.element_ty), mask=mst)
-        t = bos + c * C + rows
+        t0 = bos + c * C
+        t = t0 + rows
         mt = t < eos
-        ga = load_rows(g1, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
-        gb = load_rows(g2, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
-        b1 = tl.cumsum(ga, axis=0)
-        b2 = tl.cumsum(gb, axis=0)
+        e1, tot1 = decay_from_start(load_rows(b1, t, mt, Hkv, hk, Dk, dk, mk), b1, t0, eos, Hkv, hk, Dk, dk, mk, C, SUB)
+        e2, tot2 = decay_from_start(load_rows(b2, t, mt, Hkv, hk, Dk, dk, mk), b2, t0, eos, Hkv, hk, Dk, dk, mk, C, SUB)
         acc1 = tl.zeros([BK, BV], dtype=tl.float32)
         acc2 = tl.zeros([BK, BV], dtype=tl.float32)
         for gi in range(G):
             hq = hk * G + gi
             qq = load_rows(q, t, mt, Hq, hq, Dk, dk, mk)
             dd = (load_rows(do, t, mt, Hq, hq, Dv, dv, mv).to(tl.float32) * scale).to(qq.dtype)
-            acc1 += mm(tl.trans((qq * tl.exp(b1)).to(qq.dtype)), dd, IEEE)
-            acc2 += mm(tl.trans((qq * tl.exp(b2)).to(qq.dtype)), dd, IEEE)
-        D1 = D1 * tl.exp(tl.sum(ga, axis=0))[:, None] + w0 * acc1
-        D2 = D2 * tl.exp(tl.sum(gb, axis=0))[:, None] + w1 * acc2
+            acc1 += mm(tl.trans((qq * e1).to(qq.dtype)), dd, IEEE)
+            acc2 += mm(tl.trans((qq * e2).to(qq.dtype)), dd, IEEE)
+        D1 = D1 * tot1[:, None] + w0 * acc1
+        D2 = D2 * tot2[:, None] + w1 * acc2
     tl.store(ds01 + st, D1, mask=mst)
     tl.store(ds02 + st, D2, mask=mst)
 
@@ -145,26 +143,45 @@ def dq_diag_exact(dPm, kI, gI, SUB: tl.constexpr):
 
 
 @triton.jit
-def block_cols(cu, cseq, coff, w, ic, ik, Dk: tl.constexpr, Dv: tl.constexpr, C: tl.constexpr,
-               SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+def block_cols(cu, cseq, coff, w, ic, ik, Dk: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr):
     """What a per-block backward program (dq, dk) starts from: global chunk ic's first token and
-    its sequence's end, the within-block row index, Dk block ik's columns, all Dv columns (and
-    their masks), and both mixing weights."""
+    its sequence's end, the within-block row index, Dk block ik's columns (and their mask), and
+    both mixing weights."""
     t0, eos, _, _ = chunk_tile(cu, cseq, coff, ic, C)
     sr = tl.arange(0, SUB)
     dk = ik * BK + tl.arange(0, BK)
-    dv = tl.arange(0, BV)
     mk = dk < Dk
-    mv = dv < Dv
     w0 = tl.load(w)
     w1 = tl.load(w + 1)
-    return t0, eos, sr, dk, dv, mk, mv, w0, w1
+    return t0, eos, sr, dk, mk, w0, w1
 
 
 @triton.jit
-def _dq_bwd(q, k, v, g1, g2, w, do, dq, dBq1, dBq2, dwp, cu, cseq, coff, scale,
-            Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr,
-            C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+def _dA_bwd(do, v, dA, dpd, cu, cseq, coff, scale, Hq, Hkv, G: tl.constexpr, Dv: tl.constexpr, C: tl.constexpr,
+            BV: tl.constexpr, IEEE: tl.constexpr):
+    """Per (chunk, query head): dP = scale dO v^T over the chunk's pairs s < t (zeros elsewhere)
+    into dA [total_T, Hq, C] (fp32), and its diagonal dpd_t = scale dO_t . v_t into [total_T, Hq].
+    Once here instead of in every dq and dk program: those split Dk, so each recomputed the whole
+    Dv product of every block pair (4x over at Dk block 32) and held a [16, Dv] dO tile."""
+    ic = tl.program_id(0)
+    hq = tl.program_id(1)
+    hk = hq // G
+    t0, eos, t, mt = chunk_tile(cu, cseq, coff, ic, C)
+    acc = tl.zeros([C, C], dtype=tl.float32)
+    for iv in tl.static_range(0, Dv, BV):
+        dv = iv + tl.arange(0, BV)
+        mv = dv < Dv
+        acc += mm(load_rows(do, t, mt, Hq, hq, Dv, dv, mv), tl.trans(load_rows(v, t, mt, Hkv, hk, Dv, dv, mv)), IEEE)
+    acc = acc * scale
+    rows = tl.arange(0, C)
+    tl.store(dpd + t * Hq + hq, tl.sum(tl.where(rows[:, None] == rows[None, :], acc, 0.), axis=1), mask=mt)
+    tl.store(dA + (t[:, None] * Hq + hq).to(tl.int64) * C + rows[None, :],
+             tl.where(rows[:, None] > rows[None, :], acc, 0.), mask=mt[:, None])
+
+
+@triton.jit
+def _dq_bwd(q, k, g1, g2, b1, b2, w, dA, dpdp, dq, dBq1, dBq2, dwp, cu, cseq, coff,
+            Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr,
             RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
     """Per (chunk, query head, query block I, Dk block): dq of the block's rows, the query half
     of both gate gradients, and dw's per-program sums. dBq1, dBq2 hold `_inter_bwd`'s inter-chunk
@@ -183,21 +200,20 @@ def _dq_bwd(q, k, v, g1, g2, w, do, dq, dBq1, dBq2, dwp, cu, cseq, coff, scale,
     hk = hq // G
     ic = pid // (C // SUB)
     I = C // SUB - 1 - pid % (C // SUB)  # the longest walks start first
-    t0, eos, sr, dk, dv, mk, mv, w0, w1 = block_cols(cu, cseq, coff, w, ic, ik, Dk, Dv, C, SUB, BK, BV)
+    t0, eos, sr, dk, mk, w0, w1 = block_cols(cu, cseq, coff, w, ic, ik, Dk, C, SUB, BK)
     tI = t0 + I * SUB + sr
     mI = tI < eos
-    # dP = dO' v^T from the inputs' own dtype (exact bf16 products, fp32 sums), scaled after;
-    # pairs s < t only: the diagonal s = t stays out of dq~ (it cancels in the gate gradient)
-    dd = load_rows(do, tI, mI, Hq, hq, Dv, dv, mv)
-    dPm = tl.where(sr[:, None] > sr[None, :], mm(dd, tl.trans(load_rows(v, tI, mI, Hkv, hk, Dv, dv, mv)), IEEE), 0.)
-    dPm = dPm * scale
+    # dP from `_dA_bwd`: pairs s < t only; the diagonal s = t stays out of dq~ (it cancels in the
+    # gate gradient)
+    arow = (tI[:, None] * Hq + hq).to(tl.int64) * C + sr[None, :]
+    dPm = tl.load(dA + arow + I * SUB, mask=mI[:, None], other=0.)
     kI = load_rows(k, tI, mI, Hkv, hk, Dk, dk, mk).to(tl.float32)
-    gI = load_rows(g1, tI, mI, Hkv, hk, Dk, dk, mk).to(tl.float32)
-    fast1 = tl.max(-tl.sum(gI, axis=0), axis=0) <= RANGE_MAX
-    acc1 = mm(tl.where(fast1, dPm, 0.), kI * tl.exp(tl.minimum(-tl.cumsum(gI, axis=0), RANGE_MAX)), IEEE)
-    gI = load_rows(g2, tI, mI, Hkv, hk, Dk, dk, mk).to(tl.float32)
-    fast2 = tl.max(-tl.sum(gI, axis=0), axis=0) <= RANGE_MAX
-    acc2 = mm(tl.where(fast2, dPm, 0.), kI * tl.exp(tl.minimum(-tl.cumsum(gI, axis=0), RANGE_MAX)), IEEE)
+    bI1 = load_rows(b1, tI, mI, Hkv, hk, Dk, dk, mk)
+    bI2 = load_rows(b2, tI, mI, Hkv, hk, Dk, dk, mk)
+    fast1 = tl.max(-block_end_total(b1, I, t0, eos, Hkv, hk, Dk, dk, mk, SUB), axis=0) <= RANGE_MAX
+    fast2 = tl.max(-block_end_total(b2, I, t0, eos, Hkv, hk, Dk, dk, mk, SUB), axis=0) <= RANGE_MAX
+    acc1 = mm(tl.where(fast1, dPm, 0.), kI * tl.exp(tl.minimum(-bI1, RANGE_MAX)), IEEE)
+    acc2 = mm(tl.where(fast2, dPm, 0.), kI * tl.exp(tl.minimum(-bI2, RANGE_MAX)), IEEE)
     mid1 = tl.zeros([BK], dtype=tl.float32)
     mid2 = tl.zeros([BK], dtype=tl.float32)
     # a block past the sequence's end stores zeros: it skips the walk
@@ -206,26 +222,24 @@ def _dq_bwd(q, k, v, g1, g2, w, do, dq, dBq1, dBq2, dwp, cu, cseq, coff, scale,
         tJ = t0 + J * SUB + sr
         mJ = tJ < eos
         kJ = load_rows(k, tJ, mJ, Hkv, hk, Dk, dk, mk).to(tl.float32)
-        dP = mm(dd, tl.trans(load_rows(v, tJ, mJ, Hkv, hk, Dv, dv, mv)), IEEE) * scale
-        gJ = load_rows(g1, tJ, mJ, Hkv, hk, Dk, dk, mk).to(tl.float32)
-        acc1 += mm(dP, kJ * tl.exp(tl.cumsum(gJ, axis=0, reverse=True) - gJ + mid1[None, :]), IEEE)
-        mid1 += tl.sum(gJ, axis=0)
-        gJ = load_rows(g2, tJ, mJ, Hkv, hk, Dk, dk, mk).to(tl.float32)
-        acc2 += mm(dP, kJ * tl.exp(tl.cumsum(gJ, axis=0, reverse=True) - gJ + mid2[None, :]), IEEE)
-        mid2 += tl.sum(gJ, axis=0)
+        dP = tl.load(dA + arow + J * SUB, mask=mI[:, None], other=0.)
+        tot = block_end_total(b1, J, t0, eos, Hkv, hk, Dk, dk, mk, SUB)
+        acc1 += mm(dP, kJ * tl.exp(tot[None, :] - load_rows(b1, tJ, mJ, Hkv, hk, Dk, dk, mk) + mid1[None, :]), IEEE)
+        mid1 += tot
+        tot = block_end_total(b2, J, t0, eos, Hkv, hk, Dk, dk, mk, SUB)
+        acc2 += mm(dP, kJ * tl.exp(tot[None, :] - load_rows(b2, tJ, mJ, Hkv, hk, Dk, dk, mk) + mid2[None, :]), IEEE)
+        mid2 += tot
     out = (tI[:, None] * Hq + hq).to(tl.int64) * Dk + dk[None, :]
     m_out = mI[:, None] & mk[None, :]
     qI = load_rows(q, tI, mI, Hq, hq, Dk, dk, mk).to(tl.float32)
-    dpd = scale * tl.sum(dd.to(tl.float32) * load_rows(v, tI, mI, Hkv, hk, Dv, dv, mv).to(tl.float32), axis=1)
+    dpd = tl.load(dpdp + tI * Hq + hq, mask=mI, other=0.)
     qk_diag = tl.sum(dpd * tl.sum(qI * kI, axis=1), axis=0)
-    gI = load_rows(g1, tI, mI, Hkv, hk, Dk, dk, mk).to(tl.float32)
-    dq1 = tl.exp(tl.cumsum(gI, axis=0)) * acc1 + tl.load(dBq1 + out, mask=m_out, other=0.)
+    dq1 = tl.exp(bI1) * acc1 + tl.load(dBq1 + out, mask=m_out, other=0.)
     if not fast1:
-        dq1 += dq_diag_exact(dPm, kI, gI, SUB)
-    gI = load_rows(g2, tI, mI, Hkv, hk, Dk, dk, mk).to(tl.float32)
-    dq2 = tl.exp(tl.cumsum(gI, axis=0)) * acc2 + tl.load(dBq2 + out, mask=m_out, other=0.)
+        dq1 += dq_diag_exact(dPm, kI, load_rows(g1, tI, mI, Hkv, hk, Dk, dk, mk).to(tl.float32), SUB)
+    dq2 = tl.exp(bI2) * acc2 + tl.load(dBq2 + out, mask=m_out, other=0.)
     if not fast2:
-        dq2 += dq_diag_exact(dPm, kI, gI, SUB)
+        dq2 += dq_diag_exact(dPm, kI, load_rows(g2, tI, mI, Hkv, hk, Dk, dk, mk).to(tl.float32), SUB)
     tl.store(dBq1 + out, w0 * qI * dq1, mask=m_out)
     tl.store(dBq2 + out, w1 * qI * dq2, mask=m_out)
     wp = dwp + ((pid * Hq + hq) * tl.num_programs(2) + ik) * 2
@@ -236,9 +250,9 @@ def _dq_bwd(q, k, v, g1, g2, w, do, dq, dBq1, dBq2, dwp, cu, cseq, coff, scale,
 
 
 @triton.jit
-def _dv_bwd(k, g1, g2, A, dS1, dS2, do, dv_out, cu, cseq, coff, scale,
+def _dv_bwd(k, b1, b2, A, dS1, dS2, do, dv_out, cu, cseq, coff, scale,
             Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr,
-            C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr):
+            C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr, SUB: tl.constexpr):
     """Per (chunk, kv head, Dv block): dv = sum_group A^T dO' + sum_i (k exp(b_last - b_i)) dS_i."""
     ic = tl.program_id(0)
     hk = tl.program_id(1)
@@ -246,12 +260,10 @@ def _dv_bwd(k, g1, g2, A, dS1, dS2, do, dv_out, cu, cseq, coff, scale,
     t0, eos, t, mt = chunk_tile(cu, cseq, coff, ic, C)
     dk, dv, mk, mv, mst, hoff = chunk_state_tile(ic, hk, iv, Hkv, Dk, Dv, BK, BV)
     kk = load_rows(k, t, mt, Hkv, hk, Dk, dk, mk)
-    gc = load_rows(g1, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
-    kd = to_end(kk, gc).to(kk.dtype)
-    acc = mm(kd, tl.load(dS1 + hoff, mask=mst, other=0.).to(kk.dtype), IEEE)
-    gc = load_rows(g2, t, mt, Hkv, hk, Dk, dk, mk).to(tl.float32)
-    kd = to_end(kk, gc).to(kk.dtype)
-    acc += mm(kd, tl.load(dS2 + hoff, mask=mst, other=0.).to(kk.dtype), IEEE)
+    kd, _ = decay_to_end(kk, load_rows(b1, t, mt, Hkv, hk, Dk, dk, mk), b1, t0, eos, Hkv, hk, Dk, dk, mk, C, SUB)
+    acc = mm(kd.to(kk.dtype), tl.load(dS1 + hoff, mask=mst, other=0.).to(kk.dtype), IEEE)
+    kd, _ = decay_to_end(kk, load_rows(b2, t, mt, Hkv, hk, Dk, dk, mk), b2, t0, eos, Hkv, hk, Dk, dk, mk, C, SUB)
+    acc += mm(kd.to(kk.dtype), tl.load(dS2 + hoff, mask=mst, other=0.).to(kk.dtype), IEEE)
     cols = tl.arange(0, C)
     for gi in range(G):
         hq = hk * G + gi
@@ -263,13 +275,14 @@ def _dv_bwd(k, g1, g2, A, dS1, dS2, do, dv_out, cu, cseq, coff, scale,
 
 
 @triton.jit
-def dk_diag_state(dPt, qJ, gJ, fast, wi, SUB: tl.constexpr, RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
-    """One state's dk_i from the diagonal block: the block form when the block decays by at
-    most RANGE_MAX, the exact row-by-row form otherwise."""
-    b = tl.cumsum(gJ, axis=0)
+def dk_diag_state(dPt, qJ, b, fast, wi, g_ptr, goff, gmask, SUB: tl.constexpr, RANGE_MAX: tl.constexpr,
+                  IEEE: tl.constexpr):
+    """One state's dk_i from the diagonal block (b: its within-block cumsums): the block form when
+    the block decays by at most RANGE_MAX, the exact row-by-row form (from the log decays at
+    g_ptr + goff) otherwise."""
     d = wi * tl.exp(tl.minimum(-b, RANGE_MAX)) * mm(tl.where(fast, dPt, 0.), qJ * tl.exp(b), IEEE)
     if not fast:
-        d += wi * dk_diag_exact(dPt, qJ, gJ, SUB)
+        d += wi * dk_diag_exact(dPt, qJ, tl.load(g_ptr + goff, mask=gmask, other=0.).to(tl.float32), SUB)
     return d
 
 
@@ -287,14 +300,13 @@ def dk_diag_exact(dPt, qJ, gJ, SUB: tl.constexpr):
 
 
 @triton.jit
-def _dk_bwd(q, k, v, g1, g2, w, do, dBq1, dBq2, dk_out, dgl1, dgl2, tot1, tot2, cu, cseq, coff, scale,
-            Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr,
-            C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+def _dk_bwd(q, k, g1, g2, b1, b2, w, dA, dpdp, dBq1, dBq2, dk_out, dgl1, dgl2, tot1, tot2, cu, cseq, coff,
+            Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr,
             RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
     """Per (chunk, kv head, key block J, Dk block): dk of the block's rows (both states, the
-    whole query group) and the gate gradients' block-local parts: the reverse cumsum of dB_i
-    inside the block and the block's total (`_dg_finish` adds the later blocks'; reads dBq
-    from `_dq_bwd`). dgl1, dgl2 hold `_inter_bwd`'s inter-chunk terms on entry (each program
+    whole query group) and the gate gradients' block-local parts: dB_i and the block's total
+    (`_dg_finish` reverse-cumsums dB_i inside the block and adds the later blocks' totals; reads
+    dBq from `_dq_bwd`). dgl1, dgl2 hold `_inter_bwd`'s inter-chunk terms on entry (each program
     reads its rows before it overwrites them).
 
     Query blocks I > J are visited in order carrying mid_i = the log decay of the blocks
@@ -308,16 +320,18 @@ def _dk_bwd(q, k, v, g1, g2, w, do, dBq1, dBq2, dk_out, dgl1, dgl2, tot1, tot2, 
     ik = tl.program_id(2)
     ic = pid // (C // SUB)
     J = pid % (C // SUB)  # the longest walks start first
-    t0, eos, sr, dk, dv, mk, mv, w0, w1 = block_cols(cu, cseq, coff, w, ic, ik, Dk, Dv, C, SUB, BK, BV)
+    t0, eos, sr, dk, mk, w0, w1 = block_cols(cu, cseq, coff, w, ic, ik, Dk, C, SUB, BK)
     tJ = t0 + J * SUB + sr
     mJ = tJ < eos
     mJK = mJ[:, None] & mk[None, :]
-    vJ = load_rows(v, tJ, mJ, Hkv, hk, Dv, dv, mv)  # dP from the inputs' own dtype, scaled after
     kJ = load_rows(k, tJ, mJ, Hkv, hk, Dk, dk, mk).to(tl.float32)
-    gJ1 = load_rows(g1, tJ, mJ, Hkv, hk, Dk, dk, mk).to(tl.float32)
-    gJ2 = load_rows(g2, tJ, mJ, Hkv, hk, Dk, dk, mk).to(tl.float32)
-    fast1 = tl.max(-tl.sum(gJ1, axis=0), axis=0) <= RANGE_MAX
-    fast2 = tl.max(-tl.sum(gJ2, axis=0), axis=0) <= RANGE_MAX
+    goff = (tJ[:, None] * Hkv + hk).to(tl.int64) * Dk + dk[None, :]
+    bJ1 = tl.load(b1 + goff, mask=mJK, other=0.)
+    bJ2 = tl.load(b2 + goff, mask=mJK, other=0.)
+    totJ1 = block_end_total(b1, J, t0, eos, Hkv, hk, Dk, dk, mk, SUB)
+    totJ2 = block_end_total(b2, J, t0, eos, Hkv, hk, Dk, dk, mk, SUB)
+    fast1 = tl.max(-totJ1, axis=0) <= RANGE_MAX
+    fast2 = tl.max(-totJ2, axis=0) <= RANGE_MAX
     # the diagonal block, the diagonal pairs s = t (they stay out of dk_i: they cancel in the
     # gate gradient) and the group's dBq; dk_i's diagonal part goes straight into dk and dB_i
     dk_tot = tl.zeros([SUB, BK], dtype=tl.float32)
@@ -327,46 +341,46 @@ def _dk_bwd(q, k, v, g1, g2, w, do, dBq1, dBq2, dk_out, dgl1, dgl2, tot1, tot2, 
         hq = hk * G + gi
         qoff = (tJ[:, None] * Hq + hq).to(tl.int64) * Dk + dk[None, :]
         qJ = tl.load(q + qoff, mask=mJK, other=0.).to(tl.float32)
-        dJ = load_rows(do, tJ, mJ, Hq, hq, Dv, dv, mv)
-        dk_tot += (w0 + w1) * (scale * tl.sum(dJ.to(tl.float32) * vJ.to(tl.float32), axis=1))[:, None] * qJ
-        dPt = tl.where(sr[:, None] < sr[None, :], mm(vJ, tl.trans(dJ), IEEE), 0.) * scale  # [s, t]
-        d = dk_diag_state(dPt, qJ, gJ1, fast1, w0, SUB, RANGE_MAX, IEEE)
+        dk_tot += (w0 + w1) * tl.load(dpdp + tJ * Hq + hq, mask=mJ, other=0.)[:, None] * qJ
+        # dP^T [s, t] of the diagonal block from `_dA_bwd` (zero for t <= s)
+        dPt = tl.trans(tl.load(dA + (tJ[:, None] * Hq + hq).to(tl.int64) * C + J * SUB + sr[None, :],
+                               mask=mJ[:, None], other=0.))
+        d = dk_diag_state(dPt, qJ, bJ1, fast1, w0, g1, goff, mJK, SUB, RANGE_MAX, IEEE)
         dk_tot += d
         dB1 += tl.load(dBq1 + qoff, mask=mJK, other=0.) - kJ * d
-        d = dk_diag_state(dPt, qJ, gJ2, fast2, w1, SUB, RANGE_MAX, IEEE)
+        d = dk_diag_state(dPt, qJ, bJ2, fast2, w1, g2, goff, mJK, SUB, RANGE_MAX, IEEE)
         dk_tot += d
         dB2 += tl.load(dBq2 + qoff, mask=mJK, other=0.) - kJ * d
     acc1 = tl.zeros([SUB, BK], dtype=tl.float32)
     acc2 = tl.zeros([SUB, BK], dtype=tl.float32)
     mid1 = tl.zeros([BK], dtype=tl.float32)
     mid2 = tl.zeros([BK], dtype=tl.float32)
-    # blocks past the sequence's end add nothing (their g reads 0, so neither does their decay)
+    # blocks past the sequence's end add nothing (their b and q read 0)
     for I in range(J + 1, tl.minimum(tl.cdiv(eos - t0, SUB), C // SUB).to(tl.int32)):
         tI = t0 + I * SUB + sr
         mI = tI < eos
-        gI = load_rows(g1, tI, mI, Hkv, hk, Dk, dk, mk).to(tl.float32)
-        e1 = tl.exp(tl.cumsum(gI, axis=0) + mid1[None, :])
-        mid1 += tl.sum(gI, axis=0)
-        gI = load_rows(g2, tI, mI, Hkv, hk, Dk, dk, mk).to(tl.float32)
-        e2 = tl.exp(tl.cumsum(gI, axis=0) + mid2[None, :])
-        mid2 += tl.sum(gI, axis=0)
+        e1 = tl.exp(load_rows(b1, tI, mI, Hkv, hk, Dk, dk, mk) + mid1[None, :])
+        mid1 += block_end_total(b1, I, t0, eos, Hkv, hk, Dk, dk, mk, SUB)
+        e2 = tl.exp(load_rows(b2, tI, mI, Hkv, hk, Dk, dk, mk) + mid2[None, :])
+        mid2 += block_end_total(b2, I, t0, eos, Hkv, hk, Dk, dk, mk, SUB)
         for gi in range(G):
             hq = hk * G + gi
             qI = load_rows(q, tI, mI, Hq, hq, Dk, dk, mk).to(tl.float32)
-            dPt = mm(vJ, tl.trans(load_rows(do, tI, mI, Hq, hq, Dv, dv, mv)), IEEE) * scale  # [s, t]
+            dPt = tl.trans(tl.load(dA + (tI[:, None] * Hq + hq).to(tl.int64) * C + J * SUB + sr[None, :],
+                                   mask=mI[:, None], other=0.))  # [s, t]
             acc1 += mm(dPt, qI * e1, IEEE)
             acc2 += mm(dPt, qI * e2, IEEE)
     toff = (pid * Hkv + hk).to(tl.int64) * Dk + dk
-    out = (tJ[:, None] * Hkv + hk).to(tl.int64) * Dk + dk[None, :]
-    d = tl.exp(tl.cumsum(gJ1, axis=0, reverse=True) - gJ1) * (w0 * acc1) + tl.load(dgl1 + out, mask=mJK, other=0.)
+    out = goff
+    d = tl.exp(totJ1[None, :] - bJ1) * (w0 * acc1) + tl.load(dgl1 + out, mask=mJK, other=0.)
     dk_tot += d
     dB1 -= kJ * d
-    tl.store(dgl1 + out, tl.cumsum(dB1, axis=0, reverse=True), mask=mJK)
+    tl.store(dgl1 + out, dB1, mask=mJK)
     tl.store(tot1 + toff, tl.sum(dB1, axis=0), mask=mk)
-    d = tl.exp(tl.cumsum(gJ2, axis=0, reverse=True) - gJ2) * (w1 * acc2) + tl.load(dgl2 + out, mask=mJK, other=0.)
+    d = tl.exp(totJ2[None, :] - bJ2) * (w1 * acc2) + tl.load(dgl2 + out, mask=mJK, other=0.)
     dk_tot += d
     dB2 -= kJ * d
-    tl.store(dgl2 + out, tl.cumsum(dB2, axis=0, reverse=True), mask=mJK)
+    tl.store(dgl2 + out, dB2, mask=mJK)
     tl.store(tot2 + toff, tl.sum(dB2, axis=0), mask=mk)
     tl.store(dk_out + out, dk_tot.to(dk_out.dtype.element_ty), mask=mJK)
 
@@ -403,14 +417,17 @@ def _dg_suffix(tot, fin, suf, coff, Hkv, Dk: tl.constexpr, NB: tl.constexpr, BK:
 @triton.jit
 def _dg_finish(dgl, suf, dg, cu, cseq, coff, Hkv, Dk: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr,
                BK: tl.constexpr):
-    """dg = block-local reverse cumsum + the later blocks' totals of the same sequence."""
+    """dg = the reverse cumsum of dB inside each block + the later blocks' totals of the same sequence
+    (the scans are here, not in `_dk_bwd`, where they sat on each program's critical path)."""
     ic = tl.program_id(0)
     hk = tl.program_id(1)
-    t0, eos, t, mt = chunk_tile(cu, cseq, coff, ic, C)
+    t0, eos, _, _ = chunk_tile(cu, cseq, coff, ic, C)
     dk = tl.arange(0, BK)
     mk = dk < Dk
-    blk = ic * (C // SUB) + tl.arange(0, C) // SUB
-    x = load_rows(dgl, t, mt, Hkv, hk, Dk, dk, mk)
-    x += tl.load(suf + (blk[:, None] * Hkv + hk).to(tl.int64) * Dk + dk[None, :], mask=mk[None, :], other=0.)
-    tl.store(dg + (t[:, None] * Hkv + hk).to(tl.int64) * Dk + dk[None, :], x.to(dg.dtype.element_ty),
-             mask=mt[:, None] & mk[None, :])
+    for J in tl.static_range(C // SUB):
+        t = t0 + J * SUB + tl.arange(0, SUB)
+        mt = t < eos
+        x = tl.cumsum(load_rows(dgl, t, mt, Hkv, hk, Dk, dk, mk), axis=0, reverse=True)
+        x += tl.load(suf + ((ic * (C // SUB) + J) * Hkv + hk).to(tl.int64) * Dk + dk, mask=mk, other=0.)[None, :]
+        tl.store(dg + (t[:, None] * Hkv + hk).to(tl.int64) * Dk + dk[None, :], x.to(dg.dtype.element_ty),
+                 mask=mt[:, None] & mk[None, :])

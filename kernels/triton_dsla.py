@@ -14,7 +14,8 @@ import triton
 
 from kernels import triton_alloc
 from kernels.reference import check_cu_seqlens, check_states
-from kernels.triton_chunk_bwd import _dg_finish, _dg_suffix, _dk_bwd, _dq_bwd, _dv_bwd, _inter_bwd, _states_bwd
+from kernels.triton_chunk_bwd import (_dA_bwd, _dg_finish, _dg_suffix, _dk_bwd, _dq_bwd, _dv_bwd, _inter_bwd,
+                                      _states_bwd)
 from kernels.triton_chunk_fwd import CHUNK, RANGE_MAX, SUB, _output_fwd, _scores_fwd, _states_fwd
 from kernels.triton_decode import dsla_decode_fused  # noqa: F401  (re-exported)
 
@@ -45,18 +46,18 @@ class _Plan:
 
 # num_warps per kernel, the state walks' tiles and the output kernel's Dv block.
 # bench/kernels.py sweeps them at T=16K and reports what it kept; the values here are the
-# ones that measured best there (H200, runs 6-9 in bench/results/kernels.md). walk_pre: the
-# forward's walk reads the scores pass's block cumsums instead of scanning the gates (whole
-# forward 3.03 vs 3.45 ms). dq/dk (per 16-row block): num_warps and Dk block; the warps
-# must follow the Dk block (64 with 4 warps spills): 8 warps / 64 gave fwd+bwd 25.5 ms,
-# 4 warps / 32 gave 18.7 ms. inter: the backward's inter-chunk products (warps, Dk block,
-# Dv slice). suffix_blocks: 16-row blocks per step of the gate gradient's suffix-sum walk (a power of 2).
-# <kernel>_stages: software-pipelining depth where Triton's default (3) lost (H200, T=16K,
-# bench/results/kernels.md run 11; outputs bitwise the same): scores 1.38 -> 1.26 ms at 1,
-# dq 4.09 -> 3.35 at 4, dk 4.60 -> 3.80 at 2.
+# ones that measured best there (H200, bench/results/kernels.md). walk_pre: the forward's
+# walk reads the scores pass's block cumsums instead of scanning the gates (whole forward
+# 3.03 vs 3.45 ms). dq/dk (per 16-row block): num_warps and Dk block. inter: the backward's
+# inter-chunk products (warps, Dk block, Dv slice). dA: the backward's dO v^T per chunk.
+# suffix_blocks: 16-row blocks per step of the gate gradient's suffix-sum walk (a power of 2).
+# <kernel>_stages: software-pipelining depth where Triton's default (3) lost, else None
+# (outputs bitwise the same either way). Since dq and dk read dP and the block cumsums
+# instead of computing them (session 23, H200, T=16K): dq at Dk block 64 and the default
+# depth 1.93 -> 1.38 ms, dk at depth 1 3.29 -> 2.49, states_bwd at 4 warps 1.38 -> 0.97.
 LAUNCH = dict(scores=2, scores_stages=1, states_fwd=4, states_bk=16, states_bv=128, prefetch=False, walk_pre=True,
-              output=4, output_bv=128, states_bwd=8, dq=4, dq_bk=32, dq_stages=4, dk=4, dk_bk=32, dk_stages=2,
-              dv=8, dv_bv=128, inter=4, inter_bk=64, inter_bv=64, suffix_blocks=64)
+              output=4, output_bv=128, states_bwd=4, dq=4, dq_bk=64, dq_stages=None, dk=4, dk_bk=32, dk_stages=1,
+              dv=8, dv_bv=128, dA=4, dA_bv=128, inter=4, inter_bk=64, inter_bv=64, suffix_blocks=64)
 _PLANS: dict = {}
 
 
@@ -154,11 +155,10 @@ def _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, b1, b2, h
     ds01 = triton_alloc.empty(N, Hkv, Dk, Dv, **f32)
     ds02 = triton_alloc.empty(*ds01.shape, **f32)
     grid = (triton.cdiv(Dk, BKs), triton.cdiv(Dv, BVs), N * Hkv)
-    _states_bwd[grid](q, g1, g2, w, do, dsT1 if has_dst else ds01, dsT2 if has_dst else ds02,
+    _states_bwd[grid](q, b1, b2, w, do, dsT1 if has_dst else ds01, dsT2 if has_dst else ds02,
                       dS1, dS2, ds01, ds02, plan.cu, plan.coff, scale, Hq, Hkv, G,
-                      Dk=Dk, Dv=Dv, C=CHUNK, BK=BKs, BV=BVs, HAS_DST=has_dst, IEEE=ieee,
+                      Dk=Dk, Dv=Dv, C=CHUNK, BK=BKs, BV=BVs, HAS_DST=has_dst, IEEE=ieee, SUB=SUB,
                       **_launch("states_bwd"))
-    common = dict(G=G, Dk=Dk, Dv=Dv, C=CHUNK, SUB=SUB, BV=BV, IEEE=ieee)
     NB = CHUNK // SUB  # dq and dk: one program per 16-row block and Dk block
     BKq, BKk = min(BK, LAUNCH["dq_bk"]), min(BK, LAUNCH["dk_bk"])
     dq = triton_alloc.empty(Ttot, Hq, Dk, dtype=q.dtype, device=dev)
@@ -168,29 +168,34 @@ def _backward(do, dsT1, dsT2, q, k, v, g1, g2, w, s1, s2, sT1, sT2, A, b1, b2, h
     dgl2 = triton_alloc.empty(Ttot, Hkv, Dk, **f32)
     # the inter-chunk terms at M = C rows, into the buffers dq / dk read them from and then overwrite
     BKi = min(BK, LAUNCH["inter_bk"])
-    inter = dict(common, SUB=SUB, BK=BKi, BVH=min(BV, LAUNCH["inter_bv"]), **_launch("inter"))
+    inter = dict(G=G, Dk=Dk, Dv=Dv, C=CHUNK, SUB=SUB, BK=BKi, BV=BV, BVH=min(BV, LAUNCH["inter_bv"]), IEEE=ieee,
+                 **_launch("inter"))
     _inter_bwd[(plan.n_chunks, Hq, triton.cdiv(Dk, BKi))](
         do, h1, h2, b1, b2, dBq1, dBq2, plan.cu, plan.cseq, plan.coff, scale, Hq, Hkv, FROM_START=True,
         PRECISE=False, **inter)
     _inter_bwd[(plan.n_chunks, Hkv, triton.cdiv(Dk, BKi))](
         v, dS1, dS2, b1, b2, dgl1, dgl2, plan.cu, plan.cseq, plan.coff, 1.0, Hkv, Hkv, FROM_START=False,
         PRECISE=True, **dict(inter, G=1))
-    common["RANGE_MAX"] = RANGE_MAX
+    dA = triton_alloc.empty(Ttot, Hq, CHUNK, **f32)
+    dpd = triton_alloc.empty(Ttot, Hq, **f32)
+    _dA_bwd[(plan.n_chunks, Hq)](do, v, dA, dpd, plan.cu, plan.cseq, plan.coff, scale, Hq, Hkv, G=G, Dv=Dv,
+                                 C=CHUNK, BV=min(BV, LAUNCH["dA_bv"]), IEEE=ieee, **_launch("dA"))
+    blk = dict(G=G, Dk=Dk, C=CHUNK, SUB=SUB, RANGE_MAX=RANGE_MAX, IEEE=ieee)
     dwp = triton_alloc.empty(plan.n_chunks * NB, Hq, triton.cdiv(Dk, BKq), 2, **f32)
     _dq_bwd[(plan.n_chunks * NB, Hq, triton.cdiv(Dk, BKq))](
-        q, k, v, g1, g2, w, do, dq, dBq1, dBq2, dwp, plan.cu, plan.cseq, plan.coff, scale, Hq, Hkv,
-        BK=BKq, **_launch("dq"), **common)
+        q, k, g1, g2, b1, b2, w, dA, dpd, dq, dBq1, dBq2, dwp, plan.cu, plan.cseq, plan.coff, Hq, Hkv,
+        BK=BKq, **_launch("dq"), **blk)
     dv = triton_alloc.empty(Ttot, Hkv, Dv, dtype=v.dtype, device=dev)
     BVd = min(BV, LAUNCH["dv_bv"])
-    _dv_bwd[(plan.n_chunks, Hkv, triton.cdiv(Dv, BVd))](k, g1, g2, A, dS1, dS2, do, dv, plan.cu, plan.cseq,
+    _dv_bwd[(plan.n_chunks, Hkv, triton.cdiv(Dv, BVd))](k, b1, b2, A, dS1, dS2, do, dv, plan.cu, plan.cseq,
                                                         plan.coff, scale, Hq, Hkv, G=G, Dk=Dk, Dv=Dv, C=CHUNK,
-                                                        BK=BK, BV=BVd, IEEE=ieee, **_launch("dv"))
+                                                        BK=BK, BV=BVd, IEEE=ieee, SUB=SUB, **_launch("dv"))
     dk = triton_alloc.empty(Ttot, Hkv, Dk, dtype=k.dtype, device=dev)
     tot1 = triton_alloc.empty(plan.n_chunks, NB, Hkv, Dk, **f32)
     tot2 = triton_alloc.empty(*tot1.shape, **f32)
     _dk_bwd[(plan.n_chunks * NB, Hkv, triton.cdiv(Dk, BKk))](
-        q, k, v, g1, g2, w, do, dBq1, dBq2, dk, dgl1, dgl2, tot1, tot2, plan.cu, plan.cseq, plan.coff,
-        scale, Hq, Hkv, BK=BKk, **_launch("dk"), **common)
+        q, k, g1, g2, b1, b2, w, dA, dpd, dBq1, dBq2, dk, dgl1, dgl2, tot1, tot2, plan.cu, plan.cseq, plan.coff,
+        Hq, Hkv, BK=BKk, **_launch("dk"), **blk)
     dw = dwp.sum((0, 1, 2)).to(w.dtype)
     dgs = []
     for dgl, tot, dsT, sT, g in ((dgl1, tot1, dsT1, sT1, g1), (dgl2, tot2, dsT2, sT2, g2)):
