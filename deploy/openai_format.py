@@ -106,7 +106,10 @@ class ResponseBuilder:
         else:
             choice = {"index": index, "text": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             obj = "text_completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [choice]}
+        chunk = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [choice]}
+        if self.plan.continuous_usage:
+            chunk["usage"] = self.usage()
+        return chunk
 
     def usage_chunk(self) -> dict:
         return {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",

@@ -9,7 +9,7 @@ and stop_token_ids honoured will expect min_p or guided_json to be too.
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,6 +41,7 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk carries the running usage
 
 
 # vLLM's sampling extensions this server does not implement -> their neutral value: refused
@@ -53,6 +54,13 @@ VLLM_EXTENSIONS = {"min_tokens": 0, "min_p": 0, "repetition_penalty": 1, "length
                    # chat's: each changes the prompt or the answer (completions declare their own echo)
                    "echo": False, "add_generation_prompt": True, "continue_final_message": False,
                    "chat_template": None}
+
+
+# apply_chat_template's own parameters and what the server passes the template itself
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs"})
 
 
 class _Sampling(_Request):
@@ -151,6 +159,9 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: Optional[Union[str, dict]] = None
     functions: Optional[list] = None  # OpenAI's deprecated form of tools
     function_call: Optional[Union[str, dict]] = None
+    # vLLM's: extra variables for the chat template (e.g. enable_thinking); the names our own call
+    # to the template sets are refused, as they would change what the server asked of it
+    chat_template_kwargs: Optional[dict[str, Any]] = None
 
     def unsupported(self):
         if self.top_logprobs:
@@ -165,6 +176,9 @@ class ChatCompletionRequest(_Sampling):
             return "functions", "functions are not supported"
         if self.function_call not in (None, "none"):
             return "function_call", "function_call is not supported"
+        taken = sorted(set(self.chat_template_kwargs or {}) & RESERVED_TEMPLATE_KWARGS)
+        if taken:
+            return "chat_template_kwargs", f"chat_template_kwargs may not set {', '.join(taken)}"
         return super().unsupported()
 
     def requested_max_tokens(self) -> Optional[int]:

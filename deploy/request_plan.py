@@ -38,6 +38,7 @@ class Plan:
     stream: bool
     include_usage: bool
     extra: dict = field(default_factory=dict)
+    continuous_usage: bool = False  # every stream chunk carries the usage so far (vLLM's extension)
 
 
 def check_model(requested: str, limits: Limits):
@@ -74,7 +75,8 @@ def _prompts(req: CompletionRequest, tok, limits: Limits) -> list[list[int]]:
 def chat_prompt(req: ChatCompletionRequest, tok) -> list[int]:
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
     try:
-        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                       **(req.chat_template_kwargs or {}))
     except Exception as e:  # the template itself refuses some orders of roles
         raise bad_request(f"messages do not fit the model's chat template: {e}", "messages") from None
     # the template already holds the special tokens
@@ -132,6 +134,13 @@ def _seed(req, j: int) -> Optional[int]:
     return None if req.seed is None else (req.seed + j) % 2**64
 
 
+def _usage_options(req) -> dict:
+    """A Plan's usage fields; continuous usage needs include_usage, as in vLLM."""
+    so = req.stream_options
+    usage = bool(so and so.include_usage)
+    return dict(include_usage=usage, continuous_usage=usage and so.continuous_usage_stats)
+
+
 def plan_completion(req: CompletionRequest, tok, limits: Limits) -> Plan:
     check_model(req.model, limits)
     prompts = _prompts(req, tok, limits)
@@ -141,8 +150,7 @@ def plan_completion(req: CompletionRequest, tok, limits: Limits) -> Plan:
         mt = _max_tokens(req.max_tokens, len(ids), limits, 16, "max_tokens", "prompt")
         for j in range(n):
             jobs.append(Job(i * n + j, ids, _sampling(req, mt, req.logprobs is not None, _seed(req, j))))
-    return Plan("completion", jobs, sum(len(p) for p in prompts), bool(req.stream),
-                bool(req.stream_options and req.stream_options.include_usage))
+    return Plan("completion", jobs, sum(len(p) for p in prompts), bool(req.stream), **_usage_options(req))
 
 
 def plan_chat(req: ChatCompletionRequest, tok, limits: Limits) -> Plan:
@@ -151,5 +159,4 @@ def plan_chat(req: ChatCompletionRequest, tok, limits: Limits) -> Plan:
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     mt = _max_tokens(req.requested_max_tokens(), len(ids), limits, limits.default_max_tokens, param, "messages")
     jobs = [Job(j, ids, _sampling(req, mt, bool(req.logprobs), _seed(req, j))) for j in range(n)]
-    return Plan("chat", jobs, len(ids), bool(req.stream),
-                bool(req.stream_options and req.stream_options.include_usage))
+    return Plan("chat", jobs, len(ids), bool(req.stream), **_usage_options(req))

@@ -133,3 +133,35 @@ def test_legacy_function_calling_is_refused_like_tools():
     assert ChatCompletionRequest.model_validate({**chat, "functions": fn}).unsupported()[0] == "functions"
     assert ChatCompletionRequest.model_validate({**chat, "function_call": "auto"}).unsupported()[0] == "function_call"
     assert ChatCompletionRequest.model_validate({**chat, "function_call": "none"}).unsupported() is None
+
+
+def test_continuous_usage_stats_needs_include_usage_as_in_vllm(bos_tok):
+    so = {"include_usage": True, "continuous_usage_stats": True}
+    plan = plan_completion(_req(prompt="hi", stream=True, stream_options=so), bos_tok, _limits(bos_tok))
+    assert plan.include_usage and plan.continuous_usage
+    so = {"continuous_usage_stats": True}
+    plan = plan_completion(_req(prompt="hi", stream=True, stream_options=so), bos_tok, _limits(bos_tok))
+    assert not plan.include_usage and not plan.continuous_usage
+
+
+def test_chat_template_kwargs_reach_the_template_and_may_not_override_the_call():
+    """vLLM's chat_template_kwargs were dropped silently; a template variable now changes the prompt."""
+    from transformers import AutoTokenizer
+
+    from deploy.openai_protocol import ChatCompletionRequest
+    from deploy.request_plan import chat_prompt
+    from dsla_model.loading import default_model_dir
+    from tests.conftest import skip_without_default_model
+
+    skip_without_default_model()
+    tok = AutoTokenizer.from_pretrained(default_model_dir())
+    tok.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                         "{% if shout is defined and shout %}!!{% endif %}")
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
+    plain = chat_prompt(ChatCompletionRequest.model_validate(chat), tok)
+    loud = chat_prompt(ChatCompletionRequest.model_validate({**chat, "chat_template_kwargs": {"shout": True}}), tok)
+    assert tok.decode(plain) == "hello" and tok.decode(loud) == "hello!!"
+    bad = ChatCompletionRequest.model_validate({**chat, "chat_template_kwargs": {"tokenize": True, "x": 1}})
+    assert bad.unsupported() == ("chat_template_kwargs", "chat_template_kwargs may not set tokenize")
+    with pytest.raises(Exception):  # not an object: refused by the schema (a 400 at the ingress)
+        ChatCompletionRequest.model_validate({**chat, "chat_template_kwargs": ["shout"]})

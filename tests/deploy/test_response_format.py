@@ -48,3 +48,17 @@ def test_completion_logprobs_carry_text_offsets_and_top_logprobs_streamed_or_not
     assert final["top_logprobs"] == [{"D": -0.1}, {"E": -0.2}, {"F": -0.3}]
     assert [o for x in lps for o in x["text_offset"]] == final["text_offset"]
     assert [d for x in lps for d in x["top_logprobs"]] == final["top_logprobs"]
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+def test_continuous_usage_puts_the_running_counts_in_every_chunk(kind):
+    """vLLM's stream_options.continuous_usage_stats: each chunk's usage counts the tokens so far."""
+    plan = Plan(kind, [Job(0, [1, 2], {})], 2, True, True, continuous_usage=True)
+    b = ResponseBuilder(plan, "m", _Letters())
+    chunks = [c for ev in _events() for c in b.add(0, ev)]
+    got = [(c["usage"]["completion_tokens"], c["usage"]["total_tokens"]) for c in chunks]
+    # the held-back token makes no chunk of its own; chat's role chunk comes before any token
+    assert got == ([(0, 2)] if kind == "chat" else []) + [(2, 4), (3, 5)]
+    assert all(c["usage"]["prompt_tokens"] == 2 for c in chunks)
+    plain = ResponseBuilder(Plan(kind, [Job(0, [1, 2], {})], 2, True, True), "m", _Letters())
+    assert not any("usage" in c for ev in _events() for c in plain.add(0, ev))
