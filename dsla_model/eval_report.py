@@ -38,7 +38,7 @@ def plot(results: list[dict], path: Path, title: str) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")  # the format is named: the caller writes a temporary name
     plt.close(fig)
     return True
 
@@ -57,6 +57,11 @@ def write_report(results: list[dict], meta: dict, out_dir, name: str = "eval") -
             tmp.unlink(missing_ok=True)
         paths.append(str(path))
     png = out / f"{name}.png"
-    if plot(results, png, f"{meta.get('model', '')}: {name}"):
-        paths.append(str(png))
+    tmp = png.with_name(f".{png.name}.tmp{os.getpid()}")  # as above: a failed plot leaves the old one whole
+    try:
+        if plot(results, tmp, f"{meta.get('model', '')}: {name}"):
+            os.replace(tmp, png)
+            paths.append(str(png))
+    finally:
+        tmp.unlink(missing_ok=True)
     return paths

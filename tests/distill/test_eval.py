@@ -150,6 +150,30 @@ def test_a_report_that_fails_half_way_leaves_the_old_one(tmp_path, monkeypatch):
         ["eval.png"] if (tmp_path / "eval.png").exists() else []))
 
 
+def test_a_plot_that_fails_half_way_leaves_the_old_one(tmp_path, monkeypatch):
+    """The PNG was written in place: a failed savefig left a truncated eval.png beside a whole report."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+
+    from dsla_model.eval_report import write_report
+
+    rows = [{"conversion": 0.0, "dsla_layers": [], "ppl": 10.0, "teacher_ppl": 10.0, "ppl_ratio": 1.0,
+             "top1_agreement": 1.0, "kl": 0.0}]
+    assert str(tmp_path / "eval.png") in write_report(rows, {"model": "m"}, tmp_path, "eval")
+    before = (tmp_path / "eval.png").read_bytes()
+    assert before.startswith(b"\x89PNG")
+
+    def half(self, path, **kw):
+        with open(path, "wb") as f:
+            f.write(before[:100])
+        raise OSError("No space left on device")
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half)
+    with pytest.raises(OSError):
+        write_report([dict(rows[0], ppl=20.0)], {"model": "m"}, tmp_path, "eval")
+    assert (tmp_path / "eval.png").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json", "eval.md", "eval.png"]
+
+
 def test_passkey_counts_a_longer_number_as_a_miss():
     """Scoring looked only at the answer's positions: a model answering 604946 for the key 60494
     (SmolLM2 writes numbers digit by digit) scored as a hit. The next token must end the number."""
