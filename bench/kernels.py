@@ -85,6 +85,10 @@ SWEEP = (
     ("scores", [dict(scores=2, scores_stages=1), dict(scores=2, scores_stages=2), dict(scores=2, scores_stages=None),
                 dict(scores=4, scores_stages=1)]),
     ("output", [dict(output=4, output_bv=128), dict(output=8, output_bv=128)]),
+    ("scores from precomputed block cumsums", [dict(scores_pre=False), dict(scores_pre=True, cumsum=4),
+                                               dict(scores_pre=True, cumsum=8)]),
+    ("walk split in time (inference)", [dict(walk_split=1), dict(walk_split=2), dict(walk_split=4),
+                                        dict(walk_split=8)]),
 )
 # the first is LAUNCH's (session 23's sweep: 11.24 ms fwd+bwd); dq 2 deep measured 11.46 there, dk Dk block 64
 # (default depth) 11.84, dk with 2 warps was not tried

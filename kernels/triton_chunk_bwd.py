@@ -43,8 +43,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.triton_chunk_fwd import (block_end_total, chunk_state_tile, chunk_tile, decay_from_start, decay_to_end,
-                                     from_row, load_rows, load_state_pair, mm, mm_precise, row_of, walk_tile)
+from kernels.triton_chunk_fwd import (block_end_total, block_rows, chunk_head_cols, chunk_state_tile, chunk_tile,
+                                     decay_from_start, decay_to_end, from_row, load_rows, load_state_pair, mm,
+                                     mm_precise, row_of, walk_tile)
 
 
 @triton.jit
@@ -419,14 +420,9 @@ def _dg_finish(dgl, suf, dg, cu, cseq, coff, Hkv, Dk: tl.constexpr, C: tl.conste
                BK: tl.constexpr):
     """dg = the reverse cumsum of dB inside each block + the later blocks' totals of the same sequence
     (the scans are here, not in `_dk_bwd`, where they sat on each program's critical path)."""
-    ic = tl.program_id(0)
-    hk = tl.program_id(1)
-    t0, eos, _, _ = chunk_tile(cu, cseq, coff, ic, C)
-    dk = tl.arange(0, BK)
-    mk = dk < Dk
+    ic, hk, t0, eos, dk, mk = chunk_head_cols(cu, cseq, coff, Dk, C, BK)
     for J in tl.static_range(C // SUB):
-        t = t0 + J * SUB + tl.arange(0, SUB)
-        mt = t < eos
+        t, mt = block_rows(t0, eos, J, SUB)
         x = tl.cumsum(load_rows(dgl, t, mt, Hkv, hk, Dk, dk, mk), axis=0, reverse=True)
         x += tl.load(suf + ((ic * (C // SUB) + J) * Hkv + hk).to(tl.int64) * Dk + dk, mask=mk, other=0.)[None, :]
         tl.store(dg + (t[:, None] * Hkv + hk).to(tl.int64) * Dk + dk[None, :], x.to(dg.dtype.element_ty),

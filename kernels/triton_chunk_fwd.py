@@ -85,6 +85,24 @@ def chunk_tile(cu, cseq, coff, ic, C: tl.constexpr):
 
 
 @triton.jit
+def chunk_head_cols(cu, cseq, coff, Dk: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
+    """A per (chunk, kv head) program's chunk ic and kv head, the chunk's first token, its
+    sequence's end, and all Dk columns with their mask."""
+    ic = tl.program_id(0)
+    hk = tl.program_id(1)
+    t0, eos, _, _ = chunk_tile(cu, cseq, coff, ic, C)
+    dk = tl.arange(0, BK)
+    return ic, hk, t0, eos, dk, dk < Dk
+
+
+@triton.jit
+def block_rows(t0, eos, J, SUB: tl.constexpr):
+    """The token rows of a chunk's block J (from the chunk's first token t0) and their mask."""
+    t = t0 + J * SUB + tl.arange(0, SUB)
+    return t, t < eos
+
+
+@triton.jit
 def chunk_state_tile(ic, hk, iv, Hkv, Dk: tl.constexpr, Dv: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """All Dk columns and Dv block iv's columns (with masks) of kv head hk, and their offsets in a
     per-chunk state [chunks, Hkv, Dk, Dv] at global chunk ic."""
@@ -246,8 +264,23 @@ def _states_fwd(k, v, g1, g2, s01, s02, h1, h2, sT1, sT2, cu, coff,
 
 
 @triton.jit
+def _block_cumsum_fwd(g1, g2, b1, b2, cu, cseq, coff, Hkv, Dk: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr,
+                      BK: tl.constexpr):
+    """Per (chunk, kv head): the within-block inclusive cumsums b of both log decays, for a scores
+    pass that reads them instead of scanning every earlier block again (B_PRE)."""
+    _, hk, t0, eos, dk, mk = chunk_head_cols(cu, cseq, coff, Dk, C, BK)
+    for J in tl.static_range(C // SUB):
+        t, mt = block_rows(t0, eos, J, SUB)
+        off = (t[:, None] * Hkv + hk).to(tl.int64) * Dk + dk[None, :]
+        m = mt[:, None] & mk[None, :]
+        tl.store(b1 + off, tl.cumsum(tl.load(g1 + off, mask=m, other=0.).to(tl.float32), axis=0), mask=m)
+        tl.store(b2 + off, tl.cumsum(tl.load(g2 + off, mask=m, other=0.).to(tl.float32), axis=0), mask=m)
+
+
+@triton.jit
 def _scores_fwd(q, k, g1, g2, w, A, b1, b2, cu, cseq, coff, Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr,
-                C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, RANGE_MAX: tl.constexpr, IEEE: tl.constexpr):
+                C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, RANGE_MAX: tl.constexpr, IEEE: tl.constexpr,
+                B_PRE: tl.constexpr = False):
     """Mixed scores w_0 A_1 + w_1 A_2 of the SUB query rows of block I of one chunk and query
     head, written to A [total_T, Hq, C] (zeros right of the diagonal block); the first query
     head of each kv group also writes the block cumsums b_i, which the states walks, the output
@@ -275,28 +308,38 @@ def _scores_fwd(q, k, g1, g2, w, A, b1, b2, cu, cseq, coff, Hq, Hkv, G: tl.const
     mI = tI < eos
     qI = load_rows(q, tI, mI, Hq, hq, Dk, dk, mk)
     kI = load_rows(k, tI, mI, Hkv, hk, Dk, dk, mk)
-    gI1 = load_rows(g1, tI, mI, Hkv, hk, Dk, dk, mk).to(tl.float32)
-    gI2 = load_rows(g2, tI, mI, Hkv, hk, Dk, dk, mk).to(tl.float32)
-    bI1 = tl.cumsum(gI1, axis=0)
-    bI2 = tl.cumsum(gI2, axis=0)
-    if hq % G == 0:
-        boff = (tI[:, None] * Hkv + hk).to(tl.int64) * Dk + dk[None, :]
-        tl.store(b1 + boff, bI1, mask=mI[:, None] & mk[None, :])
-        tl.store(b2 + boff, bI2, mask=mI[:, None] & mk[None, :])
+    if B_PRE:  # b1, b2 from `_block_cumsum_fwd`
+        bI1 = load_rows(b1, tI, mI, Hkv, hk, Dk, dk, mk)
+        bI2 = load_rows(b2, tI, mI, Hkv, hk, Dk, dk, mk)
+        totI1 = block_end_total(b1, I, t0, eos, Hkv, hk, Dk, dk, mk, SUB)
+        totI2 = block_end_total(b2, I, t0, eos, Hkv, hk, Dk, dk, mk, SUB)
+    else:
+        gI1 = load_rows(g1, tI, mI, Hkv, hk, Dk, dk, mk).to(tl.float32)
+        gI2 = load_rows(g2, tI, mI, Hkv, hk, Dk, dk, mk).to(tl.float32)
+        bI1 = tl.cumsum(gI1, axis=0)
+        bI2 = tl.cumsum(gI2, axis=0)
+        totI1 = tl.sum(gI1, axis=0)
+        totI2 = tl.sum(gI2, axis=0)
+        if hq % G == 0:
+            boff = (tI[:, None] * Hkv + hk).to(tl.int64) * Dk + dk[None, :]
+            tl.store(b1 + boff, bI1, mask=mI[:, None] & mk[None, :])
+            tl.store(b2 + boff, bI2, mask=mI[:, None] & mk[None, :])
     qd1 = (qI * tl.exp(bI1)).to(qI.dtype)
     qd2 = (qI * tl.exp(bI2)).to(qI.dtype)
     arow = (tI[:, None] * Hq + hq).to(tl.int64) * C
     cz = tl.arange(0, C)
     tl.store(A + arow + cz[None, :], tl.zeros([SUB, C], dtype=A.dtype.element_ty),
              mask=mI[:, None] & (cz >= (I + 1) * SUB)[None, :])
-    if tl.max(-tl.sum(gI1, axis=0), axis=0) <= RANGE_MAX:
+    if tl.max(-totI1, axis=0) <= RANGE_MAX:
         A1 = mm(qd1, tl.trans((kI * tl.exp(-bI1)).to(kI.dtype)), IEEE)
     else:
-        A1 = exact_block(qI.to(tl.float32), gI1, 0, SUB, SUB, kI.to(tl.float32))
-    if tl.max(-tl.sum(gI2, axis=0), axis=0) <= RANGE_MAX:
+        A1 = exact_block(qI.to(tl.float32), load_rows(g1, tI, mI, Hkv, hk, Dk, dk, mk).to(tl.float32), 0, SUB, SUB,
+                         kI.to(tl.float32))
+    if tl.max(-totI2, axis=0) <= RANGE_MAX:
         A2 = mm(qd2, tl.trans((kI * tl.exp(-bI2)).to(kI.dtype)), IEEE)
     else:
-        A2 = exact_block(qI.to(tl.float32), gI2, 0, SUB, SUB, kI.to(tl.float32))
+        A2 = exact_block(qI.to(tl.float32), load_rows(g2, tI, mI, Hkv, hk, Dk, dk, mk).to(tl.float32), 0, SUB, SUB,
+                         kI.to(tl.float32))
     AJ = tl.where(sr[:, None] >= sr[None, :], w0 * A1 + w1 * A2, 0.)
     tl.store(A + arow + I * SUB + sr[None, :], AJ.to(A.dtype.element_ty), mask=mI[:, None])
     mid1 = tl.zeros([BK], dtype=tl.float32)
@@ -307,24 +350,34 @@ def _scores_fwd(q, k, g1, g2, w, A, b1, b2, cu, cseq, coff, Hq, Hkv, G: tl.const
         tJ = t0 + J * SUB + sr
         mJ = tJ < eos
         kJ = load_rows(k, tJ, mJ, Hkv, hk, Dk, dk, mk)
-        gJ1 = load_rows(g1, tJ, mJ, Hkv, hk, Dk, dk, mk).to(tl.float32)
-        gJ2 = load_rows(g2, tJ, mJ, Hkv, hk, Dk, dk, mk).to(tl.float32)
-        kd1 = (kJ * tl.exp(tl.cumsum(gJ1, axis=0, reverse=True) - gJ1 + mid1[None, :])).to(kJ.dtype)
-        kd2 = (kJ * tl.exp(tl.cumsum(gJ2, axis=0, reverse=True) - gJ2 + mid2[None, :])).to(kJ.dtype)
+        if B_PRE:
+            tot1 = block_end_total(b1, J, t0, eos, Hkv, hk, Dk, dk, mk, SUB)
+            tot2 = block_end_total(b2, J, t0, eos, Hkv, hk, Dk, dk, mk, SUB)
+            kd1 = (kJ * tl.exp(tot1[None, :] - load_rows(b1, tJ, mJ, Hkv, hk, Dk, dk, mk) + mid1[None, :])).to(kJ.dtype)
+            kd2 = (kJ * tl.exp(tot2[None, :] - load_rows(b2, tJ, mJ, Hkv, hk, Dk, dk, mk) + mid2[None, :])).to(kJ.dtype)
+        else:
+            gJ1 = load_rows(g1, tJ, mJ, Hkv, hk, Dk, dk, mk).to(tl.float32)
+            gJ2 = load_rows(g2, tJ, mJ, Hkv, hk, Dk, dk, mk).to(tl.float32)
+            tot1 = tl.sum(gJ1, axis=0)
+            tot2 = tl.sum(gJ2, axis=0)
+            kd1 = (kJ * tl.exp(tl.cumsum(gJ1, axis=0, reverse=True) - gJ1 + mid1[None, :])).to(kJ.dtype)
+            kd2 = (kJ * tl.exp(tl.cumsum(gJ2, axis=0, reverse=True) - gJ2 + mid2[None, :])).to(kJ.dtype)
         AJ = w0 * mm(qd1, tl.trans(kd1), IEEE) + w1 * mm(qd2, tl.trans(kd2), IEEE)
         tl.store(A + arow + J * SUB + sr[None, :], AJ.to(A.dtype.element_ty), mask=mI[:, None])
-        mid1 += tl.sum(gJ1, axis=0)
-        mid2 += tl.sum(gJ2, axis=0)
+        mid1 += tot1
+        mid2 += tot2
 
 
 @triton.jit
 def _output_fwd(q, v, b1, b2, w, h1, h2, A, o, cu, cseq, coff, scale,
                       Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr,
                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
-                      SUB: tl.constexpr):
+                      SUB: tl.constexpr, dc1=None, dc2=None, Ss1=None, Ss2=None, P: tl.constexpr = 1):
     """o = scale (w0 (q exp(b1)) h1 + w1 (q exp(b2)) h2 + A v) for one chunk, query head and
     Dv block: the inter-chunk products at M = C rows (per 16-row block they cost more than
-    the scores: bench/results/kernels.md). exp(b) from the block cumsums (no scan)."""
+    the scores: bench/results/kernels.md). exp(b) from the block cumsums (no scan). With P > 1
+    the chunk states are a split walk's local ones (triton_walk_split.py): each state adds
+    (q exp(b) D_c) S_start of the chunk's segment."""
     ic = tl.program_id(0)
     hq = tl.program_id(1)
     iv = tl.program_id(2)
@@ -333,13 +386,30 @@ def _output_fwd(q, v, b1, b2, w, h1, h2, A, o, cu, cseq, coff, scale,
     dk, dv, mk, mv, mst, hoff = chunk_state_tile(ic, hk, iv, Hkv, Dk, Dv, BK, BV)
     qq = load_rows(q, t, mt, Hq, hq, Dk, dk, mk)
     vv = load_rows(v, t, mt, Hkv, hk, Dv, dv, mv)
+    if P > 1:
+        n = tl.load(cseq + ic)
+        lc = ic - tl.load(coff + n)
+        nc = tl.cdiv(tl.load(cu + n + 1) - tl.load(cu + n), C)
+        seg = (n * Hkv + hk) * P + lc // tl.cdiv(nc, P)
+        soff = (seg * Dk + dk[:, None]).to(tl.int64) * Dv + dv[None, :]
+        doff = (ic * Hkv + hk).to(tl.int64) * Dk + dk
     e, _ = decay_from_start(load_rows(b1, t, mt, Hkv, hk, Dk, dk, mk), b1, t0, eos, Hkv, hk, Dk, dk, mk, C, SUB)
     # h is q's dtype, or fp32 kept for the backward: rounded to q's dtype here either way
     hh = tl.load(h1 + hoff, mask=mst, other=0.).to(qq.dtype)
-    acc = tl.load(w) * mm((qq * e).to(hh.dtype), hh, IEEE)
+    qe = qq * e
+    inter = mm(qe.to(hh.dtype), hh, IEEE)
+    if P > 1:
+        qe = qe * tl.load(dc1 + doff, mask=mk, other=0.)[None, :]
+        inter += mm(qe.to(hh.dtype), tl.load(Ss1 + soff, mask=mst, other=0.).to(hh.dtype), IEEE)
+    acc = tl.load(w) * inter
     e, _ = decay_from_start(load_rows(b2, t, mt, Hkv, hk, Dk, dk, mk), b2, t0, eos, Hkv, hk, Dk, dk, mk, C, SUB)
     hh = tl.load(h2 + hoff, mask=mst, other=0.).to(qq.dtype)
-    acc += tl.load(w + 1) * mm((qq * e).to(hh.dtype), hh, IEEE)
+    qe = qq * e
+    inter = mm(qe.to(hh.dtype), hh, IEEE)
+    if P > 1:
+        qe = qe * tl.load(dc2 + doff, mask=mk, other=0.)[None, :]
+        inter += mm(qe.to(hh.dtype), tl.load(Ss2 + soff, mask=mst, other=0.).to(hh.dtype), IEEE)
+    acc += tl.load(w + 1) * inter
     cols = tl.arange(0, C)
     Am = tl.load(A + (t[:, None] * Hq + hq).to(tl.int64) * C + cols[None, :], mask=mt[:, None], other=0.)
     acc += mm(Am.to(vv.dtype), vv, IEEE)
