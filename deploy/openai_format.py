@@ -39,6 +39,7 @@ class ResponseBuilder:
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.choices = {job.index: ChoiceState() for job in plan.jobs}
+        self.prompt_len = {job.index: len(job.prompt_ids) for job in plan.jobs}
         self.want_logprobs = {job.index: job.params.get("logprobs", False) for job in plan.jobs}
         self.token_bytes = TokenBytes(tok) if self.chat else None
 
@@ -107,8 +108,9 @@ class ResponseBuilder:
             choice = {"index": index, "text": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             obj = "text_completion"
         chunk = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [choice]}
-        if self.plan.continuous_usage:
-            chunk["usage"] = self.usage()
+        if self.plan.continuous_usage:  # the choice's own counts so far, as vLLM reports them
+            prompt, done = self.prompt_len[index], self.choices[index].generated
+            chunk["usage"] = {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
         return chunk
 
     def usage_chunk(self) -> dict:

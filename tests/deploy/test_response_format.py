@@ -52,13 +52,16 @@ def test_completion_logprobs_carry_text_offsets_and_top_logprobs_streamed_or_not
 
 @pytest.mark.parametrize("kind", ["completion", "chat"])
 def test_continuous_usage_puts_the_running_counts_in_every_chunk(kind):
-    """vLLM's stream_options.continuous_usage_stats: each chunk's usage counts the tokens so far."""
-    plan = Plan(kind, [Job(0, [1, 2], {})], 2, True, True, continuous_usage=True)
+    """vLLM's stream_options.continuous_usage_stats: each chunk's usage counts its choice's tokens so far."""
+    plan = Plan(kind, [Job(0, [1, 2], {}), Job(1, [1, 2, 3], {})], 5, True, True, continuous_usage=True)
     b = ResponseBuilder(plan, "m", _Letters())
     chunks = [c for ev in _events() for c in b.add(0, ev)]
-    got = [(c["usage"]["completion_tokens"], c["usage"]["total_tokens"]) for c in chunks]
+    chunks += [c for c in b.add(1, dict(_events()[1], num_generated_tokens=1))]
+    got = [(c["choices"][0]["index"], c["usage"]["prompt_tokens"], c["usage"]["completion_tokens"],
+            c["usage"]["total_tokens"]) for c in chunks]
     # the held-back token makes no chunk of its own; chat's role chunk comes before any token
-    assert got == ([(0, 2)] if kind == "chat" else []) + [(2, 4), (3, 5)]
-    assert all(c["usage"]["prompt_tokens"] == 2 for c in chunks)
+    role = [(0, 2, 0, 2)] if kind == "chat" else []
+    assert got == role + [(0, 2, 2, 4), (0, 2, 3, 5)] + ([(1, 3, 0, 3)] if kind == "chat" else []) + [(1, 3, 1, 4)]
+    assert b.usage_chunk()["usage"] == {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}
     plain = ResponseBuilder(Plan(kind, [Job(0, [1, 2], {})], 2, True, True), "m", _Letters())
     assert not any("usage" in c for ev in _events() for c in plain.add(0, ev))
