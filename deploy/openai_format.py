@@ -28,6 +28,10 @@ class ChoiceState:
     streamed_chars: int = 0  # their token strings' length: where the next chunk's text_offset starts
 
 
+def usage_body(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
 def sse(data) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
@@ -82,9 +86,7 @@ class ResponseBuilder:
         return all(c.finish_reason is not None for c in self.choices.values())
 
     def usage(self) -> dict:
-        completion = sum(c.generated for c in self.choices.values())
-        return {"prompt_tokens": self.plan.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.plan.prompt_tokens + completion}
+        return usage_body(self.plan.prompt_tokens, sum(c.generated for c in self.choices.values()))
 
     # -- bodies ------------------------------------------------------------
     def _logprobs(self, index: int, ids: list[int], lps: list, offset: int = 0) -> Optional[dict]:
@@ -109,8 +111,7 @@ class ResponseBuilder:
             obj = "text_completion"
         chunk = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [choice]}
         if self.plan.continuous_usage:  # the choice's own counts so far, as vLLM reports them
-            prompt, done = self.prompt_len[index], self.choices[index].generated
-            chunk["usage"] = {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+            chunk["usage"] = usage_body(self.prompt_len[index], self.choices[index].generated)
         return chunk
 
     def usage_chunk(self) -> dict:

@@ -43,25 +43,28 @@ def plot(results: list[dict], path: Path, title: str) -> bool:
     return True
 
 
+def _write_whole(path: Path, write) -> bool:
+    """write(tmp), then tmp renamed over path unless write returned False: a failure leaves the old
+    file whole."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        if write(tmp) is False:
+            return False
+        os.replace(tmp, path)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_report(results: list[dict], meta: dict, out_dir, name: str = "eval") -> list[str]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for path, text in ((out / f"{name}.md", markdown_table(results, meta)),
                        (out / f"{name}.json", json.dumps({"meta": meta, "results": results}, indent=1))):
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # a failure leaves the old report whole
-        try:
-            tmp.write_text(text)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        _write_whole(path, lambda p, t=text: p.write_text(t))
         paths.append(str(path))
     png = out / f"{name}.png"
-    tmp = png.with_name(f".{png.name}.tmp{os.getpid()}")  # as above: a failed plot leaves the old one whole
-    try:
-        if plot(results, tmp, f"{meta.get('model', '')}: {name}"):
-            os.replace(tmp, png)
-            paths.append(str(png))
-    finally:
-        tmp.unlink(missing_ok=True)
+    if _write_whole(png, lambda p: plot(results, p, f"{meta.get('model', '')}: {name}")):  # False: no matplotlib
+        paths.append(str(png))
     return paths

@@ -229,6 +229,26 @@ def walk_rows(k, v, g1, g2, t, eos, Hkv, hk, Dk: tl.constexpr, Dv: tl.constexpr,
 
 
 @triton.jit
+def store_chunk_states(h1, h2, S1, S2, chunk, Hkv, hk, Dk: tl.constexpr, Dv: tl.constexpr, dk, dv, mst):
+    """Both states' tiles as global chunk `chunk`'s starting states in h1, h2 [chunks, Hkv, Dk, Dv]."""
+    hoff = ((chunk * Hkv + hk) * Dk + dk[:, None]).to(tl.int64) * Dv + dv[None, :]
+    tl.store(h1 + hoff, S1.to(h1.dtype.element_ty), mask=mst)
+    tl.store(h2 + hoff, S2.to(h2.dtype.element_ty), mask=mst)
+
+
+@triton.jit
+def walk_step(S1, S2, kk, vv, ba, bb, b1, b2, t0, eos, Hkv, hk, Dk: tl.constexpr, dk, mk, C: tl.constexpr,
+              SUB: tl.constexpr, IEEE: tl.constexpr):
+    """Both states carried over the chunk that starts at token t0 (its k, v and block cumsums ba, bb
+    loaded; b1, b2 the block cumsums' tensors), and the chunk's total decays."""
+    ka, da = decay_to_end(kk, ba, b1, t0, eos, Hkv, hk, Dk, dk, mk, C, SUB)
+    kb, db = decay_to_end(kk, bb, b2, t0, eos, Hkv, hk, Dk, dk, mk, C, SUB)
+    S1 = S1 * da[:, None] + mm(tl.trans(ka.to(vv.dtype)), vv, IEEE)
+    S2 = S2 * db[:, None] + mm(tl.trans(kb.to(vv.dtype)), vv, IEEE)
+    return S1, S2, da, db
+
+
+@triton.jit
 def _states_fwd(k, v, g1, g2, s01, s02, h1, h2, sT1, sT2, cu, coff,
                 Hkv, Dk: tl.constexpr, Dv: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 HAS_S0: tl.constexpr, STORE_H: tl.constexpr, PREFETCH: tl.constexpr, IEEE: tl.constexpr,
@@ -242,15 +262,10 @@ def _states_fwd(k, v, g1, g2, s01, s02, h1, h2, sT1, sT2, cu, coff,
             tn = t + C
             kn, vn, gan, gbn = walk_rows(k, v, g1, g2, tn, eos, Hkv, hk, Dk, Dv, dk, dv, mk, mv)
         if STORE_H:
-            hoff = (((c0 + c) * Hkv + hk) * Dk + dk[:, None]).to(tl.int64) * Dv + dv[None, :]
-            tl.store(h1 + hoff, S1.to(h1.dtype.element_ty), mask=mst)
-            tl.store(h2 + hoff, S2.to(h2.dtype.element_ty), mask=mst)
+            store_chunk_states(h1, h2, S1, S2, c0 + c, Hkv, hk, Dk, Dv, dk, dv, mst)
         if PRE:  # g1, g2 hold the block cumsums
-            c0_ = bos + c * C
-            ka, da = decay_to_end(kk, ga, g1, c0_, eos, Hkv, hk, Dk, dk, mk, C, SUB)
-            kb, db = decay_to_end(kk, gb, g2, c0_, eos, Hkv, hk, Dk, dk, mk, C, SUB)
-            S1 = S1 * da[:, None] + mm(tl.trans(ka.to(vv.dtype)), vv, IEEE)
-            S2 = S2 * db[:, None] + mm(tl.trans(kb.to(vv.dtype)), vv, IEEE)
+            S1, S2, _, _ = walk_step(S1, S2, kk, vv, ga, gb, g1, g2, bos + c * C, eos, Hkv, hk, Dk, dk, mk, C, SUB,
+                                     IEEE)
         else:
             S1 = S1 * tl.exp(tl.sum(ga, axis=0))[:, None] + mm(tl.trans(to_end(kk, ga).to(vv.dtype)), vv, IEEE)
             S2 = S2 * tl.exp(tl.sum(gb, axis=0))[:, None] + mm(tl.trans(to_end(kk, gb).to(vv.dtype)), vv, IEEE)
@@ -386,7 +401,7 @@ def _output_fwd(q, v, b1, b2, w, h1, h2, A, o, cu, cseq, coff, scale,
     dk, dv, mk, mv, mst, hoff = chunk_state_tile(ic, hk, iv, Hkv, Dk, Dv, BK, BV)
     qq = load_rows(q, t, mt, Hq, hq, Dk, dk, mk)
     vv = load_rows(v, t, mt, Hkv, hk, Dv, dv, mv)
-    if P > 1:
+    if P > 1:  # the chunk's segment, cut as `_states_split_fwd` cuts them: runs of cdiv(chunks, P)
         n = tl.load(cseq + ic)
         lc = ic - tl.load(coff + n)
         nc = tl.cdiv(tl.load(cu + n + 1) - tl.load(cu + n), C)

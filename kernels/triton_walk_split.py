@@ -17,14 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.triton_chunk_fwd import decay_to_end, load_state_pair, mm, walk_rows
-
-
-@triton.jit
-def segment_of(cu, coff, n, lc, P: tl.constexpr, C: tl.constexpr):
-    """Segment of sequence n's local chunk lc, when its chunks are cut into P runs of equal length."""
-    nc = tl.cdiv(tl.load(cu + n + 1) - tl.load(cu + n), C)
-    return lc // tl.cdiv(nc, P)
+from kernels.triton_chunk_fwd import load_state_pair, store_chunk_states, walk_rows, walk_step
 
 
 @triton.jit
@@ -57,17 +50,12 @@ def _states_split_fwd(k, v, b1, b2, h1, h2, dc1, dc2, L1, L2, G1, G2, cu, coff,
         t0 = bos + c * C
         t = t0 + tl.arange(0, C)
         kk, vv, ba, bb = walk_rows(k, v, b1, b2, t, eos, Hkv, hk, Dk, Dv, dk, dv, mk, mv)
-        hoff = (((c0 + c) * Hkv + hk) * Dk + dk[:, None]).to(tl.int64) * Dv + dv[None, :]
-        tl.store(h1 + hoff, S1.to(h1.dtype.element_ty), mask=mst)
-        tl.store(h2 + hoff, S2.to(h2.dtype.element_ty), mask=mst)
+        store_chunk_states(h1, h2, S1, S2, c0 + c, Hkv, hk, Dk, Dv, dk, dv, mst)
         if iv == 0:
             doff = ((c0 + c) * Hkv + hk).to(tl.int64) * Dk + dk
             tl.store(dc1 + doff, D1, mask=mk)
             tl.store(dc2 + doff, D2, mask=mk)
-        ka, da = decay_to_end(kk, ba, b1, t0, eos, Hkv, hk, Dk, dk, mk, C, SUB)
-        kb, db = decay_to_end(kk, bb, b2, t0, eos, Hkv, hk, Dk, dk, mk, C, SUB)
-        S1 = S1 * da[:, None] + mm(tl.trans(ka.to(vv.dtype)), vv, IEEE)
-        S2 = S2 * db[:, None] + mm(tl.trans(kb.to(vv.dtype)), vv, IEEE)
+        S1, S2, da, db = walk_step(S1, S2, kk, vv, ba, bb, b1, b2, t0, eos, Hkv, hk, Dk, dk, mk, C, SUB, IEEE)
         D1 = D1 * da
         D2 = D2 * db
     seg = (n * Hkv + hk) * P + p
