@@ -15,6 +15,9 @@ Three launches:
      chunk's loads are issued before the current chunk's arithmetic (PREFETCH).
   3. `_output_fwd`: per (chunk, query head, Dv block): A v plus q exp(b_i) h_i of both
      states, at M = C rows, exp(b_i) from the block cumsums.
+Inference (no backward to keep chunk states for) folds 2 and 3 into one walk that computes each
+chunk's output from the states it carries (triton_walk_out.py); its scores pass then reads the
+block cumsums from `_block_cumsum_fwd` and also writes q and k decayed within the chunk (EMIT).
 
 Every exponent is a sum of log decays over at most one block plus whole-block totals, so
 it is <= 0 or bounded by the block's own decay (see `_scores_fwd`); a block that decays by
@@ -293,9 +296,28 @@ def _block_cumsum_fwd(g1, g2, b1, b2, cu, cseq, coff, Hkv, Dk: tl.constexpr, C: 
 
 
 @triton.jit
+def emit_decayed(qe, kd, qI, kI, bI, totI, b_ptr, I, tI, mI, t0, eos, Hq, hq, Hkv, hk, G: tl.constexpr,
+                 Dk: tl.constexpr, dk, mk, C: tl.constexpr, SUB: tl.constexpr):
+    """One state's decayed operands of block I for the fused inference walk: q exp(c) (c the decay
+    from the chunk's start) at query head hq, and, from the group's first query head, k exp(c_end - c)."""
+    before = (dk * 0).to(tl.float32)
+    later = (dk * 0).to(tl.float32)
+    for J in tl.static_range(C // SUB):
+        tot = block_end_total(b_ptr, J, t0, eos, Hkv, hk, Dk, dk, mk, SUB)
+        before += tl.where(J < I, tot, 0.)
+        later += tl.where(J > I, tot, 0.)
+    m = mI[:, None] & mk[None, :]
+    tl.store(qe + (tI[:, None] * Hq + hq).to(tl.int64) * Dk + dk[None, :],
+             (qI * tl.exp(bI + before[None, :])).to(qe.dtype.element_ty), mask=m)
+    if hq % G == 0:
+        tl.store(kd + (tI[:, None] * Hkv + hk).to(tl.int64) * Dk + dk[None, :],
+                 (kI * tl.exp(totI[None, :] + later[None, :] - bI)).to(kd.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _scores_fwd(q, k, g1, g2, w, A, b1, b2, cu, cseq, coff, Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr,
                 C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, RANGE_MAX: tl.constexpr, IEEE: tl.constexpr,
-                B_PRE: tl.constexpr = False):
+                B_PRE: tl.constexpr = False, qe1=None, qe2=None, kd1=None, kd2=None, EMIT: tl.constexpr = False):
     """Mixed scores w_0 A_1 + w_1 A_2 of the SUB query rows of block I of one chunk and query
     head, written to A [total_T, Hq, C] (zeros right of the diagonal block); the first query
     head of each kv group also writes the block cumsums b_i, which the states walks, the output
@@ -308,7 +330,12 @@ def _scores_fwd(q, k, g1, g2, w, A, b1, b2, cu, cseq, coff, Hq, Hkv, G: tl.const
     end of its block: every exponent is <= 0 (no overflow; underflow is the true value) and
     only SUB-row scans and [SUB, Dk] exps are needed. The diagonal block uses
     q exp(bI) . k exp(-bI) when the block decays by at most RANGE_MAX, the exact
-    column-by-column form otherwise."""
+    column-by-column form otherwise.
+
+    EMIT (with B_PRE): also the operands of the fused inference walk (`triton_walk_out.py`), in
+    q's dtype, the rounding the output pass and the walk apply anyway: qe_i = q exp(c_i) (the
+    decay from the chunk's start) per query head, kd_i = k exp(c_i,end - c_i) (to the chunk's end)
+    per kv head. Both exponents are <= 0."""
     ic = tl.program_id(0)
     hq = tl.program_id(1)
     I = tl.program_id(2)
@@ -339,6 +366,9 @@ def _scores_fwd(q, k, g1, g2, w, A, b1, b2, cu, cseq, coff, Hq, Hkv, G: tl.const
             boff = (tI[:, None] * Hkv + hk).to(tl.int64) * Dk + dk[None, :]
             tl.store(b1 + boff, bI1, mask=mI[:, None] & mk[None, :])
             tl.store(b2 + boff, bI2, mask=mI[:, None] & mk[None, :])
+    if EMIT:  # here, so that q, k and b need not stay live through the walk below
+        emit_decayed(qe1, kd1, qI, kI, bI1, totI1, b1, I, tI, mI, t0, eos, Hq, hq, Hkv, hk, G, Dk, dk, mk, C, SUB)
+        emit_decayed(qe2, kd2, qI, kI, bI2, totI2, b2, I, tI, mI, t0, eos, Hq, hq, Hkv, hk, G, Dk, dk, mk, C, SUB)
     qd1 = (qI * tl.exp(bI1)).to(qI.dtype)
     qd2 = (qI * tl.exp(bI2)).to(qI.dtype)
     arow = (tI[:, None] * Hq + hq).to(tl.int64) * C
@@ -368,16 +398,16 @@ def _scores_fwd(q, k, g1, g2, w, A, b1, b2, cu, cseq, coff, Hq, Hkv, G: tl.const
         if B_PRE:
             tot1 = block_end_total(b1, J, t0, eos, Hkv, hk, Dk, dk, mk, SUB)
             tot2 = block_end_total(b2, J, t0, eos, Hkv, hk, Dk, dk, mk, SUB)
-            kd1 = (kJ * tl.exp(tot1[None, :] - load_rows(b1, tJ, mJ, Hkv, hk, Dk, dk, mk) + mid1[None, :])).to(kJ.dtype)
-            kd2 = (kJ * tl.exp(tot2[None, :] - load_rows(b2, tJ, mJ, Hkv, hk, Dk, dk, mk) + mid2[None, :])).to(kJ.dtype)
+            kJ1 = (kJ * tl.exp(tot1[None, :] - load_rows(b1, tJ, mJ, Hkv, hk, Dk, dk, mk) + mid1[None, :])).to(kJ.dtype)
+            kJ2 = (kJ * tl.exp(tot2[None, :] - load_rows(b2, tJ, mJ, Hkv, hk, Dk, dk, mk) + mid2[None, :])).to(kJ.dtype)
         else:
             gJ1 = load_rows(g1, tJ, mJ, Hkv, hk, Dk, dk, mk).to(tl.float32)
             gJ2 = load_rows(g2, tJ, mJ, Hkv, hk, Dk, dk, mk).to(tl.float32)
             tot1 = tl.sum(gJ1, axis=0)
             tot2 = tl.sum(gJ2, axis=0)
-            kd1 = (kJ * tl.exp(tl.cumsum(gJ1, axis=0, reverse=True) - gJ1 + mid1[None, :])).to(kJ.dtype)
-            kd2 = (kJ * tl.exp(tl.cumsum(gJ2, axis=0, reverse=True) - gJ2 + mid2[None, :])).to(kJ.dtype)
-        AJ = w0 * mm(qd1, tl.trans(kd1), IEEE) + w1 * mm(qd2, tl.trans(kd2), IEEE)
+            kJ1 = (kJ * tl.exp(tl.cumsum(gJ1, axis=0, reverse=True) - gJ1 + mid1[None, :])).to(kJ.dtype)
+            kJ2 = (kJ * tl.exp(tl.cumsum(gJ2, axis=0, reverse=True) - gJ2 + mid2[None, :])).to(kJ.dtype)
+        AJ = w0 * mm(qd1, tl.trans(kJ1), IEEE) + w1 * mm(qd2, tl.trans(kJ2), IEEE)
         tl.store(A + arow + J * SUB + sr[None, :], AJ.to(A.dtype.element_ty), mask=mI[:, None])
         mid1 += tot1
         mid2 += tot2
@@ -387,12 +417,10 @@ def _scores_fwd(q, k, g1, g2, w, A, b1, b2, cu, cseq, coff, Hq, Hkv, G: tl.const
 def _output_fwd(q, v, b1, b2, w, h1, h2, A, o, cu, cseq, coff, scale,
                       Hq, Hkv, G: tl.constexpr, Dk: tl.constexpr, Dv: tl.constexpr,
                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
-                      SUB: tl.constexpr, dc1=None, dc2=None, Ss1=None, Ss2=None, P: tl.constexpr = 1):
+                      SUB: tl.constexpr):
     """o = scale (w0 (q exp(b1)) h1 + w1 (q exp(b2)) h2 + A v) for one chunk, query head and
     Dv block: the inter-chunk products at M = C rows (per 16-row block they cost more than
-    the scores: bench/results/kernels.md). exp(b) from the block cumsums (no scan). With P > 1
-    the chunk states are a split walk's local ones (triton_walk_split.py): each state adds
-    (q exp(b) D_c) S_start of the chunk's segment."""
+    the scores: bench/results/kernels.md). exp(b) from the block cumsums (no scan)."""
     ic = tl.program_id(0)
     hq = tl.program_id(1)
     iv = tl.program_id(2)
@@ -401,30 +429,13 @@ def _output_fwd(q, v, b1, b2, w, h1, h2, A, o, cu, cseq, coff, scale,
     dk, dv, mk, mv, mst, hoff = chunk_state_tile(ic, hk, iv, Hkv, Dk, Dv, BK, BV)
     qq = load_rows(q, t, mt, Hq, hq, Dk, dk, mk)
     vv = load_rows(v, t, mt, Hkv, hk, Dv, dv, mv)
-    if P > 1:  # the chunk's segment, cut as `_states_split_fwd` cuts them: runs of cdiv(chunks, P)
-        n = tl.load(cseq + ic)
-        lc = ic - tl.load(coff + n)
-        nc = tl.cdiv(tl.load(cu + n + 1) - tl.load(cu + n), C)
-        seg = (n * Hkv + hk) * P + lc // tl.cdiv(nc, P)
-        soff = (seg * Dk + dk[:, None]).to(tl.int64) * Dv + dv[None, :]
-        doff = (ic * Hkv + hk).to(tl.int64) * Dk + dk
     e, _ = decay_from_start(load_rows(b1, t, mt, Hkv, hk, Dk, dk, mk), b1, t0, eos, Hkv, hk, Dk, dk, mk, C, SUB)
     # h is q's dtype, or fp32 kept for the backward: rounded to q's dtype here either way
     hh = tl.load(h1 + hoff, mask=mst, other=0.).to(qq.dtype)
-    qe = qq * e
-    inter = mm(qe.to(hh.dtype), hh, IEEE)
-    if P > 1:
-        qe = qe * tl.load(dc1 + doff, mask=mk, other=0.)[None, :]
-        inter += mm(qe.to(hh.dtype), tl.load(Ss1 + soff, mask=mst, other=0.).to(hh.dtype), IEEE)
-    acc = tl.load(w) * inter
+    acc = tl.load(w) * mm((qq * e).to(hh.dtype), hh, IEEE)
     e, _ = decay_from_start(load_rows(b2, t, mt, Hkv, hk, Dk, dk, mk), b2, t0, eos, Hkv, hk, Dk, dk, mk, C, SUB)
     hh = tl.load(h2 + hoff, mask=mst, other=0.).to(qq.dtype)
-    qe = qq * e
-    inter = mm(qe.to(hh.dtype), hh, IEEE)
-    if P > 1:
-        qe = qe * tl.load(dc2 + doff, mask=mk, other=0.)[None, :]
-        inter += mm(qe.to(hh.dtype), tl.load(Ss2 + soff, mask=mst, other=0.).to(hh.dtype), IEEE)
-    acc += tl.load(w + 1) * inter
+    acc += tl.load(w + 1) * mm((qq * e).to(hh.dtype), hh, IEEE)
     cols = tl.arange(0, C)
     Am = tl.load(A + (t[:, None] * Hq + hq).to(tl.int64) * C + cols[None, :], mask=mt[:, None], other=0.)
     acc += mm(Am.to(vv.dtype), vv, IEEE)

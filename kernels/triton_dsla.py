@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 from kernels import triton_alloc
 from kernels.reference import check_cu_seqlens, check_states
@@ -18,7 +19,7 @@ from kernels.triton_chunk_bwd import (_dA_bwd, _dg_finish, _dg_suffix, _dk_bwd, 
                                       _states_bwd)
 from kernels.triton_chunk_fwd import CHUNK, RANGE_MAX, SUB, _block_cumsum_fwd, _output_fwd, _scores_fwd, _states_fwd
 from kernels.triton_decode import dsla_decode_fused  # noqa: F401  (re-exported)
-from kernels.triton_walk_split import _states_combine, _states_split_fwd
+from kernels.triton_walk_out import _walk_out_fwd
 
 
 class _Plan:
@@ -57,15 +58,19 @@ class _Plan:
 # instead of computing them (session 23, H200, T=16K): dq at Dk block 64 and the default
 # depth 1.93 -> 1.38 ms, dk at depth 1 3.29 -> 2.49, states_bwd at 4 warps 1.38 -> 0.97.
 # scores_pre: the block cumsums come from a first pass (`_block_cumsum_fwd`, `cumsum` warps) and
-# the scores pass reads them instead of scanning each earlier block again; walk_split: the
-# inference forward's walk in that many segments per sequence (triton_walk_split.py). Both are
-# correct on every path the tests cover (CPU interpreter; sm_90 compiles offline) but were
-# written without a GPU to time them: off until bench/kernels.py's sweep says otherwise.
+# the scores pass reads them instead of scanning each earlier block again (H200, T=16K: 1.22 ms
+# -> 0.27 + 0.94, a wash for the training forward). walk_output: inference folds the output pass
+# into the walk (triton_walk_out.py; `walk_out` warps, Dv block and depth; its scores pass,
+# `scores_fold`, also writes the decayed q and k): 0.91 + 0.66 ms -> 0.85, whole forward 2.79
+# -> 2.32 (session 24). A split walk (segments walked at once, then combined) measured 0.82 ms
+# for the walk but 1.05 for the output pass it fed: removed.
 LAUNCH = dict(scores=2, scores_stages=1, states_fwd=4, states_bk=16, states_bv=128, prefetch=False, walk_pre=True,
-              scores_pre=False, cumsum=4, walk_split=1,
+              scores_pre=False, cumsum=4, walk_output=True, walk_out=4, walk_out_bv=32, walk_out_stages=2,
+              scores_fold=2, scores_fold_stages=2,
               output=4, output_bv=128, states_bwd=4, dq=4, dq_bk=64, dq_stages=None, dk=4, dk_bk=32, dk_stages=1,
               dv=8, dv_bv=128, dA=4, dA_bv=128, inter=4, inter_bk=64, inter_bv=64, suffix_blocks=64)
 _PLANS: dict = {}
+_NO_FOLD: set = set()  # shapes whose folded walk did not fit this device's shared memory
 
 
 def _launch(kernel: str) -> dict:
@@ -118,27 +123,19 @@ def _states(k, v, g1, g2, s1, s2, plan, Hkv, Dk, Dv, store_h, ieee, h_dtype=None
     return h1, h2, sT1, sT2
 
 
-def _states_split(k, v, b1, b2, s1, s2, plan, Hkv, Dk, Dv, ieee, P):
-    """The walk in P segments per sequence (triton_walk_split.py): local chunk states, and what the
-    output pass needs to complete them (its `split` arguments)."""
-    BKs, BVs, _, _ = _blocks(Dk, Dv)
-    dev = k.device
+def _walk_out(qe1, qe2, kd1, kd2, v, b1, b2, w, A, s1, s2, scale, plan, Hq, Hkv, Dk, Dv, ieee):
+    """The inference walk with the output folded in (triton_walk_out.py): o and the final states."""
+    _, _, BK, BV = _blocks(Dk, Dv)
+    BVw = min(BV, LAUNCH["walk_out_bv"])
     N = plan.n_seq
-    f32 = dict(dtype=torch.float32, device=dev)
-    h1 = triton_alloc.empty(plan.n_chunks, Hkv, Dk, Dv, dtype=k.dtype, device=dev)
-    h2 = triton_alloc.empty(*h1.shape, dtype=h1.dtype, device=dev)
-    dc1, dc2 = (triton_alloc.empty(plan.n_chunks, Hkv, Dk, **f32) for _ in range(2))
-    L1, L2, Ss1, Ss2 = (triton_alloc.empty(N * Hkv * P, Dk, Dv, **f32) for _ in range(4))
-    G1, G2 = (triton_alloc.empty(N * Hkv * P, Dk, **f32) for _ in range(2))
-    sT1, sT2 = (triton_alloc.empty(N, Hkv, Dk, Dv, **f32) for _ in range(2))
-    tiles = (triton.cdiv(Dk, BKs), triton.cdiv(Dv, BVs))
-    _states_split_fwd[(*tiles, N * Hkv * P)](k, v, b1, b2, h1, h2, dc1, dc2, L1, L2, G1, G2, plan.cu, plan.coff, Hkv,
-                                             Dk=Dk, Dv=Dv, C=CHUNK, BK=BKs, BV=BVs, P=P, IEEE=ieee, SUB=SUB,
-                                             **_launch("states_fwd"))
+    o = triton_alloc.empty(qe1.shape[0], Hq, Dv, dtype=qe1.dtype, device=v.device)
+    sT1, sT2 = (triton_alloc.empty(N, Hkv, Dk, Dv, dtype=torch.float32, device=v.device) for _ in range(2))
     has = s1 is not None
-    _states_combine[(*tiles, N * Hkv)](s1 if has else sT1, s2 if has else sT2, L1, L2, G1, G2, Ss1, Ss2, sT1, sT2,
-                                       Hkv, Dk=Dk, Dv=Dv, BK=BKs, BV=BVs, P=P, HAS_S0=has, num_warps=4)
-    return h1, h2, sT1, sT2, dict(dc1=dc1, dc2=dc2, Ss1=Ss1, Ss2=Ss2, P=P)
+    _walk_out_fwd[(1, triton.cdiv(Dv, BVw), N * Hkv)](
+        qe1, qe2, kd1, kd2, v, b1, b2, w, A, o, s1 if has else sT1, s2 if has else sT2, sT1, sT2, plan.cu, plan.coff,
+        scale, Hq, Hkv, G=Hq // Hkv, Dk=Dk, Dv=Dv, C=CHUNK, SUB=SUB, BK=BK, BV=BVw, HAS_S0=has, IEEE=ieee,
+        **_launch("walk_out"))
+    return o, sT1, sT2
 
 
 def _forward(q, k, v, g1, g2, w, s1, s2, scale, plan, h_dtype=None):
@@ -151,16 +148,32 @@ def _forward(q, k, v, g1, g2, w, s1, s2, scale, plan, h_dtype=None):
     A = triton_alloc.empty(Ttot, Hq, CHUNK, dtype=v.dtype, device=dev)  # mixed scores; the backward's dv reads them
     b1 = triton_alloc.empty(Ttot, Hkv, Dk, dtype=torch.float32, device=dev)
     b2 = triton_alloc.empty(*b1.shape, dtype=b1.dtype, device=dev)
-    if LAUNCH["scores_pre"]:
+    # inference only (the backward reads the chunk states), and where its pipeline fits
+    fold_key = (Hq // Hkv, Dk, Dv, q.dtype, str(dev), LAUNCH["walk_out_bv"], LAUNCH["walk_out_stages"])
+    fold = LAUNCH["walk_output"] and h_dtype is None and fold_key not in _NO_FOLD
+    pre = LAUNCH["scores_pre"] or fold
+    if fold:
+        qe1, qe2 = (triton_alloc.empty(*q.shape, dtype=q.dtype, device=dev) for _ in range(2))
+        kd1, kd2 = (triton_alloc.empty(*k.shape, dtype=k.dtype, device=dev) for _ in range(2))
+        emit = dict(qe1=qe1, qe2=qe2, kd1=kd1, kd2=kd2, EMIT=True)
+    else:
+        emit = {}
+    if pre:
         _block_cumsum_fwd[(plan.n_chunks, Hkv)](g1, g2, b1, b2, plan.cu, plan.cseq, plan.coff, Hkv, Dk=Dk, C=CHUNK,
                                                 SUB=SUB, BK=BK, num_warps=LAUNCH["cumsum"])
     _scores_fwd[(plan.n_chunks, Hq, CHUNK // SUB)](q, k, g1, g2, w, A, b1, b2, plan.cu, plan.cseq, plan.coff, Hq, Hkv,
                                                    G=Hq // Hkv, Dk=Dk, C=CHUNK, SUB=SUB, BK=BK, RANGE_MAX=RANGE_MAX,
-                                                   IEEE=ieee, B_PRE=LAUNCH["scores_pre"], **_launch("scores"))
-    split = dict(P=1)
-    if LAUNCH["walk_split"] > 1 and h_dtype is None:  # inference: the backward needs true chunk states
-        h1, h2, sT1, sT2, split = _states_split(k, v, b1, b2, s1, s2, plan, Hkv, Dk, Dv, ieee, LAUNCH["walk_split"])
-    elif LAUNCH["walk_pre"]:
+                                                   IEEE=ieee, B_PRE=pre, **emit,
+                                                   **_launch("scores_fold" if fold else "scores"))
+    if fold:
+        try:
+            o, sT1, sT2 = _walk_out(qe1, qe2, kd1, kd2, v, b1, b2, w, A, s1, s2, scale, plan, Hq, Hkv, Dk, Dv, ieee)
+            return o, sT1, sT2, A, b1, b2, None, None
+        except OutOfResources:
+            # its pipeline buffers G query heads' qe and A rows per stage: wide heads, fp32 and large
+            # GQA groups can outgrow shared memory; they take the unfused walk and output pass
+            _NO_FOLD.add(fold_key)
+    if LAUNCH["walk_pre"]:
         h1, h2, sT1, sT2 = _states(k, v, b1, b2, s1, s2, plan, Hkv, Dk, Dv, True, ieee, h_dtype, pre=True)
     else:
         h1, h2, sT1, sT2 = _states(k, v, g1, g2, s1, s2, plan, Hkv, Dk, Dv, True, ieee, h_dtype)
@@ -168,7 +181,7 @@ def _forward(q, k, v, g1, g2, w, s1, s2, scale, plan, h_dtype=None):
     BVo = min(BV, LAUNCH["output_bv"])
     _output_fwd[(plan.n_chunks, Hq, triton.cdiv(Dv, BVo))](
         q, v, b1, b2, w, h1, h2, A, o, plan.cu, plan.cseq, plan.coff, scale, Hq, Hkv, G=Hq // Hkv, Dk=Dk, Dv=Dv,
-        C=CHUNK, BK=BK, BV=BVo, IEEE=ieee, SUB=SUB, **split, **_launch("output"))
+        C=CHUNK, BK=BK, BV=BVo, IEEE=ieee, SUB=SUB, **_launch("output"))
     return o, sT1, sT2, A, b1, b2, h1, h2
 
 

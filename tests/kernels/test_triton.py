@@ -100,8 +100,8 @@ def test_prefill_forward(shape, dtype):
 @pytest.mark.parametrize("knobs", [dict(prefetch=False), dict(states_bk=16, states_bv=32, output_bv=16),
                                    dict(walk_pre=False), dict(walk_pre=False, prefetch=False),
                                    dict(dq_bk=16, dk_bk=16, inter_bk=16, inter_bv=16, suffix_blocks=2),
-                                   dict(scores_pre=True), dict(walk_split=2), dict(walk_split=3, states_bv=16),
-                                   dict(walk_split=8, scores_pre=True)])
+                                   dict(walk_output=False), dict(walk_output=False, scores_pre=True),
+                                   dict(walk_out_bv=16, walk_out_stages=None)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prefill_launch_variants(monkeypatch, knobs, dtype):
     """The launch variants bench/kernels.py sweeps compute the same function."""
@@ -111,9 +111,9 @@ def test_prefill_launch_variants(monkeypatch, knobs, dtype):
         monkeypatch.setitem(td.LAUNCH, key, val)
     if dtype != torch.float32 and "dq_bk" in knobs:
         pytest.skip("the backward's splits are checked in fp32")
-    # 5 chunks: a split walk's segments hold several (the decay to a chunk from its segment's start matters)
+    # 5 chunks: a walk carries its states over several
     args = _inputs(1, 300, 2, 1, 32, 32, dtype, seed=8)
-    with torch.no_grad():  # the split walk serves inference only
+    with torch.no_grad():  # inference: walk_output's path
         o, s1, s2 = dsla_chunk_fused(*args)
     ro, r1, r2 = _ref_fp64(args)
     assert _rel(o.cpu(), ro) < _tol(dtype) and _rel(s1.cpu(), r1) < _tol(dtype) and _rel(s2.cpu(), r2) < _tol(dtype)
@@ -127,14 +127,14 @@ def test_prefill_launch_variants(monkeypatch, knobs, dtype):
         _assert_grads_match_fp64(args, do, d1, d2, 2e-5 if DEV == "cuda" else 1e-5)
 
 
-@pytest.mark.parametrize("knobs", [{}, dict(scores_pre=True, walk_split=2)])
+@pytest.mark.parametrize("knobs", [{}, dict(walk_output=False), dict(walk_output=False, scores_pre=True)])
 def test_prefill_strong_decay_is_exact(monkeypatch, knobs):
     """Decays of -5..-50 per step take the exact row-by-row path; no inf, no NaN."""
     from kernels import triton_dsla as td
 
     for key, val in knobs.items():
         monkeypatch.setitem(td.LAUNCH, key, val)
-    args = _inputs(1, 200 if knobs else 70, 1, 1, 16, 16, torch.float32, seed=5, strong=True)
+    args = _inputs(1, 200, 1, 1, 16, 16, torch.float32, seed=5, strong=True)
     o, s1, s2 = dsla_chunk_fused(*args)
     ro, r1, r2 = _ref_fp64(args)
     assert _rel(o.cpu(), ro) < 2e-5 and _rel(s2.cpu(), r2) < 2e-5 and _rel(s1.cpu(), r1) < 2e-5
@@ -150,10 +150,16 @@ def _varlen(lens, dtype, seed, Hq=2, Hkv=1, Dk=16, Dv=16):
     return [q, k, v, g1, g2, w, s1, s2], cu
 
 
-def test_prefill_varlen_ragged():
+@pytest.mark.parametrize("knobs", [{}, dict(walk_output=False)])
+def test_prefill_varlen_ragged(monkeypatch, knobs):
+    from kernels import triton_dsla as td
+
+    for key, val in knobs.items():
+        monkeypatch.setitem(td.LAUNCH, key, val)
     lens = [1, 70, 5, 64]
     args, cu = _varlen(lens, torch.float32, seed=11)
-    o, s1, s2 = dsla_chunk_fused(*args, cu_seqlens=cu)
+    with torch.no_grad():  # inference: walk_output's path unless it is off
+        o, s1, s2 = dsla_chunk_fused(*args, cu_seqlens=cu)
     q, k, v, g1, g2, w, i1, i2 = args
     a = 0
     for n, L in enumerate(lens):
@@ -335,6 +341,37 @@ def test_gpu_model_shapes(dtype, shape):
     ro, r1, r2 = _ref_fp64(args)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     assert _rel(o.cpu(), ro) < tol and _rel(s1.cpu(), r1) < tol and _rel(s2.cpu(), r2) < tol
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype,shape", [
+    (torch.bfloat16, (1, 700, 4, 4, 128, 128)),  # the benchmark's head shape: folds on H100 / H200
+    (torch.bfloat16, (1, 700, 8, 2, 128, 128)),  # 4 query heads per kv head: outgrows shared memory
+    (torch.float32, (1, 300, 2, 2, 128, 128)),
+    (torch.float32, (1, 300, 9, 3, 64, 64))])
+def test_gpu_walk_output_or_its_fallback(monkeypatch, dtype, shape):
+    """Inference folds the output pass into the walk where its pipeline fits shared memory and
+    falls back to the unfused passes where it does not; both agree with the recurrence."""
+    from kernels import triton_dsla as td
+
+    monkeypatch.setattr(td, "_NO_FOLD", set())
+    args = _inputs(*shape, dtype, seed=47)
+    with torch.no_grad():
+        o, s1, s2 = dsla_chunk_fused(*args)
+        folded = not td._NO_FOLD
+        monkeypatch.setitem(td.LAUNCH, "walk_output", False)
+        uo, _, _ = dsla_chunk_fused(*args)
+    # which shapes fold depends on the card's shared memory (227 KiB on sm_90)
+    smem = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+    if shape[2] // shape[3] == 4:
+        assert not folded
+    elif shape[2] == shape[3] and dtype == torch.bfloat16 and smem >= 227 * 1024:
+        assert folded
+    ro, r1, r2 = _ref_fp64(args)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert _rel(o.cpu(), ro) < tol and _rel(s1.cpu(), r1) < tol and _rel(s2.cpu(), r2) < tol
+    assert _rel(o.cpu(), uo.cpu()) < tol / 2
 
 
 @gpu
