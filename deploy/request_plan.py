@@ -5,7 +5,7 @@ is involved: a bad request then costs no GPU time and cannot disturb a batch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from deploy.openai_protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_request
@@ -37,7 +37,6 @@ class Plan:
     prompt_tokens: int  # each distinct prompt counted once, as OpenAI does with n > 1
     stream: bool
     include_usage: bool
-    extra: dict = field(default_factory=dict)
     continuous_usage: bool = False  # every stream chunk carries the usage so far (vLLM's extension)
 
 

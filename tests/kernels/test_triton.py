@@ -127,6 +127,23 @@ def test_prefill_launch_variants(monkeypatch, knobs, dtype):
         _assert_grads_match_fp64(args, do, d1, d2, 2e-5 if DEV == "cuda" else 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_odd_head_dims_fold_and_unfolded(monkeypatch, dtype):
+    """Head dims that are not powers of 2 (masked columns), a GQA group of 3 and a Dv split into two
+    blocks of the folded walk: folded and unfolded inference agree with the recurrence."""
+    from kernels import triton_dsla as td
+
+    monkeypatch.setitem(td.LAUNCH, "walk_out_bv", 32)
+    args = _inputs(1, 150, 3, 1, 24, 40, dtype, seed=21)
+    ro, r1, r2 = _ref_fp64(args)
+    for fold in (True, False):
+        monkeypatch.setitem(td.LAUNCH, "walk_output", fold)
+        with torch.no_grad():
+            o, s1, s2 = dsla_chunk_fused(*args)
+        assert _rel(o.cpu(), ro) < _tol(dtype), fold
+        assert _rel(s1.cpu(), r1) < _tol(dtype) and _rel(s2.cpu(), r2) < _tol(dtype), fold
+
+
 @pytest.mark.parametrize("knobs", [{}, dict(walk_output=False), dict(walk_output=False, scores_pre=True)])
 def test_prefill_strong_decay_is_exact(monkeypatch, knobs):
     """Decays of -5..-50 per step take the exact row-by-row path; no inf, no NaN."""
