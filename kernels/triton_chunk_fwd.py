@@ -336,6 +336,7 @@ def _scores_fwd(q, k, g1, g2, w, A, b1, b2, cu, cseq, coff, Hq, Hkv, G: tl.const
     q's dtype, the rounding the output pass and the walk apply anyway: qe_i = q exp(c_i) (the
     decay from the chunk's start) per query head, kd_i = k exp(c_i,end - c_i) (to the chunk's end)
     per kv head. Both exponents are <= 0."""
+    tl.static_assert(B_PRE or not EMIT, "EMIT reads other blocks' totals: they must come from an earlier launch")
     ic = tl.program_id(0)
     hq = tl.program_id(1)
     I = tl.program_id(2)

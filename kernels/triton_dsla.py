@@ -149,7 +149,8 @@ def _forward(q, k, v, g1, g2, w, s1, s2, scale, plan, h_dtype=None):
     b1 = triton_alloc.empty(Ttot, Hkv, Dk, dtype=torch.float32, device=dev)
     b2 = triton_alloc.empty(*b1.shape, dtype=b1.dtype, device=dev)
     # inference only (the backward reads the chunk states), and where its pipeline fits
-    fold_key = (Hq // Hkv, Dk, Dv, q.dtype, str(dev), LAUNCH["walk_out_bv"], LAUNCH["walk_out_stages"])
+    fold_key = (Hq // Hkv, Dk, Dv, q.dtype, str(dev), LAUNCH["walk_out"], LAUNCH["walk_out_bv"],
+                LAUNCH["walk_out_stages"])
     fold = LAUNCH["walk_output"] and h_dtype is None and fold_key not in _NO_FOLD
     pre = LAUNCH["scores_pre"] or fold
     if fold:

@@ -97,8 +97,11 @@ def test_prefill_forward(shape, dtype):
     assert _rel(s1.cpu(), r1) < _tol(dtype) and _rel(s2.cpu(), r2) < _tol(dtype)
 
 
-@pytest.mark.parametrize("knobs", [dict(prefetch=False), dict(states_bk=16, states_bv=32, output_bv=16),
-                                   dict(walk_pre=False), dict(walk_pre=False, prefetch=False),
+# the walk and output knobs act on the unfolded passes (the training forward's): walk_output=False
+@pytest.mark.parametrize("knobs", [dict(prefetch=False, walk_output=False),
+                                   dict(states_bk=16, states_bv=32, output_bv=16, walk_output=False),
+                                   dict(walk_pre=False, walk_output=False),
+                                   dict(walk_pre=False, prefetch=False, walk_output=False),
                                    dict(dq_bk=16, dk_bk=16, inter_bk=16, inter_bv=16, suffix_blocks=2),
                                    dict(walk_output=False), dict(walk_output=False, scores_pre=True),
                                    dict(walk_out_bv=16, walk_out_stages=None)])
