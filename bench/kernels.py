@@ -81,7 +81,7 @@ def prefill_rows(T, bw, fla, rows, backward=True, fla_chunk=False):
 # Launch variants, each group swept in turn with the best of the earlier groups kept;
 # each variant costs a compile the first time it runs.
 _UNFOLDED = dict(walk_output=False)  # the training forward's passes (inference folds walk and output)
-_FOLD = dict(walk_output=True, walk_out=4, walk_out_bv=32, walk_out_stages=2, scores_fold=2, scores_fold_stages=2,
+_FOLD = dict(walk_output=True, walk_out=4, walk_out_bv=32, walk_out_stages=2, scores_fold=2, scores_fold_stages=None,
              cumsum=4)
 SWEEP = (
     ("states walk", [dict(_UNFOLDED, states_bk=16, states_bv=128, states_fwd=4, prefetch=True, walk_pre=True),
@@ -95,7 +95,7 @@ SWEEP = (
     # session 24 (H200): walk_out 8 warps 0.85 -> 1.00 ms, Dv block 16 1.53, Dv block 64 with 8 warps 1.23,
     # depth 1 1.34; depth 3 needs 244 KiB of shared memory (227 on the card)
     ("inference: output folded into the walk", [_FOLD, dict(_FOLD, scores_fold_stages=1),
-                                               dict(_FOLD, scores_fold_stages=None), dict(_FOLD, cumsum=8),
+                                               dict(_FOLD, scores_fold_stages=2), dict(_FOLD, cumsum=8),
                                                _UNFOLDED]),
 )
 # the first is LAUNCH's (session 23's sweep: 11.24 ms fwd+bwd); dq 2 deep measured 11.46 there, dk Dk block 64

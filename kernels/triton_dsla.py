@@ -62,11 +62,13 @@ class _Plan:
 # -> 0.27 + 0.94, a wash for the training forward). walk_output: inference folds the output pass
 # into the walk (triton_walk_out.py; `walk_out` warps, Dv block and depth; its scores pass,
 # `scores_fold`, also writes the decayed q and k): 0.91 + 0.66 ms -> 0.85, whole forward 2.79
-# -> 2.32 (session 24). A split walk (segments walked at once, then combined) measured 0.82 ms
-# for the walk but 1.05 for the output pass it fed: removed.
+# -> 2.32 (session 24); with each chunk's decays loaded a chunk ahead the walk takes 0.68 ms and
+# the forward 2.16, 2.14 with `scores_fold` at Triton's default depth instead of 2 (session 25).
+# A split walk (segments walked at once, then combined) measured 0.82 ms for the walk but 1.05
+# for the output pass it fed: removed.
 LAUNCH = dict(scores=2, scores_stages=1, states_fwd=4, states_bk=16, states_bv=128, prefetch=False, walk_pre=True,
               scores_pre=False, cumsum=4, walk_output=True, walk_out=4, walk_out_bv=32, walk_out_stages=2,
-              scores_fold=2, scores_fold_stages=2,
+              scores_fold=2, scores_fold_stages=None,
               output=4, output_bv=128, states_bwd=4, dq=4, dq_bk=64, dq_stages=None, dk=4, dk_bk=32, dk_stages=1,
               dv=8, dv_bv=128, dA=4, dA_bv=128, inter=4, inter_bk=64, inter_bv=64, suffix_blocks=64)
 _PLANS: dict = {}
