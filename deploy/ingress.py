@@ -50,7 +50,8 @@ async def _validation_error(_req, e: RequestValidationError):
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(_req, e: StarletteHTTPException):
     kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-    return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code)
+    # e.headers: a 405's Allow, which RFC 9110 requires and Starlette's own response carries
+    return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code, headers=e.headers)
 
 
 @app.exception_handler(Exception)

@@ -40,8 +40,13 @@ class _Request(BaseModel):
 
 
 class StreamOptions(_Request):
-    include_usage: bool = False
-    continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk carries the running usage
+    # vLLM's defaults: stream_options given without include_usage streams the usage; null does not
+    include_usage: Optional[bool] = True
+    continuous_usage_stats: Optional[bool] = False  # vLLM's: with include_usage, every chunk carries the usage
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
 
 
 # vLLM's sampling extensions this server does not implement -> their neutral value: refused
@@ -50,7 +55,11 @@ VLLM_EXTENSIONS = {"min_tokens": 0, "min_p": 0, "repetition_penalty": 1, "length
                    "include_stop_str_in_output": False, "bad_words": [], "allowed_token_ids": None,
                    "prompt_logprobs": None, "truncate_prompt_tokens": None, "guided_json": None, "guided_regex": None,
                    "guided_choice": None, "guided_grammar": None, "guided_decoding_backend": None,
-                   "structured_outputs": None, "skip_special_tokens": True,
+                   "structured_outputs": None, "structural_tag": None, "skip_special_tokens": True,
+                   "return_tokens_as_token_ids": False, "return_token_ids": False, "logits_processors": None,
+                   "priority": 0, "vllm_xargs": None, "prompt_embeds": None,
+                   # chat's (completions declare their own): special tokens around the templated prompt
+                   "add_special_tokens": False,
                    # chat's: each changes the prompt or the answer (completions declare their own echo)
                    "echo": False, "add_generation_prompt": True, "continue_final_message": False,
                    "chat_template": None}
@@ -81,6 +90,7 @@ class _Sampling(_Request):
     presence_penalty: Optional[Union[float, int]] = Field(None, ge=-2, le=2)
     frequency_penalty: Optional[Union[float, int]] = Field(None, ge=-2, le=2)
     logit_bias: Optional[dict[str, Union[float, int]]] = None
+    response_format: Optional[ResponseFormat] = None  # vLLM's completions take it too
     user: Optional[str] = None
 
     def unsupported(self) -> Optional[tuple[str, str]]:
@@ -90,6 +100,8 @@ class _Sampling(_Request):
             return p, f"{p} is not supported; leave it at 0"
         if self.logit_bias:
             return "logit_bias", "logit_bias is not supported"
+        if self.response_format is not None and self.response_format.type != "text":
+            return "response_format", "only response_format type 'text' is supported"
         if self.stream_options is not None and not self.stream:
             return "stream_options", "stream_options is only allowed when stream is true"
         extra = self.model_extra or {}
@@ -144,17 +156,12 @@ class ChatMessage(_Request):
         return "\n".join(p.text for p in self.content)
 
 
-class ResponseFormat(_Request):
-    type: Literal["text", "json_object", "json_schema"]
-
-
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Optional[int] = None
     max_completion_tokens: Optional[int] = None
     logprobs: Optional[bool] = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
-    response_format: Optional[ResponseFormat] = None
     tools: Optional[list] = None
     tool_choice: Optional[Union[str, dict]] = None
     functions: Optional[list] = None  # OpenAI's deprecated form of tools
@@ -166,8 +173,6 @@ class ChatCompletionRequest(_Sampling):
     def unsupported(self):
         if self.top_logprobs:
             return "top_logprobs", "only top_logprobs=0 (the sampled token's log probability) is supported"
-        if self.response_format is not None and self.response_format.type != "text":
-            return "response_format", "only response_format type 'text' is supported"
         if self.tools:
             return "tools", "tools are not supported"
         if self.tool_choice not in (None, "none"):

@@ -46,20 +46,23 @@ def check_model(requested: str, limits: Limits):
                        "invalid_request_error", "model", "model_not_found")
 
 
-def _prompts(req: CompletionRequest, tok, limits: Limits) -> list[list[int]]:
+def _prompt_parts(req: CompletionRequest) -> tuple[Optional[list[str]], Optional[list[list[int]]]]:
+    """The prompt as texts or as token id lists, its shape checked, nothing tokenized yet."""
     p = req.prompt
     if isinstance(p, str):
-        texts, ids = [p], None
-    elif len(p) == 0:
+        return [p], None
+    if len(p) == 0:
         raise bad_request("prompt must not be empty", "prompt")
-    elif all(isinstance(x, str) for x in p):
-        texts, ids = p, None
-    elif all(isinstance(x, int) for x in p):
-        texts, ids = None, [p]
-    elif all(isinstance(x, list) for x in p):
-        texts, ids = None, p
-    else:
-        raise bad_request("prompt must be a string, a list of strings, or token ids", "prompt")
+    if all(isinstance(x, str) for x in p):
+        return p, None
+    if all(isinstance(x, int) for x in p):
+        return None, [p]
+    if all(isinstance(x, list) for x in p):
+        return None, p
+    raise bad_request("prompt must be a string, a list of strings, or token ids", "prompt")
+
+
+def _prompt_ids(req: CompletionRequest, texts, ids, tok, limits: Limits) -> list[list[int]]:
     if texts is not None:
         # as vLLM and HF tokenize a text prompt: with the tokenizer's BOS (Llama-style models need it)
         ids = [tok(t, add_special_tokens=req.add_special_tokens)["input_ids"] for t in texts]
@@ -137,13 +140,15 @@ def _usage_options(req) -> dict:
     """A Plan's usage fields; continuous usage needs include_usage, as in vLLM."""
     so = req.stream_options
     usage = bool(so and so.include_usage)
-    return dict(include_usage=usage, continuous_usage=usage and so.continuous_usage_stats)
+    return dict(include_usage=usage, continuous_usage=usage and bool(so.continuous_usage_stats))
 
 
 def plan_completion(req: CompletionRequest, tok, limits: Limits) -> Plan:
     check_model(req.model, limits)
-    prompts = _prompts(req, tok, limits)
-    n = _check_common(req, limits, len(prompts))
+    texts, ids = _prompt_parts(req)
+    # the choices cap before any tokenizing: planning runs on one thread for every request
+    n = _check_common(req, limits, len(texts if texts is not None else ids))
+    prompts = _prompt_ids(req, texts, ids, tok, limits)
     jobs = []
     for i, ids in enumerate(prompts):
         mt = _max_tokens(req.max_tokens, len(ids), limits, 16, "max_tokens", "prompt")

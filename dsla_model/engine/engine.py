@@ -231,11 +231,10 @@ class Engine:
         req.last_token_at = now
         finish = None
         if tok in req.stop_ids:
-            # a stop token's own text stays in the output, as in vLLM (special ones such as EOS
-            # decode to nothing); if it completes a stop string, the text ends before that
-            text, _ = req.detok.add(tok)
-            rest, _ = req.detok.flush()
-            text, finish = text + rest, "stop"
+            # as in vLLM (without include_stop_str_in_output, which the API refuses): the stop token
+            # ends the answer without its own text; what the detokenizer held back comes out
+            text, _ = req.detok.flush()
+            finish = "stop"
         else:
             text, hit = req.detok.add(tok)
             if hit:

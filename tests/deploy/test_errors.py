@@ -96,7 +96,9 @@ def test_unknown_model_card(client):
 
 def test_unknown_route_and_method(server):
     assert_openai_error(httpx.get(server["base"] + "/v1/nothing-here"), 404)
-    assert_openai_error(httpx.get(server["base"] + "/v1/completions"), 405)
+    r = httpx.get(server["base"] + "/v1/completions")
+    assert_openai_error(r, 405)
+    assert r.headers.get("allow") == "POST"  # RFC 9110: a 405 names the methods the route takes
 
 
 def test_client_sees_bad_request(client):

@@ -111,7 +111,7 @@ def test_vllm_extensions_we_do_not_implement_are_refused_unless_neutral(field, v
 
 @pytest.mark.parametrize("field,value", [("echo", True), ("continue_final_message", True),
                                          ("add_generation_prompt", False), ("chat_template", "{{ 'x' }}"),
-                                         ("skip_special_tokens", False)])
+                                         ("skip_special_tokens", False), ("add_special_tokens", True)])
 def test_vllm_chat_extensions_we_do_not_implement_are_refused_unless_neutral(field, value):
     """A chat request with echo or continue_final_message got a 200 answering a new turn instead."""
     from deploy.openai_protocol import ChatCompletionRequest
@@ -119,7 +119,7 @@ def test_vllm_chat_extensions_we_do_not_implement_are_refused_unless_neutral(fie
     chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     assert ChatCompletionRequest.model_validate({**chat, field: value}).unsupported()[0] == field
     neutral = {"echo": False, "continue_final_message": False, "add_generation_prompt": True, "chat_template": None,
-               "skip_special_tokens": True}[field]
+               "skip_special_tokens": True, "add_special_tokens": False}[field]
     assert ChatCompletionRequest.model_validate({**chat, field: neutral}).unsupported() is None
     # completions' own echo field keeps its own message
     assert CompletionRequest.model_validate({"model": "m", "prompt": "hi", "echo": True}).unsupported()[0] == "echo"
@@ -135,13 +135,35 @@ def test_legacy_function_calling_is_refused_like_tools():
     assert ChatCompletionRequest.model_validate({**chat, "function_call": "none"}).unsupported() is None
 
 
-def test_continuous_usage_stats_needs_include_usage_as_in_vllm(bos_tok):
-    so = {"include_usage": True, "continuous_usage_stats": True}
-    plan = plan_completion(_req(prompt="hi", stream=True, stream_options=so), bos_tok, _limits(bos_tok))
-    assert plan.include_usage and plan.continuous_usage
-    so = {"continuous_usage_stats": True}
-    plan = plan_completion(_req(prompt="hi", stream=True, stream_options=so), bos_tok, _limits(bos_tok))
-    assert not plan.include_usage and not plan.continuous_usage
+@pytest.mark.parametrize("so,usage,continuous", [
+    (None, False, False),  # no stream_options: no usage chunk (OpenAI's and vLLM's default)
+    ({}, True, False),  # given, include_usage defaults to true in vLLM's StreamOptions
+    ({"include_usage": None}, False, False),
+    ({"include_usage": True, "continuous_usage_stats": True}, True, True),
+    ({"continuous_usage_stats": True}, True, True),
+    ({"include_usage": False, "continuous_usage_stats": True}, False, False)])
+def test_stream_options_resolve_as_in_vllm(bos_tok, so, usage, continuous):
+    """stream_options without include_usage streamed no usage, where vLLM (include_usage: True by
+    default) streams it; and continuous usage needs include_usage."""
+    extra = {} if so is None else {"stream_options": so}
+    plan = plan_completion(_req(prompt="hi", stream=True, **extra), bos_tok, _limits(bos_tok))
+    assert (plan.include_usage, plan.continuous_usage) == (usage, continuous)
+
+
+def test_the_choices_cap_is_checked_before_any_prompt_is_tokenized():
+    """40,000 prompts were tokenized (seconds on the ingress's one planning thread) before the 400."""
+    class NoTok:
+        def __call__(self, *a, **kw):
+            raise AssertionError("tokenized before the choices cap was checked")
+
+    lim = Limits("m", 1000, 512, 256, 256, 8)
+    with pytest.raises(APIError) as e:
+        plan_completion(_req(prompt=["word"] * 9), NoTok(), lim)
+    assert e.value.status == 400 and e.value.param == "n"
+    with pytest.raises(APIError) as e:
+        plan_completion(_req(prompt=[[1, 2]] * 3, n=3), NoTok(), lim)
+    assert e.value.param == "n"
+    assert len(plan_completion(_req(prompt=[[1, 2]] * 2, n=4), NoTok(), lim).jobs) == 8
 
 
 def test_chat_template_kwargs_reach_the_template_and_may_not_override_the_call():
@@ -165,3 +187,18 @@ def test_chat_template_kwargs_reach_the_template_and_may_not_override_the_call()
     assert bad.unsupported() == ("chat_template_kwargs", "chat_template_kwargs may not set tokenize")
     with pytest.raises(Exception):  # not an object: refused by the schema (a 400 at the ingress)
         ChatCompletionRequest.model_validate({**chat, "chat_template_kwargs": ["shout"]})
+
+
+@pytest.mark.parametrize("field,value,neutral", [
+    ("response_format", {"type": "json_object"}, {"type": "text"}),
+    ("return_tokens_as_token_ids", True, False), ("priority", 5, 0), ("logits_processors", ["x"], None),
+    ("vllm_xargs", {"a": 1}, None), ("structural_tag", "{}", None), ("prompt_embeds", "abc", None)])
+def test_vllm_fields_that_change_the_answer_are_refused_on_completions_and_chat(field, value, neutral):
+    """These reached a 200 that ignored them (a JSON response_format on completions got plain text)."""
+    from deploy.openai_protocol import ChatCompletionRequest
+
+    body = {"model": "m", "prompt": "hi"}
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    for cls, b in ((CompletionRequest, body), (ChatCompletionRequest, chat)):
+        assert cls.model_validate({**b, field: value}).unsupported()[0] == field
+        assert cls.model_validate({**b, field: neutral}).unsupported() is None

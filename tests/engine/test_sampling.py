@@ -78,8 +78,9 @@ def test_stop_strings_never_reach_the_stream(text_hybrid, tok, make_engine):
     assert [e.token_id for e in evs] == [e.token_id for e in base[:len(evs)]]
 
 
-def test_a_stop_tokens_text_stays_in_the_output(text_hybrid, tok, make_engine):
-    """As in vLLM: stop_token_ids end the answer after the stop token's own text (unless it is special)."""
+def test_a_stop_tokens_text_is_left_out(text_hybrid, tok, make_engine):
+    """As in vLLM (its detokenizer skips the stop-terminating token unless include_stop_str_in_output):
+    a stop token ends the answer; its id is generated and counted, its text is not in the answer."""
     eng = make_engine(text_hybrid, tok, EngineConfig(cache_memory_bytes=16 << 20))
     prompt = tok("Hello there, this is", add_special_tokens=False)["input_ids"]
     base = events_of(eng, prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
@@ -89,7 +90,8 @@ def test_a_stop_tokens_text_stays_in_the_output(text_hybrid, tok, make_engine):
     evs = events_of(eng, prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
                                                 stop_token_ids=[stop_id]))
     assert [e.token_id for e in evs] == upto and evs[-1].finish_reason == "stop"
-    assert "".join(e.text for e in evs) == tok.decode(upto, skip_special_tokens=True)
+    assert evs[-1].num_generated_tokens == len(upto)
+    assert "".join(e.text for e in evs) == tok.decode(upto[:-1], skip_special_tokens=True)
 
 
 def test_stop_token_ids_and_max_tokens_and_logprobs(hybrid, make_engine):
@@ -438,15 +440,16 @@ def test_waiting_prompt_tokens_count_what_is_left_of_prompts_in_prefill(hybrid):
 
 
 def test_text_held_back_for_a_stop_string_comes_out_when_a_stop_token_ends_the_request(hybrid):
-    """The stop token's own text stays in the output; held back as the start of a stop string that
-    the end of the request leaves incomplete, it was lost."""
+    """The token before the stop token, held back as the start of a stop string that the end of
+    the request leaves incomplete, is in the answer (once it was lost); the stop token's own text
+    is not."""
     p = random_prompts(1, 256, seed=9)[0]
     base = Engine(hybrid, Tok(), EngineConfig(cache_memory_bytes=4 << 20)).generate(
         [p], SamplingParams(max_tokens=10, temperature=0))[0]
     k = next(i for i in range(2, 10) if base[i] not in base[:i])
-    stop_char = Tok().decode([base[k]])
+    held = Tok().decode([base[k - 1]])
     eng = Engine(hybrid, Tok(), EngineConfig(cache_memory_bytes=4 << 20))
     evs = events_of(eng, p, SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[base[k]],
-                                           stop=[stop_char + "never"]))
+                                           stop=[held + "never"]))
     assert [e.token_id for e in evs] == base[:k + 1] and evs[-1].finish_reason == "stop"
-    assert "".join(e.text for e in evs) == Tok().decode(base[:k + 1])
+    assert evs[-2].text == "" and "".join(e.text for e in evs) == Tok().decode(base[:k])
