@@ -34,6 +34,13 @@ def sample_row(logits: torch.Tensor, params, generator: torch.Generator) -> int:
         return int(torch.argmax(logits))
     logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
     probs = torch.softmax(logits, dim=-1)
+    if not bool(torch.isfinite(probs).all()):
+        # an inf or NaN logit (a numerical blow-up, not input): torch.multinomial would raise and
+        # the failed step would abort every request in the batch. This row takes its argmax (the
+        # +inf token, where there is one) and still consumes its draw, so a resume's skip_draws
+        # stays in step with the generator.
+        skip_draws(generator, logits.numel(), 1)
+        return int(torch.argmax(logits))
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

@@ -2,6 +2,7 @@
 from decimal import Decimal
 
 import pytest
+import torch
 
 from dsla_model.engine import Engine, EngineConfig, SamplingParams
 from dsla_model.generate import generate_ids
@@ -453,3 +454,30 @@ def test_text_held_back_for_a_stop_string_comes_out_when_a_stop_token_ends_the_r
                                            stop=[held + "never"]))
     assert [e.token_id for e in evs] == base[:k + 1] and evs[-1].finish_reason == "stop"
     assert evs[-2].text == "" and "".join(e.text for e in evs) == Tok().decode(base[:k])
+
+
+def test_a_row_with_non_finite_logits_does_not_fail_its_neighbours():
+    """torch.multinomial raised on one sampled row's inf logit; the failed step aborted every request
+    in the batch. That row now takes its argmax and consumes its draw; the others sample as alone."""
+    import types
+
+    from dsla_model.engine.sampler import sample
+
+    def req(seed):
+        return types.SimpleNamespace(params=SamplingParams(max_tokens=4, temperature=1.0, seed=seed),
+                                     generator=torch.Generator().manual_seed(seed))
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 50, generator=g)
+    bad = logits.clone()
+    bad[1, 7] = float("inf")
+    bad[2, 11] = float("nan")
+    alone, _ = sample(logits[:1], [req(0)])
+    reqs = [req(0), req(1), req(2)]
+    toks, _ = sample(bad, reqs)
+    assert toks[0] == alone[0] and toks[1] == 7 and 0 <= toks[2] < 50
+    # the bad rows consumed one draw each, as a normal draw does
+    for r, seed in zip(reqs[1:], (1, 2)):
+        ref = torch.Generator().manual_seed(seed)
+        torch.multinomial(torch.ones(50), 1, generator=ref)
+        assert torch.equal(r.generator.get_state(), ref.get_state())
