@@ -82,6 +82,7 @@ class AsyncEngine:
                     pass
 
     def _admit(self, request_id, prompt_ids, params, loop, q):
+        generator = self.engine.resume_generator(prompt_ids, params)  # seconds for a long resume: not under the lock
         with self._wake:
             # aborts queued before this admission land first: one queued for an earlier request of
             # this id (left after it had finished) would otherwise abort this one
@@ -90,7 +91,7 @@ class AsyncEngine:
                 raise RuntimeError("engine is shut down")
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
-            self.engine.add_request(prompt_ids, params, request_id)  # ValueError reaches the caller
+            self.engine.add_request(prompt_ids, params, request_id, generator)  # ValueError reaches the caller
             self._streams[request_id] = (loop, q)
             self._wake.notify()
 

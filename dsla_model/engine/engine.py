@@ -34,7 +34,7 @@ from dsla_model.engine.layer_config import LayerConfig
 from dsla_model.engine.outputs import TokenEvent
 from dsla_model.engine.request import Request
 from dsla_model.engine.runner import ModelRunner, fold_reserve_bytes
-from dsla_model.engine.sampler import sample
+from dsla_model.engine.sampler import sample, skip_draws
 from dsla_model.engine.scheduler import Scheduler, WorkItem
 from dsla_model.loading import eos_token_ids
 
@@ -51,6 +51,7 @@ class Engine:
         self.device = w.device
         mc = hybrid.config
         self.vocab_size = mc.vocab_size
+        self.logits_width = w.shape[0]  # what one sampled draw spans (the sampler's rows)
         self.max_model_len = served_max_len(config, mc)
         self.pool = CachePool(hybrid.num_kv_heads, hybrid.head_dim, w.dtype, self.device,
                               self._cache_budget(config), config.block_size, STATE_FORMATS[config.state_dtype])
@@ -82,7 +83,27 @@ class Engine:
         return CPU_DEFAULT_CACHE_BYTES
 
     # ---- requests ----------------------------------------------------------------------
-    def add_request(self, prompt_ids, params, request_id: str | None = None) -> str:
+    def resume_generator(self, prompt_ids, params) -> torch.Generator | None:
+        """A resumed, seeded, sampled request's generator, past the draws its earlier attempt made
+        (one logits-wide draw per token it sampled: ~1 ms each at a 49K vocabulary, so AsyncEngine
+        builds it before taking the engine's lock; inside a step it held up every stream). None for
+        any other request, and for parameters add_request will refuse."""
+        try:
+            p = copy.deepcopy(params).validate()
+            n = len(prompt_ids)
+        except (ValueError, TypeError):
+            return None
+        if p.greedy or p.seed is None or not 0 < p.resume_tokens < n:
+            return None
+        g = torch.Generator(device="cpu").manual_seed(p.seed)
+        skip_draws(g, self.logits_width, p.resume_tokens)
+        return g
+
+    def add_request(self, prompt_ids, params, request_id: str | None = None,
+                    generator: torch.Generator | None = None) -> str:
+        """generator: resume_generator's for these prompt_ids and params, built ahead (else built here)."""
+        if generator is None:
+            generator = self.resume_generator(prompt_ids, params)
         params = copy.deepcopy(params).validate()  # what is checked is what the request keeps
         prompt_ids = list(prompt_ids) if prompt_ids is not None else []
         if not prompt_ids:
@@ -108,7 +129,7 @@ class Engine:
         if any(e.request_id == request_id and e.finish_reason != "abort" for e in self._events):
             # a request that finished inside generate(): its tokens and finish wait for the next step()
             raise ValueError(f"request id {request_id!r} is still in use: its last events are not delivered yet")
-        req = Request(request_id, prompt_ids, params, c, self.tokenizer, self.eos_ids)
+        req = Request(request_id, prompt_ids, params, c, self.tokenizer, self.eos_ids, generator)
         # an abort event of an earlier request with this id, not emitted yet, would read as this one's
         self._events = [e for e in self._events if e.request_id != request_id]
         self.requests[request_id] = req

@@ -10,16 +10,16 @@ from dsla_model.engine.detokenizer import IncrementalDetokenizer
 
 
 class Request:
-    def __init__(self, request_id: str, prompt_ids: list[int], params, conf, tokenizer, eos_ids):
+    def __init__(self, request_id: str, prompt_ids: list[int], params, conf, tokenizer, eos_ids,
+                 generator: torch.Generator | None = None):
         self.id = request_id
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.conf = conf  # LayerConfig: the engine's at add_request (or at a swap while waiting), kept once admitted
-        seed = params.seed if params.seed is not None else random.getrandbits(63)
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
-        # a resumed request's earlier attempt drew from the same seed once per token it sampled: its
-        # first own draw must be the next one (sampler.sample skips them, once it knows the vocabulary)
-        self.draws_to_skip = 0 if params.greedy else params.resume_tokens
+        if generator is None:  # a resumed request's comes from Engine.resume_generator, past its earlier draws
+            seed = params.seed if params.seed is not None else random.getrandbits(63)
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.generator = generator
         n = len(self.prompt_ids) - params.resume_tokens  # the prompt proper; the rest an earlier attempt's output
         self.detok = IncrementalDetokenizer(tokenizer, self.prompt_ids[:n], params.stop, self.prompt_ids[n:],
                                             params.resume_emitted_chars)

@@ -60,9 +60,6 @@ def sample(logits: torch.Tensor, requests) -> tuple[list[int], list[float | None
     rows = logits.float().cpu() if needs_rows else None
     tokens, logprobs = [], []
     for i, r in enumerate(requests):
-        if getattr(r, "draws_to_skip", 0):
-            skip_draws(r.generator, rows.shape[-1], r.draws_to_skip)
-            r.draws_to_skip = 0
         tok = greedy[i] if r.params.greedy else sample_row(rows[i], r.params, r.generator)
         tokens.append(tok)
         logprobs.append(float(torch.log_softmax(rows[i], -1)[tok]) if r.params.logprobs else None)
