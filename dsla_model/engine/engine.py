@@ -89,21 +89,21 @@ class Engine:
         builds it before taking the engine's lock; inside a step it held up every stream). None for
         any other request, and for parameters add_request will refuse."""
         try:
-            p = copy.deepcopy(params).validate()
-            n = len(prompt_ids)
+            return self._resume_generator(copy.deepcopy(params).validate(), len(prompt_ids))
         except (ValueError, TypeError):
             return None
-        if p.greedy or p.seed is None or not 0 < p.resume_tokens < n:
+
+    def _resume_generator(self, params, num_prompt: int) -> torch.Generator | None:
+        """resume_generator for validated params."""
+        if params.greedy or params.seed is None or not 0 < params.resume_tokens < num_prompt:
             return None
-        g = torch.Generator(device="cpu").manual_seed(p.seed)
-        skip_draws(g, self.logits_width, p.resume_tokens)
+        g = torch.Generator(device="cpu").manual_seed(params.seed)
+        skip_draws(g, self.logits_width, params.resume_tokens)
         return g
 
     def add_request(self, prompt_ids, params, request_id: str | None = None,
                     generator: torch.Generator | None = None) -> str:
         """generator: resume_generator's for these prompt_ids and params, built ahead (else built here)."""
-        if generator is None:
-            generator = self.resume_generator(prompt_ids, params)
         params = copy.deepcopy(params).validate()  # what is checked is what the request keeps
         prompt_ids = list(prompt_ids) if prompt_ids is not None else []
         if not prompt_ids:
@@ -129,6 +129,8 @@ class Engine:
         if any(e.request_id == request_id and e.finish_reason != "abort" for e in self._events):
             # a request that finished inside generate(): its tokens and finish wait for the next step()
             raise ValueError(f"request id {request_id!r} is still in use: its last events are not delivered yet")
+        if generator is None:  # after every check: a refused request skips no draws
+            generator = self._resume_generator(params, len(prompt_ids))
         req = Request(request_id, prompt_ids, params, c, self.tokenizer, self.eos_ids, generator)
         # an abort event of an earlier request with this id, not emitted yet, would read as this one's
         self._events = [e for e in self._events if e.request_id != request_id]
