@@ -122,5 +122,8 @@ class PreloadedLayers:
                     if i in self.weights and installed.get(i) != self.versions[i]}
 
     def usable(self, layers) -> list[int]:
+        """The leading run of `layers` (a prefix of the store's order) this replica holds: each
+        layer was distilled with the ones before it converted, so a layer past a missing one
+        would run in a configuration it was never trained for."""
         with self._lock:
-            return [i for i in layers if i in self.weights]
+            return list(itertools.takewhile(self.weights.__contains__, layers))

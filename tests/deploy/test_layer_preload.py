@@ -99,9 +99,13 @@ def test_a_corrupt_layer_is_refused_and_never_offered(setup):
     data = bytearray(path.read_bytes())
     data[-8:] = bytes(b ^ 0xFF for b in data[-8:])  # flip bits (the tail may be zeros already)
     path.write_bytes(bytes(data))
+    publish(hybrid, store, 0)
     pre = PreloadedLayers(str(store.path), hybrid.fingerprint)
-    assert pre.refresh() == [3]
+    assert pre.refresh() == [3, 0]
     assert 1 in pre.errors and pre.usable([3, 1]) == [3]
+    # layer 0 was distilled with 1 converted: without 1 it is not offered either (a target the
+    # controller computed before it heard this replica must not install [3, 0])
+    assert pre.usable([3, 1, 0]) == [3]
 
 
 def test_a_layer_that_failed_to_load_is_retried_without_a_new_publish(setup, monkeypatch):

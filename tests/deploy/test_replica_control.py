@@ -151,3 +151,23 @@ def test_the_control_loop_goes_on_reporting_while_a_swap_waits_for_a_step():
     assert during >= 5, during  # reports went on while the swap waited
     assert len(started) >= 2 and started[0] == [3, 1]  # one swap at a time, the next after it ended
 
+
+
+def test_a_swap_stops_at_the_first_target_layer_the_replica_lacks():
+    """The controller answers a report with the fleet's target before it has heard that this
+    replica could not load layer 1 (a new or restarted replica). Layer 0 was distilled with 1
+    converted, so the replica installs the leading run it holds, [3], not [3, 0]."""
+    from deploy.layer_preload import PreloadedLayers
+
+    pre = PreloadedLayers(None)
+    pre.weights = {3: {"w": 3}, 0: {"w": 0}}
+    pre.versions = {3: (1, "a"), 0: (3, "c")}
+    pre.order, pre.prefix, pre.errors = [3, 0], [3], {1: "sha256 mismatch"}
+    swapped = []
+    replica = SimpleNamespace(layers=pre, installed={}, replica_id="r0")
+    replica.engine = SimpleNamespace(set_conversion=lambda layers, v, w: swapped.append((list(layers), sorted(w))),
+                                     stats=lambda: {"dsla_layers": []})
+    replica._stats = lambda: LLMReplica.func_or_class._stats(replica)
+    asyncio.run(LLMReplica.func_or_class._apply(replica, [3, 1, 0]))
+    assert swapped == [([3], [3])]
+    assert replica.installed == {3: (1, "a")}
