@@ -57,6 +57,28 @@ def _check_model(cfg):
         raise CLIError(str(e)) from None
     except (OSError, ValueError) as e:
         raise CLIError(f"cannot load model {cfg.model!r}: {e}") from None
+    _check_cache_budget(cfg)
+
+
+def _check_cache_budget(cfg):
+    """A cache budget too small for two of the model's state groups fails every replica's start."""
+    budget = cfg.engine.cache_memory_bytes
+    if budget is None:
+        return
+    from transformers import AutoConfig
+
+    from dsla_model.engine.cache_pool import pool_layout
+    from dsla_model.engine.config import STATE_FORMATS
+    from dsla_model.loading import resolve_model
+
+    mc = AutoConfig.from_pretrained(resolve_model(cfg.model))
+    kv_heads = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
+    head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+    need = pool_layout(kv_heads, head_dim, cfg.model_dtype(), cfg.engine.engine_config().block_size,
+                       STATE_FORMATS[cfg.engine.state_dtype])["min_budget_bytes"]
+    if budget < need:
+        raise CLIError(f"engine.cache_memory_bytes is {budget}; {cfg.model!r} needs at least {need} "
+                       f"(two of its state groups)")
 
 
 def _check_free(flag, host, port):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -19,7 +19,8 @@ SHIPPED_STORE = REPO_ROOT / "layers"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # inf / nan would pass every bound here and fail later inside an actor (math.ceil(inf) in the ingress)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class EngineSettings(_Strict):
@@ -43,6 +44,13 @@ class EngineSettings(_Strict):
         from dsla_model.engine.config import check_state_dtype
 
         return check_state_dtype(v)
+
+    @model_validator(mode="after")
+    def _engine_checks(self):
+        """The engine's own checks (max_batched_tokens >= max_running, ...), here rather than in
+        every replica, after its model has loaded."""
+        self.engine_config().validate()
+        return self
 
 
 class AutoscalingSettings(_Strict):
@@ -70,7 +78,7 @@ class ReplicaSettings(_Strict):
     max_ongoing_requests: int = Field(64, ge=1)
     max_queued_requests: int = Field(256, ge=-1)  # -1: unbounded
     retry_after_s: float = Field(1.0, ge=0)
-    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     health_check_period_s: float = Field(10.0, gt=0)
 
 
@@ -124,6 +132,15 @@ class ControllerSettings(_Strict):
     initial_layers: int = Field(0, ge=0)
     num_cpus: float = Field(0.1, ge=0)
     policy: PolicySettings = PolicySettings()
+
+    @model_validator(mode="after")
+    def _timeout(self):
+        # a replica reports once a poll interval and the controller drops reports older than the
+        # timeout: below two intervals it would hear each replica only now and then
+        if self.report_timeout_s < 2 * self.poll_interval_s:
+            raise ValueError(f"controller: report_timeout_s ({self.report_timeout_s}) must be at least twice "
+                             f"poll_interval_s ({self.poll_interval_s})")
+        return self
 
 
 class DistillSettings(_Strict):
@@ -188,6 +205,14 @@ class AppConfig(_Strict):
     def device(self) -> str:
         return "cuda" if self.replica.num_gpus > 0 else "cpu"
 
+    def model_dtype(self):
+        """The torch dtype replicas load the model in."""
+        import torch
+
+        if self.replica.dtype == "auto":
+            return torch.bfloat16 if self.device() == "cuda" else torch.float32
+        return getattr(torch, self.replica.dtype)
+
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None, _seen=()) -> AppConfig:
     """AppConfig from a YAML file plus dotted overrides.
@@ -248,4 +273,10 @@ def _set_dotted(data: dict, key: str, value):
         elif not isinstance(child, dict):
             raise ValueError(f"cannot set {key}: {p} is {child!r}, not a mapping")
         data = child
-    data[leaf] = value
+    if isinstance(value, dict) and isinstance(data.get(leaf), dict):
+        # a section given again (a Serve config's args over the file its `config:` names) sets
+        # the keys it names and keeps the others
+        for k, v in value.items():
+            _set_dotted(data[leaf], str(k), v)
+    else:
+        data[leaf] = value

@@ -130,10 +130,14 @@ class OpenAIIngress:
     @app.get("/status")
     async def status(self):
         """Per replica: DSLA layers, store version, queue, running requests, capacity."""
-        try:
-            snap = await self.controller.snapshot.remote()
-        except RETRYABLE as e:  # Serve is restarting the controller: a 503 to retry, not a 500
-            raise APIError(503, f"The conversion controller is unavailable ({describe(e)}); retry.", "server_error",
+        resp = self.controller.snapshot.remote()
+        try:  # Serve queues a call to a controller with no live replica without a deadline
+            snap = await asyncio.wait_for(resp, self.cfg.controller.report_timeout_s)
+        except (asyncio.TimeoutError, *RETRYABLE) as e:  # Serve is restarting the controller: a 503 to retry
+            if isinstance(e, asyncio.TimeoutError) and hasattr(resp, "cancel"):
+                resp.cancel()  # drop the queued call too
+            why = "no answer" if isinstance(e, asyncio.TimeoutError) else describe(e)
+            raise APIError(503, f"The conversion controller is unavailable ({why}); retry.", "server_error",
                            None, "service_unavailable", {"Retry-After": self.retry_after}) from None
         snap["model"] = self.limits.model_name
         return snap

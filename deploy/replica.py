@@ -24,14 +24,6 @@ log = logging.getLogger("ray.serve")
 TPOT_WINDOW_S = 10.0
 
 
-def _dtype(cfg: AppConfig):
-    import torch
-
-    if cfg.replica.dtype == "auto":
-        return torch.bfloat16 if cfg.device() == "cuda" else torch.float32
-    return getattr(torch, cfg.replica.dtype)
-
-
 def _event(ev) -> dict:
     return {"token_id": ev.token_id if ev.token_id >= 0 else None, "text": ev.text, "logprob": ev.logprob,
             "finish_reason": ev.finish_reason, "num_prompt_tokens": ev.num_prompt_tokens,
@@ -68,7 +60,7 @@ class LLMReplica:
         ctx = serve.get_replica_context()
         self.replica_id = ctx.replica_id.unique_id
         self.actor_name = ray.get_runtime_context().get_actor_name()
-        model, tok, self.model_id = await asyncio.to_thread(load_model, cfg.model, _dtype(cfg), cfg.device())
+        model, tok, self.model_id = await asyncio.to_thread(load_model, cfg.model, cfg.model_dtype(), cfg.device())
         self.layers = PreloadedLayers(cfg.store_path())
         self.hybrid = HybridModel(model, self.layers.dsla_config())
         self.layers.fingerprint = self.hybrid.fingerprint

@@ -29,29 +29,40 @@ from kernels.reference import STATE_DTYPES
 from kernels.state_pools import pair_views
 
 
+def pool_layout(num_kv_heads: int, head_dim: int, dtype: torch.dtype, block_size: int = 16,
+                state_dtypes: torch.dtype | tuple = torch.float32) -> dict:
+    """How a pool of this model lays out its bytes, whatever its budget: the block size (reduced
+    until it divides a state pair), a KV block's bytes, the blocks a pair takes and a group's bytes."""
+    es = torch.empty((), dtype=dtype).element_size()
+    dts = tuple(state_dtypes) if isinstance(state_dtypes, (tuple, list)) else (state_dtypes, state_dtypes)
+    if len(dts) != 2 or any(d not in STATE_DTYPES for d in dts):  # the decode kernels take no other
+        raise ValueError(f"state pools hold one of {STATE_DTYPES} (or a pair of them), not {state_dtypes}")
+    sizes = [torch.empty((), dtype=d).element_size() for d in dts]
+    pair_bytes = num_kv_heads * head_dim * head_dim * sum(sizes)
+    bs = block_size
+    while bs > 1 and pair_bytes % (2 * bs * num_kv_heads * head_dim * es):
+        bs //= 2
+    if pair_bytes % (2 * bs * num_kv_heads * head_dim * es):
+        # no block size fits a pair exactly (fp32 weights, bf16 recency states, head dim 2 mod 4):
+        # the configured size, and each pair's last block partly unused
+        bs = block_size
+    bb = 2 * bs * num_kv_heads * head_dim * es
+    m = -(-pair_bytes // bb)
+    return dict(state_dtypes=dts, pair_bytes=pair_bytes, block_size=bs, block_bytes=bb, blocks_per_pair=m,
+                group_bytes=m * bb, min_budget_bytes=2 * m * bb)  # group 0 is scratch: two groups at least
+
+
 class CachePool:
     def __init__(self, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device, budget_bytes: int,
                  block_size: int = 16, state_dtypes: torch.dtype | tuple = torch.float32):
-        es = torch.empty((), dtype=dtype).element_size()
-        dts = tuple(state_dtypes) if isinstance(state_dtypes, (tuple, list)) else (state_dtypes, state_dtypes)
-        if len(dts) != 2 or any(d not in STATE_DTYPES for d in dts):  # the decode kernels take no other
-            raise ValueError(f"state pools hold one of {STATE_DTYPES} (or a pair of them), not {state_dtypes}")
-        sizes = [torch.empty((), dtype=d).element_size() for d in dts]
-        self.pair_bytes = pair_bytes = num_kv_heads * head_dim * head_dim * sum(sizes)
-        bs = block_size
-        while bs > 1 and pair_bytes % (2 * bs * num_kv_heads * head_dim * es):
-            bs //= 2
-        if pair_bytes % (2 * bs * num_kv_heads * head_dim * es):
-            # no block size fits a pair exactly (fp32 weights, bf16 recency states, head dim 2 mod 4):
-            # the configured size, and each pair's last block partly unused
-            bs = block_size
-        self.block_size = bs
-        self.block_bytes = bb = 2 * bs * num_kv_heads * head_dim * es
-        self.blocks_per_pair = m = -(-pair_bytes // bb)
-        self.group_bytes = gb = m * bb  # one pair, or m KV blocks
+        lay = pool_layout(num_kv_heads, head_dim, dtype, block_size, state_dtypes)
+        dts, self.pair_bytes, self.block_size = lay["state_dtypes"], lay["pair_bytes"], lay["block_size"]
+        self.block_bytes, self.blocks_per_pair = lay["block_bytes"], lay["blocks_per_pair"]
+        bs, m, gb = self.block_size, self.blocks_per_pair, lay["group_bytes"]
+        self.group_bytes = gb  # one pair, or m KV blocks
         self.num_groups = G = int(budget_bytes // gb)
         if G < 2:
-            raise ValueError(f"cache budget {budget_bytes} B is too small (need at least {2 * gb} B)")
+            raise ValueError(f"cache budget {budget_bytes} B is too small (need at least {lay['min_budget_bytes']} B)")
         self.num_blocks = G * m
         self.budget_bytes = G * gb
         storage = torch.zeros(self.budget_bytes, dtype=torch.uint8, device=device)

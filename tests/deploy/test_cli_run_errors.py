@@ -118,3 +118,12 @@ def test_run_starts_a_ray_of_its_own_unless_given_an_address(monkeypatch):
     with pytest.raises(Stop):
         main(["run", "--no-dashboard", "--port", str(port), "--metrics-port", "0"])
     assert seen[-1]["address"] == "local" and seen[-1]["include_dashboard"] is False
+
+
+def test_a_cache_budget_too_small_for_the_model_is_one_line_before_ray_starts(no_ray, capsys):
+    """Every replica's CachePool refused it after its model had loaded, and Serve retried them."""
+    from deploy.cli import main
+
+    assert main(["run", "--no-dashboard", "--set", "engine.cache_memory_bytes=4096"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "engine.cache_memory_bytes is 4096" in err and "needs at least" in err, err

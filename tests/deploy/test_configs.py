@@ -136,3 +136,29 @@ def test_distill_settings_are_checked_before_any_worker_starts():
         load_config(path, {"distill.worker_kwargs": {"tokens_per_leyer": 4096}})
     with pytest.raises(ValueError, match="one worker per layer store"):
         load_config(path, {"distill.num_workers": 2})
+
+
+@pytest.mark.parametrize("data, field", [
+    ({"replica": {"dtype": "float99"}}, "replica.dtype"),  # getattr(torch, ...) failed in every replica
+    ({"replica": {"dtype": "Tensor"}}, "replica.dtype"),
+    ({"replica": {"retry_after_s": float("inf")}}, "replica.retry_after_s"),  # math.ceil(inf) in the ingress
+    ({"controller": {"poll_interval_s": float("nan")}}, "controller.poll_interval_s"),
+    ({"controller": {"policy": {"cooldown_s": float("inf")}}}, "controller.policy.cooldown_s"),
+    ({"engine": {"max_running": 64, "max_batched_tokens": 32}}, "max_batched_tokens must be >= max_running"),
+    ({"controller": {"poll_interval_s": 1.0, "report_timeout_s": 0.1}}, "at least twice poll_interval_s"),
+])
+def test_values_that_would_fail_inside_an_actor_are_refused_up_front(data, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        AppConfig.model_validate(data)
+
+
+def test_a_section_named_again_by_a_serve_configs_args_keeps_the_nested_files_other_keys(tmp_path):
+    """`args: {config: base.yaml, engine: {use_cuda_graphs: false}}` replaced base.yaml's whole engine
+    section: its max_running 8 and max_batched_tokens 256 silently became the defaults."""
+    (tmp_path / "base.yaml").write_text("engine:\n  max_running: 8\n  max_batched_tokens: 256\n")
+    (tmp_path / "serve.yaml").write_text(
+        "applications:\n  - import_path: deploy.app:app_builder\n    args:\n      config: base.yaml\n"
+        "      engine:\n        use_cuda_graphs: false\n")
+    cfg = load_config(tmp_path / "serve.yaml")
+    assert not cfg.engine.use_cuda_graphs and cfg.engine.max_running == 8 and cfg.engine.max_batched_tokens == 256
+    assert load_config(tmp_path / "serve.yaml", {"engine": {"max_running": 4}}).engine.max_batched_tokens == 256

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from deploy.config import AppConfig
 from deploy.ingress import OpenAIIngress
 from deploy.openai_format import ResponseBuilder
 from deploy.openai_protocol import APIError
@@ -42,10 +43,41 @@ def test_status_while_the_controller_restarts_is_a_503():
             async def remote():
                 raise RayActorError()
 
-    ingress = type("Ingress", (), {"controller": Gone, "retry_after": "2"})()
+    ingress = type("Ingress", (), {"controller": Gone, "retry_after": "2", "cfg": AppConfig()})()
     with pytest.raises(APIError) as e:
         asyncio.run(OpenAIIngress.func_or_class.status(ingress))
     assert e.value.status == 503 and e.value.headers == {"Retry-After": "2"}
+
+
+def test_status_answers_a_503_in_bounded_time_when_the_controller_does_not_answer():
+    """Serve queues a call to a deployment with no live replica without a deadline: /status
+    waited for ever (each such call holding an ingress slot) while the controller was down."""
+    cancelled = []
+
+    class Queued:
+        def __init__(self):
+            self.future = asyncio.get_running_loop().create_future()  # never resolves
+
+        def __await__(self):
+            return self.future.__await__()
+
+        def cancel(self):
+            cancelled.append(True)
+
+    class Silent:
+        class snapshot:
+            @staticmethod
+            def remote():
+                return Queued()
+
+    cfg = AppConfig.model_validate({"controller": {"poll_interval_s": 0.1, "report_timeout_s": 0.3}})
+    ingress = type("Ingress", (), {"controller": Silent, "retry_after": "1", "cfg": cfg})()
+
+    async def main():
+        return await asyncio.wait_for(OpenAIIngress.func_or_class.status(ingress), 5.0)
+    with pytest.raises(APIError) as e:
+        asyncio.run(main())
+    assert e.value.status == 503 and "no answer" in e.value.message and cancelled == [True]
 
 
 def test_a_streamed_choice_refused_after_another_started_is_a_429_not_an_error_in_the_stream():

@@ -92,7 +92,8 @@ def test_with_the_controller_disabled_a_silent_controller_does_not_hold_back_ini
 
     applied = []
     r = object.__new__(LLMReplica.func_or_class)
-    r.cfg = AppConfig.model_validate({"controller": {"enabled": False, "initial_layers": 1, "report_timeout_s": 0.05}})
+    r.cfg = AppConfig.model_validate({"controller": {"enabled": False, "initial_layers": 1, "poll_interval_s": 0.02,
+                                                     "report_timeout_s": 0.05}})
     r.controller, r.replica_id, r._last_store_poll = _Silent, "r1", time.monotonic()
     r.metrics = SimpleNamespace(update=lambda stats, version: None)
     r.layers = SimpleNamespace(store_version=3, prefix=[2, 0])
