@@ -42,21 +42,30 @@ class AsyncEngine:
             with self._wake:
                 while not self._stop and not self.engine.has_unfinished():
                     self._wake.wait()
-                self._drain_aborts()
                 stop = self._stop
-                if stop:
-                    events = self._abort_all()
-                else:
-                    try:
-                        events = self.engine.step()
-                    except BaseException as e:  # noqa: BLE001 - the thread must report, not die silently
-                        self.error = e
-                        events = self._abort_all()
+                try:
+                    self._drain_aborts()
+                    events = self._abort_all() if stop else self.engine.step()
+                except BaseException as e:  # noqa: BLE001 - the thread must report, not die silently
+                    self.error = e
+                    events, stop = self._recover()
+                if not stop:
                     self._stats = self.engine.stats()  # ~3 us
                 streams = dict(self._streams)
             self._deliver(events, streams)
             if stop:
                 return
+
+    def _recover(self) -> tuple[list[TokenEvent], bool]:  # under the lock
+        """After a failed step every open stream ends with an abort. If aborting fails too (a device
+        that no longer answers), the engine stops: each stream gets an abort made here, and
+        admissions are refused, rather than streams that wait for ever on a dead thread."""
+        try:
+            return self._abort_all(), self._stop
+        except BaseException as e:  # noqa: BLE001
+            self.error = e
+            self._stop = True
+            return [TokenEvent(rid, -1, "", None, "abort", 0, 0) for rid in list(self._streams)], True
 
     def _drain_aborts(self):  # under the lock
         while self._aborts:
@@ -88,7 +97,7 @@ class AsyncEngine:
             # this id (left after it had finished) would otherwise abort this one
             self._drain_aborts()
             if self._stop:
-                raise RuntimeError("engine is shut down")
+                raise RuntimeError("engine is shut down" if self.error is None else f"engine failed: {self.error!r}")
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self.engine.add_request(prompt_ids, params, request_id, generator)  # ValueError reaches the caller

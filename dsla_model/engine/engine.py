@@ -67,6 +67,7 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._events: list[TokenEvent] = []  # abort events, emitted by the next step
         self._inflight = None  # (group, tokens getter) of a launched step whose tokens are not read yet
+        self._computing: list = []  # the requests of the step's forward now running (see step)
         # an engine without a tokenizer works on ids alone: it stops at stop_token_ids only
         self.eos_ids = eos_token_ids(tokenizer, hybrid.model) if tokenizer is not None else []
         self._ttft, self._tpot = deque(maxlen=_RECENT), deque(maxlen=_RECENT)
@@ -167,7 +168,10 @@ class Engine:
         self.requests.pop(req.id, None)
         if (self.graphs is not None and req.conf is not self.conf
                 and not any(r.conf is req.conf for r in self.requests.values())):
-            self.graphs.drop(req.conf.id)  # the last request of a swapped-out configuration
+            try:
+                self.graphs.drop(req.conf.id)  # the last request of a swapped-out configuration
+            except Exception:  # noqa: BLE001 - a device that has failed (drop synchronizes): the request is
+                pass  # finished either way, and aborting the others must go on; the graphs stay with the engine
         if reason != "abort" and req.first_token_at is not None:
             self._ttft.append(req.first_token_at - req.arrival)
             if req.num_generated > 1:
@@ -176,10 +180,40 @@ class Engine:
     # ---- the step ----------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> list[TokenEvent]:
+        """One step's token events (and the abort events queued since the last). A step that raises
+        aborts the requests it was computing: a DSLA layer updates its states in place, so a request
+        whose forward stopped part way holds some of its tokens in some layers, and computing them
+        again would count them twice. Their abort events, and every event not handed out yet, come
+        with the next step (or abort_all)."""
         events, self._events = self._events, []
+        self._computing = []
+        try:
+            self._step(events)
+        except BaseException:
+            try:
+                self._fail()
+            except BaseException:  # noqa: BLE001 - the step's own error is the one to report (abort_all meets this again)
+                pass
+            finally:
+                self._events = events + self._events
+            raise
+        self._computing = []
+        return events
+
+    def _fail(self):
+        for req in self._computing:
+            if req.finish_reason is None:
+                self.abort(req.id)
+        self._computing = []
+        if self._inflight is not None and all(it.req.finish_reason is not None for it in self._inflight[0]):
+            self._inflight = None
+
+    def _step(self, events: list):
         if self._inflight is not None:
+            self._computing = [it.req for it in self._inflight[0]]
             if self._can_chain():
-                return events + self._chain()
+                events += self._chain()
+                return
             events += self._collect(self._inflight)
             self._inflight = None
         items = self.scheduler.schedule()
@@ -187,6 +221,7 @@ class Engine:
         for it in items:
             groups.setdefault(it.req.conf.id, []).append(it)
         for group in groups.values():
+            self._computing = [it.req for it in group]
             conf = group[0].req.conf
             want = [i for i, it in enumerate(group) if it.samples]
             if self.graphs is not None and all(it.n == 1 for it in group) and not self.runner.needs_long_table(group):
@@ -209,7 +244,6 @@ class Engine:
             now = time.perf_counter()
             for req, tok, lp in zip(reqs, tokens, logprobs):
                 events.append(self._emit(req, tok, lp, now))
-        return events
 
     # ---- pipelined decode (see the module docstring) ----------------------------------
     @staticmethod
@@ -363,11 +397,17 @@ class Engine:
             raise
         out = {i: [] for i in ids}
         others = []  # events of requests added by add_request: the next step() hands them out
-        while any(i in self.requests for i in ids):
-            for ev in self.step():
-                if ev.request_id not in out:
-                    others.append(ev)
-                elif ev.token_id >= 0:
-                    out[ev.request_id].append(ev.token_id)
+        try:
+            while any(i in self.requests for i in ids):
+                for ev in self.step():
+                    if ev.request_id not in out:
+                        others.append(ev)
+                    elif ev.token_id >= 0:
+                        out[ev.request_id].append(ev.token_id)
+        except BaseException:
+            for rid in ids:  # as a refused prompt: nothing of this call is left behind
+                self.abort(rid)
+            self._events = others + [e for e in self._events if e.request_id not in out]
+            raise
         self._events = others + self._events
         return [out[i] for i in ids]

@@ -68,8 +68,8 @@ class Scheduler:
             r = self.waiting[0]
             if not self.fits(r):
                 break
+            r.cache = SeqCache(self.pool, r.conf, r.max_len)  # if it raises, r waits on, holding nothing
             self.waiting.popleft()
-            r.cache = SeqCache(self.pool, r.conf, r.max_len)
             self.running.append(r)
             n = min(len(r.tokens), budget)
             items.append(WorkItem(r, 0, n))

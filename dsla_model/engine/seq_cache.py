@@ -24,12 +24,16 @@ class SeqCache:
         # index first) could break up after the pool's admission check counted it
         # (CachePool.can_allocate).
         self.slots = torch.zeros(n_layers, dtype=torch.int64)  # a DSLA layer's pair; 0 (scratch) elsewhere
-        self.pairs = []
-        for layer in conf.dsla_layers:
-            s = pool.alloc_pair()
-            self.slots[layer] = s
-            self.pairs.append(s)
-        blocks = pool.alloc_blocks(nblk * len(conf.attn_layers))
+        self.pairs, self.blocks = [], []
+        try:
+            for layer in conf.dsla_layers:
+                s = pool.alloc_pair()
+                self.pairs.append(s)
+                self.slots[layer] = s
+            blocks = pool.alloc_blocks(nblk * len(conf.attn_layers))
+        except BaseException:  # nothing may stay taken by a cache that does not exist
+            self.free()
+            raise
         # table[layer] lists the blocks of an attention layer; rows of DSLA layers stay 0 (scratch)
         self.table = torch.zeros(n_layers, nblk, dtype=torch.int64)
         if conf.attn_layers:
