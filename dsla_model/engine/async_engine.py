@@ -8,8 +8,9 @@ waits on a worker thread, and an early exit queues its abort for the engine
 thread. Events travel to each request's asyncio queue through its event loop
 (`call_soon_threadsafe`). Leaving a `generate` iterator early (cancellation,
 `break`, client gone) aborts the request. Every stream ends with a finish event:
-if a step fails, each open stream gets an abort (the failed step's events are
-lost), and so does each one still open at shutdown.
+if a step fails, each open stream gets an abort (after what the engine emitted
+before the failure), and so does each one still open at shutdown; if aborting
+fails as well, the engine stops and refuses new requests.
 """
 from __future__ import annotations
 
