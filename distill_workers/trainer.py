@@ -182,7 +182,7 @@ class ChainedDistiller:
         # one module built before the store is created: settings it cannot take (a negative rank)
         # fail here, not after a manifest naming them made the store refuse every later run
         hybrid.new_dsla_module(self.order[0], None, self.dsla_config)
-        store.init(model_id, hybrid.fingerprint, self.order, self.dsla_config)
+        self.store_id = store.init(model_id, hybrid.fingerprint, self.order, self.dsla_config).get("store_id")
         store.remove_stale_temporaries()
         self.status = {"state": "idle", "layer": None, "step": 0, "steps": 0, "loss": None,
                        "published": store.published_layers(), "eta_s": None}
@@ -244,6 +244,10 @@ class ChainedDistiller:
 
     def run(self, show_progress: bool = False) -> list[int]:
         """Distil every remaining layer; returns the layers published by this call."""
+        with self.store.writer():
+            return self._run(show_progress)
+
+    def _run(self, show_progress: bool) -> list[int]:
         freeze_teacher(self.hybrid)
         # the chain continues from the store: earlier layers are DSLA with their stored weights
         self._apply_published()
@@ -293,7 +297,7 @@ class ChainedDistiller:
                                  "train_blocks": self.cfg.train_blocks, "one_state": self.cfg.one_state,
                                  "kl_steps": self.cfg.kl_steps, "batch_blocks": self.cfg.batch_blocks,
                                  "lr": self.cfg.lr, "device": str(blocks.device)}
-            self.store.publish(layer, state, metrics)
+            self.store.publish(layer, state, metrics, self.store_id)
             self._unreadable.discard(layer)
             self.hybrid.install(layer, module)
             self.hybrid.convert(layer)

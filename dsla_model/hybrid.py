@@ -123,6 +123,12 @@ class HybridModel(nn.Module):
                                self.config.hidden_size, dsla_config or self.dsla_config)
         module.to(device=w.device, dtype=w.dtype)
         if dsla_weights is not None:
+            # shapes first: load_state_dict reports a mismatch (another gate or delta rank) as a RuntimeError
+            own = module.state_dict()
+            wrong = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in dsla_weights.items()
+                     if k in own and tuple(v.shape) != tuple(own[k].shape)}
+            if wrong:
+                raise ValueError(f"layer {layer}: DSLA weights do not fit this config (shape given, expected: {wrong})")
             missing, unexpected = module.load_state_dict(dsla_weights, strict=False)
             if missing or unexpected:
                 raise ValueError(f"layer {layer}: DSLA weights do not fit (missing {missing}, unexpected {unexpected})")

@@ -13,7 +13,8 @@ either the old or the new store, never half of one. Every layer file name carrie
 version, so a reader holding an old manifest still finds the file it names until the
 next publish of that layer. Files also carry the model fingerprint in their safetensors
 metadata, so a file copied from another model's store is refused even if a manifest
-was edited to match.
+was edited to match. One distiller writes a store at a time (it holds `.writer` while it
+runs), and only the store it was built for: one wiped and initialised again since is refused.
 """
 from __future__ import annotations
 
@@ -202,7 +203,10 @@ class LayerStore:
         """Convert `layers` of `hybrid` to DSLA with the stored weights (all or nothing)."""
         cfg = self.dsla_config()
         # Load and check everything before touching the model, so a bad layer leaves it as it was.
-        modules = {i: hybrid.new_dsla_module(i, self.load_layer(i, hybrid.fingerprint), cfg) for i in layers}
+        try:
+            modules = {i: hybrid.new_dsla_module(i, self.load_layer(i, hybrid.fingerprint), cfg) for i in layers}
+        except ValueError as e:  # a file whose tensors do not fit the manifest's config
+            raise LayerStoreError(f"store {self.path}: {e}") from None
         for i, mod in modules.items():
             hybrid.install(i, mod)
             hybrid.convert(i)
@@ -242,10 +246,31 @@ class LayerStore:
             _atomic_write(self.path / MANIFEST, json.dumps(m, indent=1).encode())
             return m
 
-    def publish(self, layer: int, state_dict: dict, metrics: dict) -> dict:
-        """Write one layer atomically and return its manifest entry."""
+    @contextlib.contextmanager
+    def writer(self):
+        """Held by a distiller for its whole run: a second writer (the CLI beside the app's worker, two
+        apps on one store) would distil the same layers, and the store could end up holding a layer
+        trained over a predecessor that the other writer's publish replaced."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / ".writer", "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise LayerStoreError(f"store {self.path} is being distilled by another writer") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def publish(self, layer: int, state_dict: dict, metrics: dict, store_id: str | None = None) -> dict:
+        """Write one layer atomically and return its manifest entry. `store_id`: the store the writer
+        was built for (init's manifest); a store wiped and initialised again since then is refused,
+        since its config or order may differ from what the layer was trained for."""
         with self._locked():
             m = self.read_manifest()
+            if store_id is not None and m.get("store_id") != store_id:
+                raise LayerStoreError(f"store {self.path} was initialised again since this writer started "
+                                      f"(store id {m.get('store_id')}, not {store_id}): layer {layer} not published")
             if layer not in m["order"]:  # its position would be made up, and could repeat a real one
                 raise LayerStoreError(f"layer {layer} is not in this store's order {m['order']}")
             old = m["layers"].get(str(layer))

@@ -22,7 +22,8 @@ def read_cached(path, num_layers: int, key: str, parse, what: str):
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         log.warning("ignoring the %s cache %s: %s", what, path, e)
         return None
-    if not isinstance(order, list) or sorted(order) != list(range(num_layers)) or len(values) != num_layers:
+    if (not isinstance(order, list) or any(type(x) is not int for x in order)  # [true, 0, 2] sorts like [0, 1, 2]
+            or sorted(order) != list(range(num_layers)) or len(values) != num_layers):
         log.warning("ignoring the %s cache %s: not an order of %d layers", what, path, num_layers)
         return None
     return order, values

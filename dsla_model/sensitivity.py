@@ -45,5 +45,8 @@ def sensitivity_order(model, tokenizer, num_prompts: int = 32, prompt_len: int =
     if num_prompts < 1:
         raise ValueError("num_prompts must be >= 1")
     prompts = calibration_prompts(tokenizer, num_prompts, prompt_len, seed)
+    if not prompts:
+        raise ValueError(f"the corpus has no training document long enough for a {prompt_len}-token "
+                         "calibration prompt: give the order another way (distill --order)")
     entropy = attention_entropy(model, prompts)
     return order_from_entropy(entropy), entropy
