@@ -57,7 +57,7 @@ def build_distiller(model: str = "default", store: str = "", layers: int | None 
                     text_file: str | None = None, device: str = "cpu", loaded=None) -> ChainedDistiller:
     """`loaded` = (model, tokenizer, model_id) skips loading (tests, repeated runs)."""
     from dsla_model.hybrid import HybridModel
-    from dsla_model.layer_store import LayerStore
+    from dsla_model.layer_store import LayerStore, LayerStoreError
     from dsla_model.loading import load_model
     from dsla_model.order_cache import cached_order
 
@@ -70,7 +70,10 @@ def build_distiller(model: str = "default", store: str = "", layers: int | None 
     hybrid = HybridModel(hf, dsla_config)
     st = LayerStore(store)
     if st.exists():
-        layer_seq = st.read_manifest()["order"]  # a resumed run keeps the order it started with
+        manifest = st.read_manifest()
+        if not st.holds_model(manifest, hybrid.fingerprint):  # before its order is read as this model's layers
+            raise LayerStoreError(f"store {st.path} holds layers of model {manifest['model_id']!r}, not of {model_id!r}")
+        layer_seq = manifest["order"]  # a resumed run keeps the order it started with
     elif os.path.isfile(order):  # an explicit order needs no calibration pass (nor the corpus)
         layer_seq = layer_order(order, list(range(hybrid.num_layers)))
     elif order == "random":  # a function of the seed alone: no calibration, the same for every setting

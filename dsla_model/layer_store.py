@@ -133,7 +133,7 @@ class LayerStore:
         layers = manifest["layers"]
         return [int(k) for k, _ in sorted(layers.items(), key=lambda kv: kv[1]["position"])]
 
-    def _same_model(self, manifest: dict, fingerprint: str) -> bool:
+    def holds_model(self, manifest: dict, fingerprint: str) -> bool:
         """The store's model is this one: its fingerprint, or (a store written before the config
         joined the fingerprint) the weights-only one, accepted with a warning: its config is unchecked."""
         from dsla_model.loading import legacy_fingerprint
@@ -177,7 +177,7 @@ class LayerStore:
         names, so a missing file is looked up again in the new manifest."""
         for _ in range(attempts):
             m = self.read_manifest()
-            if expected_fingerprint is not None and not self._same_model(m, expected_fingerprint):
+            if expected_fingerprint is not None and not self.holds_model(m, expected_fingerprint):
                 raise LayerStoreError(
                     f"store {self.path} was distilled for model {m.get('model_id')!r} "
                     f"(fingerprint {m['model_fingerprint']}), not this one ({expected_fingerprint})")
@@ -229,7 +229,7 @@ class LayerStore:
         with self._locked():
             if self.exists():
                 m = self.read_manifest()
-                if not self._same_model(m, fingerprint):
+                if not self.holds_model(m, fingerprint):
                     raise LayerStoreError(f"store {self.path} holds layers of model {m['model_id']!r} "
                                           f"(fingerprint {m['model_fingerprint']}), not of {model_id!r}")
                 if m["dsla_config"] != cfg:

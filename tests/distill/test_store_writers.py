@@ -80,3 +80,14 @@ def test_a_second_writer_is_refused_while_one_distils(tmp_path):
     t.join(120)
     assert out["a"] == [2]
     assert b.run() == []  # once A is done, B may run: nothing is left to do
+
+
+def test_a_store_of_a_deeper_model_is_refused_as_another_models(tmp_path):
+    """Its order was read as this model's layers first: 'layer 5 out of range 0..2'."""
+    from distill_workers.runner import DEFAULT_DSLA, build_distiller
+    from tests.conftest import tiny_model
+
+    path = tmp_path / "s"
+    LayerStore(path).init("big", "f" * 32, [5, 4, 3, 2, 1, 0], DSLAConfig(**DEFAULT_DSLA))
+    with pytest.raises(LayerStoreError, match="holds layers of model 'big'"):
+        build_distiller(store=str(path), loaded=(tiny_model(layers=3), None, "tiny"))
