@@ -57,12 +57,27 @@ def main(argv=None) -> int:
                     help="compare this order (JSON with 'order', e.g. layers/manifest.json) and its reverse "
                          "instead of measuring per-layer damage again")
     args = ap.parse_args(argv)
+    try:
+        gate_ranks = [int(x) for x in args.gate_ranks.split(",") if x]
+    except ValueError:
+        ap.error(f"--gate-ranks takes integers separated by commas, got {args.gate_ranks!r}")
+    from dsla_model.layer_store import LayerStore, LayerStoreError
+
     torch.set_num_threads(args.threads)
-    hf, tok, model_id = load_model("default")
-    hybrid = HybridModel(hf, DSLAConfig(**DEFAULT_DSLA))
-    freeze_teacher(hybrid)
-    sens = cached_order(hybrid, tok)[0]
-    n = hybrid.num_layers
+    try:
+        hf, tok, model_id = load_model("default")
+        hybrid = HybridModel(hf, DSLAConfig(**DEFAULT_DSLA))
+        n = hybrid.num_layers
+        # what the arguments name is checked before hours of distillation, not after
+        given = layer_order(args.order_file, list(range(n))) if args.order_file else None
+        freeze_teacher(hybrid)
+        sens = cached_order(hybrid, tok)[0]
+        store = LayerStore(args.store) if args.store else None
+        if store is not None:
+            store.init(model_id, hybrid.fingerprint, sens, DSLAConfig(**DEFAULT_DSLA))
+    except (ValueError, OSError, LayerStoreError) as e:
+        print(f"ablation: error: {e}", file=sys.stderr)
+        return 2
     cfg = DistillConfig(tokens_per_layer=args.tokens_per_layer, train_blocks=args.train_blocks)
     data = capture_all_layers(hybrid, training_blocks(tok, cfg), range(n))
     ref = TeacherReference(hybrid, text_blocks(tok, 512, args.eval_blocks))
@@ -97,15 +112,10 @@ def main(argv=None) -> int:
     base = DSLAConfig(**DEFAULT_DSLA)
     # 1) every layer distilled once on teacher inputs, kept in a store for reuse
     all_mods = distil(range(n), base)
-    if args.store:
-        from dsla_model.layer_store import LayerStore
-
-        st = LayerStore(args.store)
-        st.init(model_id, hybrid.fingerprint, sens, base)
+    if store is not None:
         for i, mod in all_mods.items():
-            st.publish(i, mod.state_dict(), {"mode": "independent"})
-    if args.order_file:
-        given = layer_order(args.order_file, list(range(n)))
+            store.publish(i, mod.state_dict(), {"mode": "independent"})
+    if given is not None:
         orders = {"given (sensitivity)": given, "reverse given": list(reversed(given)), "entropy": sens,
                   "random": layer_order("random", sens, seed=0)}
         results["order_file"] = args.order_file
@@ -133,7 +143,7 @@ def main(argv=None) -> int:
     save()
     results["config"].append({"variant": "one state (GLA-like)", **score(distil(quarter, base, one_state=True), quarter)})
     save()
-    for r in [int(x) for x in args.gate_ranks.split(",") if x]:
+    for r in gate_ranks:
         d = DSLAConfig(**{**DEFAULT_DSLA, "gate_rank": r})
         results["config"].append({"variant": f"DSLA, gate rank {r}", **score(distil(quarter, d), quarter)})
         save()
