@@ -45,6 +45,12 @@ def _check(q, k, v, g1, g2):
     return B, T, Hq, Hkv, Dk, v.shape[3]
 
 
+def check_mix_weights(w):
+    """The two states' mixing weights: exactly two (the kernels read w[0] and w[1])."""
+    if w.numel() != 2:
+        raise ValueError(f"w must hold the two states' mixing weights, got {w.numel()} values")
+
+
 def _zeros_state(k, v):
     B, _, H, Dk = k.shape
     return torch.zeros(B, H, Dk, v.shape[3], dtype=torch.float32, device=k.device)
@@ -73,6 +79,7 @@ def dsla_recurrent(q, k, v, g1, g2, w, s1=None, s2=None, scale=None):
     """Token-by-token form: the plainest statement of the math."""
     B, T, Hq, Hkv, Dk, Dv = _check(q, k, v, g1, g2)
     check_states(B, Hkv, Dk, Dv, s1, s2)
+    check_mix_weights(w)
     scale = Dk ** -0.5 if scale is None else scale
     s1 = _zeros_state(k, v) if s1 is None else s1.float()
     s2 = _zeros_state(k, v) if s2 is None else s2.float()
@@ -122,13 +129,14 @@ def dsla_chunk(q, k, v, g1, g2, w, s1=None, s2=None, scale=None, chunk_size=32):
     a recurrence across chunks. Differentiable through autograd."""
     B, T, Hq, Hkv, Dk, Dv = _check(q, k, v, g1, g2)
     check_states(B, Hkv, Dk, Dv, s1, s2)
+    check_mix_weights(w)
     if chunk_size < 1:
         raise ValueError("chunk_size must be >= 1")
     scale = Dk ** -0.5 if scale is None else scale
     s1 = _zeros_state(k, v) if s1 is None else s1.float()
     s2 = _zeros_state(k, v) if s2 is None else s2.float()
-    if T == 0:
-        return q.new_zeros(B, 0, Hq, Dv), s1, s2
+    if T == 0 or B == 0:
+        return q.new_zeros(B, T, Hq, Dv), s1, s2
     C = min(chunk_size, T)
     pad = (-T) % C
     G = Hq // Hkv
@@ -179,7 +187,7 @@ def dsla_step_slots(q, k, v, g1, g2, w, s1_pool, s2_pool, slots, scale=None):
     return o[:, 0]
 
 
-def decode_step_dims(qkv, t, up1, up2, cos, sin, head_scale, s1_pool, s2_pool, slots, num_heads, num_kv_heads):
+def decode_step_dims(qkv, t, up1, up2, cos, sin, w, head_scale, s1_pool, s2_pool, slots, num_heads, num_kv_heads):
     """Checks the shapes of dsla_decode_step's arguments; returns (B, Hq, Hkv, Dk, Dv, R)."""
     Hq, Hkv = int(num_heads), int(num_kv_heads)
     if qkv.dim() != 2 or t.dim() != 2 or cos.dim() != 2 or cos.shape != sin.shape:
@@ -201,6 +209,7 @@ def decode_step_dims(qkv, t, up1, up2, cos, sin, head_scale, s1_pool, s2_pool, s
         raise ValueError(f"t must be [B, 2R] = [{B}, {2 * R}], got {tuple(t.shape)}")
     if tuple(head_scale.shape) != (Hq,) or tuple(slots.shape) != (B,):
         raise ValueError("head_scale must be [Hq] and slots [B]")
+    check_mix_weights(w)
     for p in (s1_pool, s2_pool):
         if tuple(p.shape[1:]) != (Hkv, Dk, Dv):
             raise ValueError(f"state pools must be [num_slots, {Hkv}, {Dk}, {Dv}], got {tuple(p.shape)}")
@@ -232,7 +241,7 @@ def dsla_decode_step(qkv, t, up1, up2, cos, sin, w, head_scale, s1_pool, s2_pool
     cos, sin [B, Dk]; w [2]; head_scale [Hq]; pools [num_slots, Hkv, Dk, Dv] (STATE_DTYPES), updated in
     place at slots [B] (distinct). Returns o [B, Hq, Dv] in qkv's dtype: the step's output
     rounded to that dtype, times the head scales in fp32, rounded again."""
-    B, Hq, Hkv, Dk, Dv, R = decode_step_dims(qkv, t, up1, up2, cos, sin, head_scale, s1_pool, s2_pool,
+    B, Hq, Hkv, Dk, Dv, R = decode_step_dims(qkv, t, up1, up2, cos, sin, w, head_scale, s1_pool, s2_pool,
                                              slots, num_heads, num_kv_heads)
     a = (Hq + Hkv) * Dk
     q = _rope_rounded(qkv[:, :Hq * Dk].reshape(B, Hq, Dk), cos, sin)

@@ -55,13 +55,18 @@ def _greedy_kernel(LOGITS, s_l, V, LIVE, IDS, POS, NXT, BV: tl.constexpr):
     for v0 in range(0, V, BV):
         vv = v0 + lane
         x = tl.load(LOGITS + b * s_l + vv, mask=vv < V, other=-float("inf")).to(tl.float32)
-        up = x > best  # strictly: on a tie the earlier index keeps it (torch.argmax: the first maximum)
+        # strictly: on a tie the earlier index keeps it (torch.argmax: the first maximum); a NaN
+        # counts as the maximum, as in torch.argmax, and the first one stays
+        up = (x > best) | ((x != x) & (best == best))
         arg = tl.where(up, vv, arg)
         best = tl.where(up, x, best)
-    m = tl.max(best, 0)
+    nan = best != best
+    m = tl.max(tl.where(nan, -float("inf"), best), 0)
     # the first maximum: the smallest index among the lanes holding it (lane 0 holds index 0
     # when every logit is -inf, as torch.argmax returns)
     first = tl.min(tl.where(best == m, arg, V), 0)
+    first_nan = tl.min(tl.where(nan, arg, V), 0)  # V when no lane holds a NaN
+    first = tl.where(first_nan < V, first_nan, first)
     live = tl.load(LIVE + b)
     tl.store(NXT + b, first.to(tl.int64))
     tl.store(IDS + b, first.to(tl.int64) * live)

@@ -124,7 +124,7 @@ def dsla_decode_step_fused(qkv, t, up1, up2, cos, sin, w, head_scale, s1_pool, s
     already multiplied by the head scales; the pools are updated in place. block_v and
     num_warps are for launch sweeps (bench/kernels.py): the defaults are triton_decode.py's,
     which the bitwise equality with the three-step path depends on."""
-    B, Hq, Hkv, Dk, Dv, R = decode_step_dims(qkv, t, up1, up2, cos, sin, head_scale, s1_pool, s2_pool,
+    B, Hq, Hkv, Dk, Dv, R = decode_step_dims(qkv, t, up1, up2, cos, sin, w, head_scale, s1_pool, s2_pool,
                                              slots, num_heads, num_kv_heads)
     if Dk & (Dk - 1):
         raise ValueError(f"the fused decode step needs a power-of-two head dim, got {Dk}")

@@ -14,7 +14,7 @@ import triton
 from triton.runtime.errors import OutOfResources
 
 from kernels import triton_alloc
-from kernels.reference import check_cu_seqlens, check_states
+from kernels.reference import check_cu_seqlens, check_mix_weights, check_states
 from kernels.triton_chunk_bwd import (_dA_bwd, _dg_finish, _dg_suffix, _dk_bwd, _dq_bwd, _dv_bwd, _inter_bwd,
                                       _states_bwd)
 from kernels.triton_chunk_fwd import CHUNK, RANGE_MAX, SUB, _block_cumsum_fwd, _output_fwd, _scores_fwd, _states_fwd
@@ -296,14 +296,21 @@ def dsla_chunk_fused(q, k, v, g1, g2, w, s1=None, s2=None, scale=None, cu_seqlen
     if (Hq % Hkv or k.shape[:2] != (B, T) or k.shape[3] != Dk or v.shape[:3] != (B, T, Hkv) or g1.shape != k.shape
             or g2.shape != k.shape):
         raise ValueError(f"shape mismatch q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
+    check_mix_weights(w)
     scale = Dk ** -0.5 if scale is None else float(scale)
     dev = q.device
+    for name, x in (("k", k), ("v", v), ("g1", g1), ("g2", g2), ("w", w), ("s1", s1), ("s2", s2)):
+        if x is not None and x.device != dev:  # the kernels would read another device's pointers
+            raise ValueError(f"{name} is on {x.device}, q on {dev}")
     if cu_seqlens is None:
         plan = _fixed_plan(B, T, dev)
         N = B
     else:
         if B != 1:
             raise ValueError("varlen inputs are packed as [1, total_T, H, D]")
+        if cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
+            raise ValueError(f"cu_seqlens must be a 1-D integer tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+        cu_seqlens = cu_seqlens.to(dev)
         bounds = cu_seqlens.tolist()
         check_cu_seqlens(bounds, T)
         lens = [b - a for a, b in zip(bounds, bounds[1:])]

@@ -97,7 +97,13 @@ def paged_decode_attention(q, kv_pool, table, seq_lens, scale, num_splits: int |
     """q [B,Hq,D] -> o [B,Hq,D] in q's dtype."""
     B, Hq, D = q.shape
     _, two, BS, Hkv, Dk = kv_pool.shape
-    assert two == 2 and Dk == D and Hq % Hkv == 0 and q.stride(2) == 1 and kv_pool.is_contiguous()
+    # checked, not asserted (python -O drops asserts): each would be a wrong read, not an error
+    if two != 2 or Dk != D or Hq % Hkv or D & (D - 1) or q.stride(2) != 1 or not kv_pool.is_contiguous():
+        raise ValueError(f"q [B, Hq, D] with unit stride over D (a power of two) and a contiguous pool [N, 2, bs, "
+                         f"Hkv, D] with Hq % Hkv == 0: got q{tuple(q.shape)} pool{tuple(kv_pool.shape)}")
+    if table.dim() != 2 or table.shape[0] != B or table.stride(1) != 1 or tuple(seq_lens.shape) != (B,):
+        raise ValueError(f"table must be [B, max_blocks] with unit stride along a row and seq_lens [B]: got "
+                         f"table{tuple(table.shape)} stride {table.stride()}, seq_lens{tuple(seq_lens.shape)}")
     G = Hq // Hkv
     TILE = max(64, BS)
     S = num_splits or default_splits(B, Hkv, table.shape[1] * BS, TILE)
@@ -153,7 +159,14 @@ def rope_and_cache_write(q, k, v, cos, sin, kv_pool, blk, off):
     B = q.shape[0]
     _, _, _, Hkv, D = kv_pool.shape
     Hq = q.shape[1] // D
-    assert q.stride(1) == 1 and k.stride(1) == 1 and v.stride(1) == 1 and k.stride(0) == v.stride(0)
+    if (q.shape[1] % D or D & (D - 1) or tuple(k.shape) != (B, Hkv * D) or tuple(v.shape) != (B, Hkv * D)
+            or tuple(cos.shape) != (B, D) or sin.shape != cos.shape):
+        raise ValueError(f"q [B, Hq*D], k and v [B, {Hkv}*D], cos and sin [B, D] for D = {D} (a power of two): got "
+                         f"q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)} cos{tuple(cos.shape)}")
+    if (q.stride(1) != 1 or k.stride(1) != 1 or v.stride(1) != 1 or k.stride(0) != v.stride(0)
+            or cos.stride(1) != 1 or sin.stride() != cos.stride()):
+        raise ValueError("q, k, v, cos and sin need unit stride along a row, k and v one row stride, cos and sin "
+                         "the same strides (the kernel reads them with one set)")
     qo = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype)
     _rope_write[(B, Hq + Hkv)](q, k, v, cos, sin, qo, kv_pool, blk, off,
                                q.stride(0), k.stride(0), cos.stride(0),
@@ -182,6 +195,8 @@ def add_rms_norm(x, delta, weight, eps):
     """(x + delta, rmsnorm(x + delta) * weight) for x, delta [B,H] contiguous; delta may be None
     (then x is returned as is)."""
     B, H = x.shape
+    if not x.is_contiguous() or (delta is not None and (not delta.is_contiguous() or delta.shape != x.shape)):
+        raise ValueError("x and delta must be contiguous [B, H] of one shape")
     normed = torch.empty_like(x)
     xo = torch.empty_like(x) if delta is not None else x
     _add_rms_norm[(B,)](x, delta if delta is not None else x, weight, xo, normed, H, eps,
@@ -202,6 +217,8 @@ def _silu_mul(X, O, I, BLOCK: tl.constexpr):
 def silu_mul(x):
     """x [B, 2I] = [gate | up] -> silu(gate) * up [B, I] (the Llama MLP's middle)."""
     B, I2 = x.shape
+    if I2 % 2 or not x.is_contiguous():
+        raise ValueError(f"x must be a contiguous [B, 2I] = [gate | up], got {tuple(x.shape)} stride {x.stride()}")
     I = I2 // 2
     o = torch.empty(B, I, device=x.device, dtype=x.dtype)
     _silu_mul[(B, triton.cdiv(I, 1024))](x, o, I, BLOCK=1024, num_warps=4)

@@ -62,3 +62,17 @@ def test_greedy_next_matches_torch(monkeypatch, dtype, B, V):
     if B > 1:
         assert out[1][0][1] == 7 and out[1][0][-1] == 3
     assert out[1][1][-1] == 0 and out[1][2][-1] == pos0[-1]  # the padding row stays put
+
+
+def test_greedy_next_takes_the_first_nan_as_torch_argmax_does(monkeypatch):
+    """The kernel skipped NaN (x > best is false) where torch.argmax returns it: the graph and eager
+    paths chose different tokens for one broken row."""
+    logits = torch.tensor([[0.0, 1.0, float("nan"), 2.0, float("nan")], [3.0, 1.0, 2.0, -1.0, 0.0],
+                           [float("nan")] * 5]).to(DEV)
+    live = torch.ones(3, dtype=torch.long, device=DEV)
+    out = []
+    for path in (False, True):
+        monkeypatch.setattr(decode_io, "_triton", lambda t, p=path: p)
+        out.append(decode_io.greedy_next(logits, live, torch.zeros(3, dtype=torch.long, device=DEV),
+                                         torch.zeros(3, dtype=torch.long, device=DEV)).tolist())
+    assert out[0] == out[1] == [2, 0, 0]

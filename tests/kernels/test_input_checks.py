@@ -81,3 +81,77 @@ def test_state_pairs_cannot_overlap_and_reference_slots_may_be_int32():
     w = torch.tensor([0.5, 0.5])
     o32 = ref.dsla_step_slots(q, k, v, g1, g2, w, p1, p2, torch.tensor([0, 2], dtype=torch.int32))
     assert p1[2].any() and not p1[1].any() and torch.isfinite(o32).all()
+
+
+def test_the_reference_prefill_of_an_empty_batch_is_empty():
+    """B = 0 with T > 0 failed to reshape 0 elements on the CPU path; the fused one returned empty."""
+    o, s1, s2 = ref.dsla_chunk(*_prefill(0, 5, H=2))
+    assert o.shape == (0, 5, 2, 16) and s1.shape == s2.shape == (0, 2, 16, 16)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_mixing_weights_must_be_two(n):
+    """With one weight the fused kernels read w[1] past the tensor: a silent wrong result."""
+    args = (*_prefill(1, 6, H=2)[:5], torch.full((n,), 0.5, device=DEV))
+    for fn in (ref.dsla_chunk, ref.dsla_recurrent, ops.dsla_prefill):
+        with pytest.raises(ValueError, match="mixing weights"):
+            fn(*args)
+    with pytest.raises(ValueError, match="mixing weights"):
+        dsla_chunk_fused(*args)
+
+
+def test_the_decode_steps_mixing_weights_must_be_two():
+    B, H, D, R = 2, 2, 16, 4
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(B, 3 * H * D, generator=g)
+    t = torch.randn(B, 2 * R, generator=g)
+    up = (torch.randn(H * D, R, generator=g), torch.randn(H * D, generator=g))
+    cs = torch.randn(B, D, generator=g)
+    pools = torch.zeros(3, H, D, D), torch.zeros(3, H, D, D)
+    with pytest.raises(ValueError, match="mixing weights"):
+        ref.dsla_decode_step(qkv, t, up, up, cs, cs, torch.ones(1), torch.ones(H), *pools,
+                                   torch.tensor([1, 2]), H, H, 16.0, -1.0)
+
+
+def test_cu_seqlens_must_be_integers():
+    args = _prefill(1, 6, H=2)
+    with pytest.raises(ValueError, match="integer"):
+        dsla_chunk_fused(*args, cu_seqlens=torch.tensor([0.0, 3.0, 6.0], device=DEV))
+
+
+def test_rope_write_refuses_strides_it_would_misread():
+    """sin was read with cos's row stride: a sin of another layout gave wrong k in the cache."""
+    from kernels.triton_paged_attention import rope_and_cache_write
+
+    B, Hq, Hkv, D = 2, 4, 2, 16
+    q, k, v = (torch.randn(B, h * D, device=DEV) for h in (Hq, Hkv, Hkv))
+    cos = torch.randn(B, D, device=DEV)
+    sin = torch.randn(B, 2 * D, device=DEV)[:, :D]  # row stride 2D
+    pool = torch.zeros(4, 2, 16, Hkv, D, device=DEV)
+    blk, off = torch.tensor([1, 2], device=DEV), torch.tensor([0, 3], device=DEV)
+    with pytest.raises(ValueError, match="same strides"):
+        rope_and_cache_write(q, k, v, cos, sin, pool, blk, off)
+    with pytest.raises(ValueError, match="power of two"):
+        rope_and_cache_write(q[:, :40], k[:, :20], v[:, :20], cos[:, :10], cos[:, :10],
+                             torch.zeros(4, 2, 16, Hkv, 10, device=DEV), blk, off)
+
+
+def test_paged_attention_refuses_a_table_without_unit_row_stride():
+    from kernels.triton_paged_attention import paged_decode_attention
+
+    B, Hq, Hkv, D = 2, 4, 2, 16
+    pool = torch.zeros(8, 2, 16, Hkv, D, device=DEV)
+    table = torch.ones(4, B, dtype=torch.long, device=DEV).t()  # [B, 4] with row stride 1, column stride B
+    with pytest.raises(ValueError, match="unit stride"):
+        paged_decode_attention(torch.randn(B, Hq, D, device=DEV), pool, table, torch.tensor([3, 5], device=DEV), 0.25)
+
+
+def test_silu_mul_and_add_rms_norm_refuse_layouts_they_would_misread():
+    from kernels.triton_paged_attention import add_rms_norm, silu_mul
+
+    with pytest.raises(ValueError, match="contiguous"):
+        silu_mul(torch.randn(8, 4, device=DEV).t())
+    with pytest.raises(ValueError, match="contiguous"):
+        silu_mul(torch.randn(4, 7, device=DEV))  # an odd width dropped its last column
+    with pytest.raises(ValueError, match="contiguous"):
+        add_rms_norm(torch.randn(8, 4, device=DEV).t(), None, torch.ones(8, device=DEV), 1e-6)
