@@ -37,7 +37,7 @@ $(MODEL): $(STAMP)
 model: $(MODEL)
 
 serve: setup $(MODEL)  # serving needs no corpus (distillation and the tests do)
-	$(VENV)/bin/dsla-serve run --host 127.0.0.1 --port 8000
+	$(VENV)/bin/dsla-serve run --config deploy/serve_config.yaml  # its http_options: 127.0.0.1:8000
 
 test: setup corpus $(MODEL)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -229,7 +229,9 @@ def add_parsers(sub):
     p.add_argument("--passkey-trials", type=int, default=4)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--out-dir", default="docs/results", help="where the PNG and markdown go ('' for nowhere)")
+    p.add_argument("--out-dir", default="",
+                   help="also write a PNG and markdown report here (this repo's: docs/results); default: none, "
+                        "so a run never overwrites a committed report")
     p.add_argument("--name", default="eval", help="file name stem of the report")
     p.add_argument("--json", action="store_true", help="one-line JSON output")
     p.set_defaults(handler=cmd_eval)

@@ -51,13 +51,45 @@ def _check_model(cfg):
     from deploy.app import num_layers
     from dsla_model.loading import ModelNotFoundError
 
+    from safetensors import SafetensorError
+
     try:
         num_layers(cfg)
+        _check_files(cfg)
     except ModelNotFoundError as e:  # names the model already: prefixed, it said it twice
         raise CLIError(str(e)) from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise CLIError(f"cannot load model {cfg.model!r}: {e}") from None
     _check_cache_budget(cfg)
+    _check_store(cfg)
+
+
+def _check_files(cfg):
+    """What every replica and the ingress read besides the config: the tokenizer and each weight
+    file's header (a truncated file failed every replica after Ray had started)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    from dsla_model.loading import resolve_model
+
+    path = resolve_model(cfg.model)
+    AutoTokenizer.from_pretrained(path)
+    if Path(path).is_dir():
+        for f in sorted(Path(path).glob("*.safetensors")):
+            with safe_open(str(f), "pt"):
+                pass
+
+
+def _check_store(cfg):
+    """A layers_dir that is not a store serves nothing but attention, silently, unless a distill
+    worker is there to create it."""
+    from pathlib import Path
+
+    if cfg.layers_dir and cfg.distill.num_workers == 0 and not (Path(cfg.store_path()) / "manifest.json").exists():
+        raise CLIError(f"--layers-dir {cfg.layers_dir}: not a layer store (no manifest.json), and no distill worker "
+                       "would create one (distill.num_workers is 0)")
 
 
 def _check_cache_budget(cfg):

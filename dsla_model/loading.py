@@ -77,16 +77,21 @@ def default_model_dir() -> Path:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():  # a concurrent fetch finished first
-        import shutil
+    import shutil
 
-        shutil.rmtree(tmp)
-    else:
-        os.replace(tmp, out)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():  # a concurrent fetch finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, out)
+    except OSError as e:  # an unwritable or full cache: one line from the CLIs, and no half-written copy left
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelNotFoundError(f"cannot cache the default model in {out.parent} ({e.strerror or e}); "
+                                 "set DSLA_SERVE_CACHE to a writable directory") from None
     return out
 
 

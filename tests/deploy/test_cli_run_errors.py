@@ -127,3 +127,45 @@ def test_a_cache_budget_too_small_for_the_model_is_one_line_before_ray_starts(no
     assert main(["run", "--no-dashboard", "--set", "engine.cache_memory_bytes=4096"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "engine.cache_memory_bytes is 4096" in err and "needs at least" in err, err
+
+
+def test_a_model_directory_with_broken_weights_is_one_line_before_ray_starts(no_ray, capsys, tmp_path):
+    """Only its config.json was read before Ray started: every replica then failed to deploy."""
+    import shutil
+
+    from deploy.cli import main
+    from dsla_model.loading import resolve_model
+
+    src = Path(resolve_model("default"))
+    for f in src.iterdir():
+        if f.suffix == ".json" or f.name.startswith("tokenizer"):
+            shutil.copy(f, tmp_path / f.name)
+    (tmp_path / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes()[:1000])
+    assert main(["run", "--no-dashboard", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot load model" in err, err
+
+
+def test_a_layers_dir_that_is_not_a_store_is_refused_unless_a_worker_would_create_it(no_ray, capsys, tmp_path):
+    from deploy.cli import main
+
+    assert main(["run", "--no-dashboard", "--layers-dir", str(tmp_path / "typo")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a layer store" in err, err
+
+
+def test_a_reader_that_leaves_the_pipe_ends_the_cli_quietly(monkeypatch):
+    """`dsla-serve generate ... | head -c 1` ended in a BrokenPipeError traceback."""
+    import argparse
+    import os
+
+    from deploy import cli
+
+    def leave(args):
+        raise BrokenPipeError(32, "Broken pipe")
+    parser = argparse.ArgumentParser()
+    parser.set_defaults(handler=leave, command="generate")
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    duped = []
+    monkeypatch.setattr(os, "dup2", lambda fd, fd2: duped.append(fd2))
+    assert cli.main([]) == 141 and duped

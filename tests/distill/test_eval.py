@@ -287,3 +287,10 @@ def _tokenizer():
     from dsla_model.loading import default_model_dir
 
     return AutoTokenizer.from_pretrained(default_model_dir())
+
+
+def test_eval_writes_no_report_unless_told_where():
+    """Its default was docs/results: any run from the repo root overwrote the committed report."""
+    from deploy.cli import build_parser
+
+    assert build_parser().parse_args(["eval"]).out_dir == ""

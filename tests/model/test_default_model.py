@@ -86,3 +86,25 @@ def test_bad_arguments_exit_non_zero_with_a_message(capsys, argv, message):
     code, _, err = _run_cli(capsys, *argv)
     assert code == 2
     assert message in err
+
+
+def test_an_unwritable_cache_is_a_clear_error_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    """The dequantized copy could not be saved (a read-only home, a full disk): a traceback from
+    every CLI, and a half-written temporary directory left in the cache."""
+    import types
+
+    import transformers
+
+    from dsla_model import loading
+    from tests.conftest import tiny_model
+
+    root = tmp_path / "cache"
+    monkeypatch.setenv("DSLA_SERVE_CACHE", str(root))
+    monkeypatch.setattr(loading, "_default_gguf", lambda: tmp_path / "model.gguf")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **kw: tiny_model())
+    tok = types.SimpleNamespace(save_pretrained=lambda path: (_ for _ in ()).throw(OSError(28, "No space left")))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **kw: tok)
+    with pytest.raises(loading.ModelNotFoundError, match="cannot cache the default model"):
+        loading.default_model_dir()
+    models = root / "models"
+    assert not models.exists() or not any(p.name.startswith(loading.DEFAULT_MODEL_NAME) for p in models.iterdir())
