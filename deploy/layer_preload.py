@@ -121,9 +121,17 @@ class PreloadedLayers:
             return {i: (self.weights[i], self.versions[i]) for i in layers
                     if i in self.weights and installed.get(i) != self.versions[i]}
 
+    def take_usable(self, wanted, installed: dict[int, int]) -> tuple[list[int], dict, int]:
+        """usable(wanted), take() of those layers and the store version, read under one lock: a refresh
+        between two reads could drop a layer after it was counted usable (the swap would then convert it
+        without weights: a fresh module), or report a store version newer than what was taken."""
+        with self._lock:
+            layers = list(itertools.takewhile(self.weights.__contains__, wanted))
+            taken = {i: (self.weights[i], self.versions[i]) for i in layers if installed.get(i) != self.versions[i]}
+            return layers, taken, self.store_version
+
     def usable(self, layers) -> list[int]:
         """The leading run of `layers` (a prefix of the store's order) this replica holds: each
         layer was distilled with the ones before it converted, so a layer past a missing one
         would run in a configuration it was never trained for."""
-        with self._lock:
-            return list(itertools.takewhile(self.weights.__contains__, layers))
+        return self.take_usable(layers, {})[0]

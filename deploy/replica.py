@@ -203,13 +203,12 @@ class LLMReplica:
 
     async def _apply(self, wanted: list[int]):
         """Swap to `wanted` (those of them this replica holds weights for)."""
-        layers = self.layers.usable(wanted)
-        taken = self.layers.take(layers, self.installed)  # a store poll may refresh the layers meanwhile
+        # one read: a store poll on another thread may refresh the layers meanwhile
+        layers, taken, version = self.layers.take_usable(wanted, self.installed)
         weights = {i: w for i, (w, _) in taken.items()}
         current = (await self._stats())["dsla_layers"]
         if sorted(layers) == sorted(current) and not weights:
             return
-        version = self.layers.store_version
         # set_conversion waits for the engine's current step: keep the event loop free meanwhile
         await asyncio.to_thread(self.engine.set_conversion, layers, version, weights)
         for i, (_, ident) in taken.items():

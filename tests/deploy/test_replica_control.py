@@ -172,3 +172,28 @@ def test_a_swap_stops_at_the_first_target_layer_the_replica_lacks():
     asyncio.run(LLMReplica.func_or_class._apply(replica, [3, 1, 0]))
     assert swapped == [([3], [3])]
     assert replica.installed == {3: (1, "a")}
+
+
+def test_a_refresh_between_counting_and_taking_the_layers_cannot_convert_one_without_weights():
+    """_apply counted the usable layers and took their weights in two reads: a store refresh that
+    dropped layer 0 in between (its file damaged) left 0 in the swap's layers without weights, and
+    the engine converts such a layer with a fresh, untrained module."""
+    from deploy.layer_preload import PreloadedLayers
+
+    pre = PreloadedLayers(None)
+    pre.weights = {3: {"w": 3}, 0: {"w": 0}}
+    pre.versions = {3: (1, "a"), 0: (2, "b")}
+    pre.order, pre.prefix, pre.errors = [3, 0], [3, 0], {}
+    real = pre.take
+
+    def refreshed_first(layers, installed):
+        pre.weights.pop(0, None)  # the refresh lands here
+        return real(layers, installed)
+    pre.take = refreshed_first
+    swapped = []
+    replica = SimpleNamespace(layers=pre, installed={}, replica_id="r0")
+    replica.engine = SimpleNamespace(set_conversion=lambda layers, v, w: swapped.append((list(layers), sorted(w))),
+                                     stats=lambda: {"dsla_layers": []})
+    replica._stats = lambda: LLMReplica.func_or_class._stats(replica)
+    asyncio.run(LLMReplica.func_or_class._apply(replica, [3, 0]))
+    assert swapped == [([3, 0], [0, 3])]  # every converted layer with the weights it was counted for
