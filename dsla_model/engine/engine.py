@@ -216,6 +216,7 @@ class Engine:
                 return
             events += self._collect(self._inflight)
             self._inflight = None
+            self._computing = []  # collected whole: a failure from here on is not theirs
         items = self.scheduler.schedule()
         groups: dict[int, list] = {}
         for it in items:

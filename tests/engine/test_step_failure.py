@@ -145,3 +145,31 @@ def test_every_stream_ends_and_admissions_are_refused_when_the_recovery_fails_to
         assert out[-1].finish_reason == "abort" and "illegal memory access" in str(eng.error)
     finally:
         eng.shutdown()
+
+
+def test_a_failure_after_the_step_in_flight_was_collected_leaves_its_requests_running():
+    """Pipelined decode: the step in flight was collected whole, then admitting a new request failed
+    (its cache allocation). The running request was aborted with it, though none of its work failed."""
+    h = tiny_hybrid(dsla_layers=(1, 3))
+    eng = pipelined(Engine(h, None, CACHE))
+    sp = SamplingParams(max_tokens=12, temperature=0)
+    a = eng.add_request([5, 6, 7, 8], sp)
+    out = []
+    for _ in range(4):  # prefill, then decode steps launched ahead (a step in flight)
+        out += [e.token_id for e in eng.step() if e.request_id == a and e.token_id >= 0]
+    assert eng._inflight is not None
+    pool = eng.pool
+    orig = pool.alloc_blocks
+
+    def boom(n):
+        pool.alloc_blocks = orig
+        raise RuntimeError("allocation failed")
+    pool.alloc_blocks = boom
+    b = eng.add_request([9, 10], SamplingParams(max_tokens=3, temperature=0))
+    with pytest.raises(RuntimeError, match="allocation"):
+        eng.step()
+    assert a in eng.requests
+    while eng.has_unfinished():
+        out += [e.token_id for e in eng.step() if e.request_id == a and e.token_id >= 0]
+    alone = Engine(tiny_hybrid(dsla_layers=(1, 3)), None, CACHE).generate([[5, 6, 7, 8]], sp)[0]
+    assert out == alone and b not in eng.requests and _pool_whole(eng)
