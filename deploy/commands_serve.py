@@ -48,10 +48,10 @@ def _config(args):
 def _check_model(cfg):
     """Resolve the model before Ray starts: `build_app` reads its config in this process anyway,
     and a bad --model then fails with one line instead of a traceback from inside a started Ray."""
+    from safetensors import SafetensorError
+
     from deploy.app import num_layers
     from dsla_model.loading import ModelNotFoundError
-
-    from safetensors import SafetensorError
 
     try:
         num_layers(cfg)
