@@ -30,6 +30,16 @@ def _pool_whole(eng):
     return eng.pool.num_free == eng.pool.usable_blocks
 
 
+def _fail_next_allocation(pool):
+    """The pool's next KV-block allocation raises (once)."""
+    orig = pool.alloc_blocks
+
+    def boom(n):
+        pool.alloc_blocks = orig
+        raise RuntimeError("allocation failed")
+    pool.alloc_blocks = boom
+
+
 def test_a_request_whose_step_failed_part_way_is_aborted_not_computed_again():
     """The failure comes after DSLA layer 1 folded the prompt into its states. The request used to
     stay admitted with nothing marked computed, so the next step fed the prompt again and layer 1's
@@ -91,13 +101,7 @@ def test_a_cache_allocation_that_fails_part_way_takes_nothing():
     and the request to neither queue."""
     h = tiny_hybrid(dsla_layers=(1, 3))
     eng = Engine(h, None, CACHE)
-    pool = eng.pool
-    orig = pool.alloc_blocks
-
-    def boom(n):
-        pool.alloc_blocks = orig
-        raise RuntimeError("allocation failed")
-    pool.alloc_blocks = boom
+    _fail_next_allocation(eng.pool)
     rid = eng.add_request([1, 2, 3], SamplingParams(max_tokens=4, temperature=0))
     with pytest.raises(RuntimeError, match="allocation"):
         eng.step()
@@ -158,13 +162,7 @@ def test_a_failure_after_the_step_in_flight_was_collected_leaves_its_requests_ru
     for _ in range(4):  # prefill, then decode steps launched ahead (a step in flight)
         out += [e.token_id for e in eng.step() if e.request_id == a and e.token_id >= 0]
     assert eng._inflight is not None
-    pool = eng.pool
-    orig = pool.alloc_blocks
-
-    def boom(n):
-        pool.alloc_blocks = orig
-        raise RuntimeError("allocation failed")
-    pool.alloc_blocks = boom
+    _fail_next_allocation(eng.pool)
     b = eng.add_request([9, 10], SamplingParams(max_tokens=3, temperature=0))
     with pytest.raises(RuntimeError, match="allocation"):
         eng.step()
