@@ -49,22 +49,23 @@ def _check_model(cfg):
     """Resolve the model before Ray starts: `build_app` reads its config in this process anyway,
     and a bad --model then fails with one line instead of a traceback from inside a started Ray."""
     from safetensors import SafetensorError
+    from transformers import AutoConfig
 
-    from deploy.app import num_layers
-    from dsla_model.loading import ModelNotFoundError
+    from dsla_model.loading import ModelNotFoundError, resolve_model
 
     try:
-        num_layers(cfg)
-        _check_files(cfg)
+        path = resolve_model(cfg.model)
+        mc = AutoConfig.from_pretrained(path)
+        _check_files(path)
     except ModelNotFoundError as e:  # names the model already: prefixed, it said it twice
         raise CLIError(str(e)) from None
     except (OSError, ValueError, SafetensorError) as e:
         raise CLIError(f"cannot load model {cfg.model!r}: {e}") from None
-    _check_cache_budget(cfg)
+    _check_cache_budget(cfg, mc)
     _check_store(cfg)
 
 
-def _check_files(cfg):
+def _check_files(path):
     """What every replica and the ingress read besides the config: the tokenizer and each weight
     file's header (a truncated file failed every replica after Ray had started)."""
     from pathlib import Path
@@ -72,9 +73,6 @@ def _check_files(cfg):
     from safetensors import safe_open
     from transformers import AutoTokenizer
 
-    from dsla_model.loading import resolve_model
-
-    path = resolve_model(cfg.model)
     AutoTokenizer.from_pretrained(path)
     if Path(path).is_dir():
         for f in sorted(Path(path).glob("*.safetensors")):
@@ -92,21 +90,17 @@ def _check_store(cfg):
                        "would create one (distill.num_workers is 0)")
 
 
-def _check_cache_budget(cfg):
-    """A cache budget too small for two of the model's state groups fails every replica's start."""
+def _check_cache_budget(cfg, mc):
+    """A cache budget too small for two of the model's state groups (model config `mc`) fails every
+    replica's start."""
     budget = cfg.engine.cache_memory_bytes
     if budget is None:
         return
-    from transformers import AutoConfig
-
     from dsla_model.engine.cache_pool import pool_layout
     from dsla_model.engine.config import STATE_FORMATS
-    from dsla_model.loading import resolve_model
+    from dsla_model.loading import attention_dims
 
-    mc = AutoConfig.from_pretrained(resolve_model(cfg.model))
-    kv_heads = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
-    head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
-    need = pool_layout(kv_heads, head_dim, cfg.model_dtype(), cfg.engine.engine_config().block_size,
+    need = pool_layout(*attention_dims(mc), cfg.model_dtype(), cfg.engine.engine_config().block_size,
                        STATE_FORMATS[cfg.engine.state_dtype])["min_budget_bytes"]
     if budget < need:
         raise CLIError(f"engine.cache_memory_bytes is {budget}; {cfg.model!r} needs at least {need} "

@@ -118,8 +118,11 @@ class PreloadedLayers:
         """weights_for's layers as (weights, their (version, sha256)), read together: a refresh on
         another thread may replace both between two reads, and a swap must record what it installed."""
         with self._lock:
-            return {i: (self.weights[i], self.versions[i]) for i in layers
-                    if i in self.weights and installed.get(i) != self.versions[i]}
+            return self._take(layers, installed)
+
+    def _take(self, layers, installed: dict[int, int]) -> dict[int, tuple[dict, tuple]]:  # under self._lock
+        return {i: (self.weights[i], self.versions[i]) for i in layers
+                if i in self.weights and installed.get(i) != self.versions[i]}
 
     def take_usable(self, wanted, installed: dict[int, int]) -> tuple[list[int], dict, int]:
         """usable(wanted), take() of those layers and the store version, read under one lock: a refresh
@@ -127,8 +130,7 @@ class PreloadedLayers:
         without weights: a fresh module), or report a store version newer than what was taken."""
         with self._lock:
             layers = list(itertools.takewhile(self.weights.__contains__, wanted))
-            taken = {i: (self.weights[i], self.versions[i]) for i in layers if installed.get(i) != self.versions[i]}
-            return layers, taken, self.store_version
+            return layers, self._take(layers, installed), self.store_version
 
     def usable(self, layers) -> list[int]:
         """The leading run of `layers` (a prefix of the store's order) this replica holds: each

@@ -14,7 +14,7 @@ from torch import nn
 
 from dsla_model.cache import HybridCache
 from dsla_model.dsla_attention import DSLAAttention, DSLAConfig
-from dsla_model.loading import model_fingerprint
+from dsla_model.loading import attention_dims, model_fingerprint
 
 
 # The decoders that the engine's runner and the DSLA layer reproduce. Others with q/k/v/o projections
@@ -69,7 +69,7 @@ class HybridModel(nn.Module):
         # what DSLA's projection does not reproduce: q/k norms (Qwen3, OLMo2), a query scale other than
         # 1/sqrt(head_dim) or logit softcapping (Gemma2); converting such a layer would silently drop them
         cfg = model.config
-        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        hd = attention_dims(cfg)[1]
         t = attn(layers[0])
         if (hasattr(t, "q_norm") or hasattr(t, "k_norm") or abs(getattr(t, "scaling", hd ** -0.5) - hd ** -0.5) > 1e-6
                 or getattr(cfg, "attn_logit_softcapping", None) is not None):
@@ -88,8 +88,7 @@ class HybridModel(nn.Module):
         c = model.config
         self.num_layers = c.num_hidden_layers
         self.num_heads = c.num_attention_heads
-        self.num_kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.num_kv_heads, self.head_dim = attention_dims(c)
         for i, layer in enumerate(self.decoder_layers):
             if not isinstance(layer.self_attn, SwitchableAttention):
                 layer.self_attn = SwitchableAttention(layer.self_attn, i)

@@ -169,6 +169,12 @@ def _computation_config(config) -> dict:
     return out
 
 
+def attention_dims(config) -> tuple[int, int]:
+    """(kv heads, head dim) of an HF decoder config (num_key_value_heads and head_dim may be absent)."""
+    return (getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
     """A cheap, stable fingerprint of the model: its computation config (`_computation_config`:
     layers distilled under one RoPE are wrong under another) and its weights' names, shapes and a
